@@ -1,0 +1,64 @@
+"""Loading fairseq checkpoints under torch >= 2.6.
+
+torch 2.6 changed ``torch.load`` to ``weights_only=True``.  fairseq checkpoints
+of legacy-registered models (``transformer`` among them) store their model
+config as an ``argparse.Namespace``, which the weights-only unpickler refuses,
+so stock ``fairseq-generate`` and ``--restore-file`` fail.  Two remedies:
+
+* :func:`register_safe_globals` (run when the plugin is imported) allow-lists
+  the few plain classes fairseq puts into checkpoints.  Loading stays
+  weights-only, so untrusted files still cannot run code; fairseq's own
+  ``load_checkpoint_to_cpu`` (generate, resume) then works unchanged.
+* :func:`load_checkpoint_state` with ``trusted=True`` loads a file the user
+  named as a teacher with ``weights_only=False``, for teachers saved by other
+  fairseq versions that hold further objects.
+"""
+import argparse
+import logging
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from fairseq_kd.errors import KDError, require
+
+logger = logging.getLogger(__name__)
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+def register_safe_globals():
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:  # torch < 2.4 has no allow-list and no weights-only default
+        add(SAFE_GLOBALS)
+
+
+def load_checkpoint_state(path, trusted=False):
+    """Read a fairseq checkpoint into CPU memory, upgraded like fairseq's loader.
+
+    ``trusted`` disables weights-only unpickling; use it only for files the
+    user explicitly named (teachers), never for files found by a search.
+    """
+    from fairseq import checkpoint_utils
+
+    require(os.path.isfile(path), f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=not trusted)
+    except Exception as e:  # corrupt or non-checkpoint file
+        raise KDError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    require(isinstance(state, dict) and "model" in state,
+            f"{path} is not a fairseq checkpoint (no 'model' entry)")
+    if state.get("cfg") is not None:
+        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+    return checkpoint_utils._upgrade_state_dict(state)
+
+
+def checkpoint_cfg(state):
+    """The model/task config of a loaded checkpoint state, as an omegaconf object."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    if state.get("args") is not None:
+        return convert_namespace_to_omegaconf(state["args"])
+    require(state.get("cfg") is not None, "checkpoint holds neither 'args' nor 'cfg'")
+    return state["cfg"]

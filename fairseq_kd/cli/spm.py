@@ -1,0 +1,59 @@
+"""Train a joint SentencePiece model on parallel text and encode every split into pieces.
+
+Reads PREFIX.SRC / PREFIX.TGT for each --split, writes OUT/SPLIT.sp.SRC and
+OUT/SPLIT.sp.TGT (space-separated pieces, ready for fairseq-preprocess) and
+OUT/spm.model.  Decode system output with
+``fairseq-generate ... --post-process sentencepiece``.
+"""
+import os
+
+from fairseq_kd.errors import require
+
+
+def add_arguments(p):
+    p.add_argument("--input-dir", required=True, help="folder with SPLIT.LANG text files")
+    p.add_argument("--src", required=True, help="source language suffix, e.g. es")
+    p.add_argument("--tgt", required=True, help="target language suffix, e.g. en")
+    p.add_argument("--splits", default="train,valid,test", help="comma-separated split names")
+    p.add_argument("--train-split", default="train", help="split the model is trained on")
+    p.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size")
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                   help="sentences sampled for training the model (bounds memory on large corpora)")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def count_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for _ in f)
+
+
+def run(args):
+    import sentencepiece as spm
+
+    splits = [s for s in args.splits.split(",") if s]
+    for split in splits:
+        paths = [os.path.join(args.input_dir, f"{split}.{lang}") for lang in (args.src, args.tgt)]
+        for path in paths:
+            require(os.path.isfile(path), f"missing input file {path}")
+        n_src, n_tgt = (count_lines(p) for p in paths)
+        require(n_src == n_tgt, f"{split}: {paths[0]} has {n_src} lines but {paths[1]} has {n_tgt}")
+    os.makedirs(args.out, exist_ok=True)
+    prefix = os.path.join(args.out, "spm")
+    train_files = [os.path.join(args.input_dir, f"{args.train_split}.{lang}") for lang in (args.src, args.tgt)]
+    spm.SentencePieceTrainer.train(
+        input=",".join(train_files), model_prefix=prefix, vocab_size=args.vocab_size,
+        model_type=args.model_type, character_coverage=1.0,
+        input_sentence_size=args.input_sentence_size, shuffle_input_sentence=True,
+        # fairseq adds its own <s>, </s>, <pad>; only <unk> must match.
+        bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
+    for split in splits:
+        for lang in (args.src, args.tgt):
+            src_path = os.path.join(args.input_dir, f"{split}.{lang}")
+            with open(src_path, encoding="utf-8") as fin, \
+                    open(os.path.join(args.out, f"{split}.sp.{lang}"), "w", encoding="utf-8") as fout:
+                for line in fin:
+                    fout.write(" ".join(sp.encode(line.strip(), out_type=str)) + "\n")
+    print(f"wrote {prefix}.model (vocab {args.vocab_size}) and {len(splits)} encoded splits to {args.out}")

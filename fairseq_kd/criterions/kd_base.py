@@ -1,0 +1,122 @@
+"""What every KD criterion shares: option checks, the word-KD term, metrics.
+
+Criterions subclass :class:`KDCriterionBase`, which is fairseq's
+``label_smoothed_cross_entropy`` (same NLL, accuracy and ``loss``/``nll_loss``
+/``ppl`` metrics) plus the teacher plumbing of ``translation_kd``.  A subclass
+lists its extra loss components in ``LOSS_TERMS``; each is summed over
+workers and logged per ``sample_size`` in bits, like ``loss``.
+"""
+import math
+from dataclasses import dataclass, field
+
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from fairseq.logging import metrics
+
+from fairseq_kd.errors import require
+from fairseq_kd.losses import kd_kl_divergence, label_smoothed_nll_loss
+
+
+@dataclass
+class WordKDOptions(LabelSmoothedCrossEntropyCriterionConfig):
+    """Options of the word-level KD term (``../shared/METHODS.md`` section 1)."""
+
+    kd_alpha: float = field(
+        default=0.5,
+        metadata={"help": "weight alpha of the word-level KD term, in [0, 1]; "
+                  "the label-smoothed NLL gets 1 - alpha"},
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "softmax temperature T of teacher and student in the KD "
+                  "term; the term is scaled by T^2 (Hinton et al. 2015)"},
+    )
+    kd_topk: int = field(
+        default=0,
+        metadata={"help": "0: match the teacher's full distribution; k > 0: only its "
+                  "k most probable tokens, renormalised (Tan et al. 2019)"},
+    )
+
+
+def check_unit_interval(name, value):
+    require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+
+
+def check_word_kd_options(alpha, temperature, topk, alpha_flag="--kd-alpha"):
+    check_unit_interval(alpha_flag, alpha)
+    require(temperature > 0, f"--kd-temperature must be > 0, got {temperature}")
+    require(topk >= 0, f"--kd-topk must be >= 0 (0 = full vocabulary), got {topk}")
+
+
+class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed cross-entropy plus access to the task's teacher."""
+
+    LOSS_TERMS = ()  # extra logged components, e.g. ("kd_loss",)
+
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
+                 report_accuracy=False, needs_teacher=True):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        require(ignore_prefix_size == 0, "--ignore-prefix-size is not supported by KD criterions")
+        if needs_teacher:
+            require(
+                hasattr(task, "teacher_distribution"),
+                f"{type(self).__name__} needs a teacher: use --task translation_kd "
+                f"(got --task {getattr(task.cfg, '_name', type(task).__name__)})",
+            )
+            require(task.has_teacher, f"{type(self).__name__} needs a teacher: pass --teacher-path")
+
+    # -- shared terms --------------------------------------------------------
+    def nll_terms(self, model, net_output, sample):
+        """(label-smoothed loss, nll loss, float log-probs) of the student, summed."""
+        lprobs = model.get_normalized_probs(net_output, log_probs=True)
+        target = model.get_targets(sample, net_output)
+        ls_loss, nll_loss = label_smoothed_nll_loss(
+            lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps,
+            ignore_index=self.padding_idx, reduce=True,
+        )
+        return ls_loss, nll_loss, lprobs
+
+    def word_kd_term(self, model, net_output, sample, temperature, topk, net_input=None):
+        """sum over target tokens of KL(q_T || p_T), teacher run on ``net_input``."""
+        teacher = self.task.teacher_distribution(model, sample, net_input=net_input, topk=topk)
+        logits = net_output[0]
+        target = model.get_targets(sample, net_output)
+        return kd_kl_divergence(
+            logits.reshape(-1, logits.size(-1)), teacher, target.reshape(-1).ne(self.padding_idx),
+            temperature,
+        )
+
+    def sample_size(self, sample):
+        return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+
+    def make_logging_output(self, sample, loss, nll_loss, sample_size, **terms):
+        out = {
+            "loss": loss.data,
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": sample["target"].size(0),
+            "sample_size": sample_size,
+        }
+        for name, value in terms.items():
+            out[name] = value.data if hasattr(value, "data") else value
+        return out
+
+    def add_accuracy(self, logging_output, model, net_output, sample):
+        if self.report_accuracy:
+            n_correct, total = self.compute_accuracy(model, net_output, sample)
+            logging_output["n_correct"] = n_correct.item()
+            logging_output["total"] = total.item()
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        super().reduce_metrics(logging_outputs)
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        for key in cls.LOSS_TERMS:
+            value = sum(log.get(key, 0) for log in logging_outputs)
+            metrics.log_scalar(key, value / max(sample_size, 1) / math.log(2), sample_size, round=3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

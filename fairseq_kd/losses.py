@@ -1,0 +1,177 @@
+"""Loss maths shared by every fairseq_kd criterion.
+
+Pure functions on tensors, no fairseq state: each criterion calls these and a
+test can check them against a brute-force formula.
+
+Conventions (``../shared/METHODS.md`` section 1):
+
+* A teacher distribution is given by *scores* ``s`` such that the teacher's
+  distribution at temperature T is ``q_T = softmax(s / T)`` over its support.
+  For one teacher the scores are its logits; for an ensemble they are the
+  log of the members' averaged T=1 probabilities (so the temperature is
+  applied to the ensemble, the same way for dense, top-k and cached
+  teachers); for a top-k teacher they are the k best scores and the support
+  is those k token ids (``q`` renormalised over them).
+* Word-level KD is ``KL(q_T || p_T)`` summed over non-padding target tokens.
+  It differs from the cross-entropy ``-sum q_T log p_T`` of Kim & Rush only by
+  the teacher's entropy, a constant for the student, so gradients are equal;
+  KL is reported because it is 0 when the student matches the teacher.
+* Every loss is sum-reduced over tokens, like fairseq's own criterions; the
+  trainer divides by ``sample_size``.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+# Rows of the flattened (tokens x vocab) logits processed at once by the KL:
+# bounds the temporaries to CHUNK x V floats whatever the batch size.
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class TeacherDistribution:
+    """Teacher scores for every target position of a batch, flattened to rows.
+
+    ``scores``: (N, V) dense, or (N, k) with ``index`` (N, k) token ids for a
+    top-k teacher.  Rows follow ``target.view(-1)`` of the batch.
+    """
+
+    scores: torch.Tensor
+    index: Optional[torch.Tensor] = None
+
+    @property
+    def is_sparse(self):
+        return self.index is not None
+
+    def topk(self, k):
+        """Keep the k highest-scoring tokens of each row (no-op for k <= 0)."""
+        if k <= 0 or (self.is_sparse and k >= self.index.size(1)):
+            return self
+        if self.is_sparse:
+            scores, pos = self.scores.topk(k, dim=-1)
+            return TeacherDistribution(scores, self.index.gather(-1, pos))
+        scores, index = self.scores.topk(k, dim=-1)
+        return TeacherDistribution(scores, index)
+
+
+def _upcast(x):
+    """fp16/bf16 -> fp32 for softmax maths; fp32/fp64 kept as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def ensemble_scores(member_logits):
+    """Scores of an averaged-probability ensemble: log mean_m softmax(z_m).
+
+    A single member's logits are returned as they are (softmax is invariant
+    to the shift by log Z), which spares one B*T*V tensor.
+    """
+    if len(member_logits) == 1:
+        return member_logits[0]
+    stacked = torch.stack([F.log_softmax(_upcast(z), dim=-1) for z in member_logits])
+    return torch.logsumexp(stacked, dim=0) - math.log(len(member_logits))
+
+
+def _chunk_kl_and_grad(student, scores, index, temperature, need_grad):
+    """KL(q_T || p_T) per row for one chunk, and optionally d KL / d student."""
+    log_p = F.log_softmax(_upcast(student) / temperature, dim=-1)
+    log_q = F.log_softmax(_upcast(scores) / temperature, dim=-1)
+    q = log_q.exp()
+    log_p_support = log_p if index is None else log_p.gather(-1, index)
+    kl = (q * (log_q - log_p_support)).sum(-1)
+    if not need_grad:
+        return kl, None
+    # d/ds KL(q || softmax(s/T)) = (p_T - q) / T, with q zero off its support.
+    grad = log_p.exp()
+    if index is None:
+        grad -= q
+    else:
+        grad.scatter_add_(-1, index, -q)
+    return kl, grad / temperature
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Sum of masked per-token KL, computed and differentiated chunk by chunk.
+
+    Autograd through log_softmax would keep (N, V) float32 activations for the
+    backward pass; here only the inputs are kept and the backward pass
+    recomputes each chunk's gradient, so peak extra memory is CHUNK x V.
+    """
+
+    @staticmethod
+    def forward(ctx, student, scores, index, mask, temperature, chunk):
+        total = _upcast(student).new_zeros(())
+        for start in range(0, student.size(0), chunk):
+            sl = slice(start, start + chunk)
+            kl, _ = _chunk_kl_and_grad(
+                student[sl], scores[sl], None if index is None else index[sl],
+                temperature, need_grad=False,
+            )
+            total += (kl * mask[sl]).sum()
+        ctx.save_for_backward(student, scores, index, mask)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        student, scores, index, mask = ctx.saved_tensors
+        grad_student = torch.zeros_like(student)
+        for start in range(0, student.size(0), ctx.chunk):
+            sl = slice(start, start + ctx.chunk)
+            _, grad = _chunk_kl_and_grad(
+                student[sl], scores[sl], None if index is None else index[sl],
+                ctx.temperature, need_grad=True,
+            )
+            grad_student[sl] = (grad * (mask[sl].unsqueeze(-1) * grad_out)).to(student.dtype)
+        return grad_student, None, None, None, None, None
+
+
+def kd_kl_divergence(student_logits, teacher, mask, temperature=1.0,
+                     chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """sum over rows with ``mask`` of KL(q_T || p_T).
+
+    student_logits: (N, V) raw student logits (any float dtype);
+    teacher: :class:`TeacherDistribution` with N rows; mask: (N,) bool.
+    No gradient flows to the teacher.
+    """
+    if student_logits.size(0) != teacher.scores.size(0):
+        raise ValueError(
+            f"student has {student_logits.size(0)} target positions, "
+            f"teacher {teacher.scores.size(0)}"
+        )
+    return _ChunkedKL.apply(
+        student_logits, teacher.scores.detach(), teacher.index,
+        mask.to(_upcast(student_logits).dtype), float(temperature), int(chunk_tokens),
+    )
+
+
+def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperature,
+                 epsilon=0.0, lprobs=None):
+    """Word-level KD: ``(1-alpha) * LS-NLL + alpha * T^2 * KL(q_T || p_T)``.
+
+    student_logits: (B, T, V); target: (B, T); teacher: rows of
+    ``target.view(-1)``.  ``lprobs`` (the student's float log-probs, as
+    fairseq's ``get_normalized_probs`` gives) may be passed to avoid
+    recomputing them; the NLL term is then exactly fairseq's
+    ``label_smoothed_cross_entropy``.
+    Returns ``(loss, nll_loss, kd_loss)``, each summed over non-pad tokens.
+    """
+    flat_target = target.reshape(-1)
+    if lprobs is None:
+        lprobs = F.log_softmax(_upcast(student_logits), dim=-1)
+    lprobs = lprobs.reshape(-1, lprobs.size(-1))
+    ls_loss, nll_loss = label_smoothed_nll_loss(
+        lprobs, flat_target, epsilon, ignore_index=padding_idx, reduce=True
+    )
+    if alpha == 0.0:
+        kd = ls_loss.new_zeros(())
+    else:
+        kd = kd_kl_divergence(
+            student_logits.reshape(-1, student_logits.size(-1)), teacher,
+            flat_target.ne(padding_idx), temperature,
+        )
+    loss = (1.0 - alpha) * ls_loss + alpha * temperature ** 2 * kd
+    return loss, nll_loss, kd

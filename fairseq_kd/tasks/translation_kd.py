@@ -1,0 +1,180 @@
+"""``translation_kd``: fairseq's ``translation`` task plus a teacher.
+
+The teacher (one checkpoint, or several joined by ``:`` for an ensemble whose
+probabilities are averaged) belongs to the task, not to the model or the
+criterion, so that it is
+
+* never part of the student's state dict, hence never saved in a student
+  checkpoint and never handed to the optimizer (the trainer optimises
+  ``model.parameters()`` and ``criterion.parameters()`` only);
+* loaded lazily, on the first training or validation step that needs it,
+  so ``fairseq-generate --task translation_kd`` never reads it;
+* moved to the student's device and dtype at that first use (the trainer
+  casts the student to fp16 under ``--fp16`` after the task is set up), and
+  kept in eval mode under ``torch.no_grad``;
+* loaded by every process: under fairseq's DDP each rank builds its own task,
+  so each rank has its own teacher on its own GPU.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List, NamedTuple, Optional
+
+import torch
+from fairseq.tasks import register_task
+from fairseq.tasks.translation import TranslationConfig, TranslationTask
+
+from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
+from fairseq_kd.errors import require
+from fairseq_kd.losses import TeacherDistribution, ensemble_scores
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TranslationKDConfig(TranslationConfig):
+    teacher_path: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "teacher checkpoint; several joined by ':' form an ensemble "
+            "whose probabilities are averaged. Loaded for training only."
+        },
+    )
+
+
+class TeacherOutput(NamedTuple):
+    """One teacher member's forward pass on a batch (tensors are B x T x ...)."""
+
+    logits: torch.Tensor
+    extra: dict  # decoder extras: "attn", "inner_states" (decoder layer outputs)
+    encoder_out: dict  # fairseq encoder output; "encoder_states" holds every layer
+
+
+def teacher_paths(spec):
+    return [p for p in (spec or "").split(":") if p]
+
+
+@register_task("translation_kd", dataclass=TranslationKDConfig)
+class TranslationKDTask(TranslationTask):
+    """Translation with a frozen teacher available to KD criterions."""
+
+    cfg: TranslationKDConfig
+
+    def __init__(self, cfg, src_dict, tgt_dict):
+        super().__init__(cfg, src_dict, tgt_dict)
+        self._teachers: Optional[List[torch.nn.Module]] = None
+        self.student_cfg = None  # set by build_model; criterions size projections from it
+
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        for path in teacher_paths(cfg.teacher_path):
+            require(os.path.isfile(path), f"--teacher-path: teacher checkpoint not found: {path}")
+        return super().setup_task(cfg, **kwargs)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        self.student_cfg = cfg
+        return model
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def has_teacher(self):
+        return bool(teacher_paths(self.cfg.teacher_path))
+
+    @property
+    def teachers(self) -> List[torch.nn.Module]:
+        """The teacher models (loaded on first access, on CPU, in eval mode)."""
+        if self._teachers is None:
+            require(self.has_teacher, "this criterion needs a teacher: pass --teacher-path")
+            self._teachers = [self._load_teacher(p) for p in teacher_paths(self.cfg.teacher_path)]
+        return self._teachers
+
+    def _load_teacher(self, path):
+        from fairseq import models as fairseq_models
+
+        # The user named this file as a teacher, so full unpickling is allowed.
+        state = load_checkpoint_state(path, trusted=True)
+        cfg = checkpoint_cfg(state)
+        self._check_teacher_dictionaries(path, state, cfg)
+        teacher = fairseq_models.build_model(cfg.model, self, from_checkpoint=True)
+        teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        n_params = sum(p.numel() for p in teacher.parameters())
+        logger.info(f"loaded teacher {path}: {type(teacher).__name__}, {n_params:,} parameters")
+        return teacher
+
+    def _check_teacher_dictionaries(self, path, state, cfg):
+        """Teacher and student must index the same vocabularies.
+
+        A fairseq checkpoint stores embedding sizes, not dictionaries: the
+        sizes are always compared; when the teacher's own data directory is
+        still on disk its dictionary files are compared word by word too.
+        """
+        sizes = {
+            "source": ("encoder.embed_tokens.weight", self.src_dict),
+            "target": ("decoder.embed_tokens.weight", self.tgt_dict),
+        }
+        for side, (key, student_dict) in sizes.items():
+            weight = state["model"].get(key)
+            require(weight is not None, f"teacher {path} has no {key}: not a fairseq encoder-decoder")
+            require(
+                weight.size(0) == len(student_dict),
+                f"teacher/student dictionary mismatch: teacher {path} has a {side} "
+                f"vocabulary of {weight.size(0)} entries, the student's data has "
+                f"{len(student_dict)}; binarize the student data with the teacher's "
+                f"dictionaries (fairseq-preprocess --srcdict/--tgtdict)",
+            )
+        teacher_data = getattr(cfg.task, "data", None)
+        if not teacher_data:
+            return
+        for lang, student_dict in ((self.cfg.source_lang, self.src_dict), (self.cfg.target_lang, self.tgt_dict)):
+            dict_file = os.path.join(teacher_data.split(":")[0], f"dict.{lang}.txt")
+            if os.path.isfile(dict_file):
+                teacher_dict = self.load_dictionary(dict_file)
+                require(
+                    teacher_dict.symbols == student_dict.symbols,
+                    f"teacher/student dictionary mismatch: {dict_file} (teacher's) differs "
+                    f"from the student's dict.{lang}.txt",
+                )
+
+    def _place_teachers(self, like):
+        """Move teachers to the device and float dtype of tensor ``like``."""
+        for t in self.teachers:
+            p = next(t.parameters())
+            if p.device != like.device or p.dtype != like.dtype:
+                t.to(device=like.device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def teacher_forward(self, model, net_input, return_all_hiddens=False) -> List[TeacherOutput]:
+        """Each teacher member's outputs on ``net_input`` (a batch's net_input).
+
+        ``model`` is the student: its first parameter fixes device and dtype.
+        """
+        self._place_teachers(next(model.parameters()))
+        outputs = []
+        for t in self.teachers:
+            t.eval()
+            encoder_out = t.encoder(
+                net_input["src_tokens"], src_lengths=net_input["src_lengths"],
+                return_all_hiddens=return_all_hiddens,
+            )
+            logits, extra = t.decoder(
+                net_input["prev_output_tokens"], encoder_out=encoder_out,
+                src_lengths=net_input["src_lengths"],
+            )
+            outputs.append(TeacherOutput(logits, extra, encoder_out))
+        return outputs
+
+    def teacher_distribution(self, model, sample, net_input=None, topk=0) -> TeacherDistribution:
+        """The teacher's distribution over every target position of ``sample``.
+
+        ``net_input`` defaults to the sample's (gold prefixes); rows follow
+        ``target.view(-1)``.  ``topk > 0`` keeps the k best tokens per row.
+        """
+        outputs = self.teacher_forward(model, net_input or sample["net_input"])
+        scores = ensemble_scores([o.logits for o in outputs])
+        dist = TeacherDistribution(scores.reshape(-1, scores.size(-1)))
+        return dist.topk(topk)
+

@@ -1,0 +1,24 @@
+"""fairseq_kd: knowledge distillation for neural machine translation, as a fairseq plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq_kd",
+    version="0.1.0",
+    description="Knowledge distillation for NMT as a fairseq plugin (--user-dir fairseq_kd)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        # Install torch, numpy and cython first, then fairseq-fixed with
+        # --no-build-isolation (see Makefile): its build needs torch.
+        "fairseq-fixed==0.12.3.1",
+        "torch>=2.0",
+        "numpy",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
+    entry_points={"console_scripts": ["fairseq-kd = fairseq_kd.cli:main"]},
+)

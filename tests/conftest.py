@@ -1,0 +1,32 @@
+"""Session fixtures: one tiny binarized Bible slice and one tiny trained teacher."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import helpers  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end checks left out of the default run")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Folder with raw/ (text), pieces/ (spm.model, *.sp.*) and bin/ (fairseq data)."""
+    return helpers.prepare_tiny_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_data, tmp_path_factory):
+    """A 4+4-layer, 64-dim teacher trained for a few epochs; returns its checkpoint."""
+    save = tmp_path_factory.mktemp("teacher")
+    helpers.fairseq_train(
+        tiny_data / "bin", save, *helpers.TEACHER_ARCH,
+        "--task", "translation", "--criterion", "label_smoothed_cross_entropy",
+        "--label-smoothing", "0.1", "--max-epoch", "6", "--no-epoch-checkpoints",
+    )
+    return save / "checkpoint_best.pt"

@@ -1,0 +1,120 @@
+"""Utilities for the test suite: tiny Bible data, tiny models, running fairseq tools."""
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIBLE_ARCHIVE = REPO / "examples" / "data" / "bible.es-en.tar.xz"
+BIN = Path(sys.executable).parent
+USER_DIR = str(REPO / "fairseq_kd")
+
+# Small enough to train in seconds on 2 CPU cores, deep enough for layer maps.
+TEACHER_ARCH = [
+    "--arch", "transformer", "--share-all-embeddings",
+    "--encoder-layers", "4", "--decoder-layers", "4",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+]
+STUDENT_ARCH = [
+    "--arch", "transformer", "--share-all-embeddings",
+    "--encoder-layers", "2", "--decoder-layers", "2",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+TRAIN_COMMON = [
+    "--cpu", "--optimizer", "adam", "--lr", "0.002", "--lr-scheduler", "inverse_sqrt",
+    "--warmup-updates", "10", "--max-tokens", "2000", "--no-progress-bar",
+    "--log-format", "simple", "--log-interval", "1", "--seed", "1",
+    "--num-workers", "0", "--dropout", "0.1",
+]
+
+
+def env():
+    """Environment for subprocesses: the repo importable, fairseq quiet and single-threaded."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONWARNINGS"] = "ignore"
+    return e
+
+
+def tool(name):
+    """Path of a console script of this environment (fairseq-train, fairseq-kd, ...)."""
+    path = BIN / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found next to {sys.executable}")
+    return str(path)
+
+
+def run(cmd, check=True, cwd=None, timeout=900):
+    """Run a command; on failure, fail with the end of its output."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True,
+                          env=env(), cwd=cwd, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"--- stdout (tail)\n{proc.stdout[-3000:]}\n--- stderr (tail)\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def fairseq_train(data_bin, save_dir, *args, check=True):
+    return run([tool("fairseq-train"), data_bin, "--user-dir", USER_DIR,
+                "--save-dir", save_dir, *TRAIN_COMMON, *args], check=check)
+
+
+def bible_slice(dest, sizes, src="es", tgt="en"):
+    """Write the first sizes[split] lines of each split of the shipped corpus to dest."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(BIBLE_ARCHIVE) as tar:
+        for split, n in sizes.items():
+            for lang in (src, tgt):
+                f = tar.extractfile(f"bible.es-en/{split}.{lang}")
+                lines = f.read().decode("utf-8").splitlines()[:n]
+                (dest / f"{split}.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+def prepare_tiny_data(root, sizes=None, vocab_size=400):
+    """Bible slice -> SentencePiece pieces -> fairseq binary data (joined dictionary)."""
+    root = Path(root)
+    sizes = sizes or {"train": 600, "valid": 60, "test": 40}
+    raw = bible_slice(root / "raw", sizes)
+    pieces = root / "pieces"
+    run([tool("fairseq-kd"), "spm", "--input-dir", raw, "--src", "es", "--tgt", "en",
+         "--splits", ",".join(sizes), "--vocab-size", vocab_size, "--out", pieces])
+    prefixes = []
+    for split, flag in (("train", "--trainpref"), ("valid", "--validpref"), ("test", "--testpref")):
+        if split in sizes:
+            prefixes += [flag, pieces / f"{split}.sp"]
+    run([tool("fairseq-preprocess"), "-s", "es", "-t", "en", *prefixes,
+         "--destdir", root / "bin", "--joined-dictionary", "--workers", "1"])
+    return root
+
+
+def build_training(data_bin, *args):
+    """(cfg, task, model, criterion) built in-process exactly as fairseq-train would."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    ns = options.parse_args_and_arch(
+        parser, [str(data_bin), "--user-dir", USER_DIR, "--cpu", *map(str, args)]
+    )
+    cfg = convert_namespace_to_omegaconf(ns)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return cfg, task, model, criterion
+
+
+def first_batch(task, split="valid", max_tokens=1000):
+    """The first batch of a split, in fairseq's own batching and order."""
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(dataset=task.dataset(split), max_tokens=max_tokens, seed=1)
+    return next(iter(itr.next_epoch_itr(shuffle=False)))
