@@ -51,6 +51,11 @@ def load_checkpoint_state(path, trusted=False):
             f"{path} is not a fairseq checkpoint (no 'model' entry)")
     if state.get("cfg") is not None:
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+    # Model-only files (exported or hand-made) carry no training history, which
+    # fairseq's upgrade step assumes; give them an empty one.
+    state.setdefault("optimizer_history", [{"criterion_name": None, "optimizer_name": None,
+                                            "lr_scheduler_state": {}, "num_updates": 0}])
+    state.setdefault("extra_state", {})
     return checkpoint_utils._upgrade_state_dict(state)
 
 

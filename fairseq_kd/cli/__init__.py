@@ -12,6 +12,7 @@ from fairseq_kd.errors import KDError
 
 SUBCOMMANDS = {
     "spm": "fairseq_kd.cli.spm",
+    "score": "fairseq_kd.cli.score",
 }
 
 
