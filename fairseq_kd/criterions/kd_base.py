@@ -54,6 +54,7 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy plus access to the task's teacher."""
 
     LOSS_TERMS = ()  # extra logged components, e.g. ("kd_loss",)
+    MEAN_STATS = ()  # per-step statistics (gate values, loss weights), logged as means
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
                  report_accuracy=False, needs_teacher=True):
@@ -103,6 +104,13 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
             out[name] = value.data if hasattr(value, "data") else value
         return out
 
+    @staticmethod
+    def add_stats(logging_output, **stats):
+        """Add per-step statistics (names listed in ``MEAN_STATS``) to a logging output."""
+        logging_output["nstats"] = 1  # summed over workers and steps: the mean's divisor
+        for name, value in stats.items():
+            logging_output[name] = float(value)
+
     def add_accuracy(self, logging_output, model, net_output, sample):
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
@@ -114,8 +122,16 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
         super().reduce_metrics(logging_outputs)
         sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
         for key in cls.LOSS_TERMS:
+            if not any(key in log for log in logging_outputs):
+                continue  # a term this configuration does not compute (e.g. an unused type)
             value = sum(log.get(key, 0) for log in logging_outputs)
             metrics.log_scalar(key, value / max(sample_size, 1) / math.log(2), sample_size, round=3)
+        nstats = sum(log.get("nstats", 0) for log in logging_outputs)
+        for key in cls.MEAN_STATS if nstats else ():
+            if not any(key in log for log in logging_outputs):
+                continue
+            value = sum(log.get(key, 0) for log in logging_outputs)
+            metrics.log_scalar(key, value / nstats, nstats, round=4)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:

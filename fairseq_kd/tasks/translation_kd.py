@@ -64,6 +64,7 @@ class TranslationKDTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self._teachers: Optional[List[torch.nn.Module]] = None
         self.student_cfg = None  # set by build_model; criterions size projections from it
+        self.epoch = 1  # current training epoch, for criterions with per-epoch schedules
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -75,6 +76,12 @@ class TranslationKDTask(TranslationTask):
         model = super().build_model(cfg, from_checkpoint)
         self.student_cfg = cfg
         return model
+
+    def begin_epoch(self, epoch, model):
+        """fairseq's trainer calls this at the start of every training epoch,
+        including the first epoch after a resume (with the restored epoch)."""
+        super().begin_epoch(epoch, model)
+        self.epoch = epoch
 
     # ------------------------------------------------------------------ teacher
     @property

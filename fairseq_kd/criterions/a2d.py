@@ -1,0 +1,183 @@
+"""``a2d``: attention-alignment KD, Align-to-Distill (Jin et al. 2024).
+
+    L = (1 - alpha) * LS-NLL + alpha * T^2 * L_word + beta * decay^(epoch-1) * L_attn
+    L_attn = sum over types in --attn-types of
+             sum over real query tokens of mean over teacher heads h of
+             KL(teacher_h row || AAM_h(student head maps) row)
+
+``../shared/METHODS.md`` section 5.  The student's and the teacher's per-head
+attention maps (encoder self, decoder self, decoder cross) are captured
+during their normal forward passes (``fairseq_kd.attention``); a learned
+Attention Alignment Module per attention type maps the student's L_S*H_S
+maps to the teacher's L_T*H_T maps.  The modules are parameters of this
+criterion: fairseq trains them with the student, saves them in the
+checkpoint's "criterion" entry and restores them on resume; the student
+stays a plain ``transformer``.  Padded queries and keys are masked, the
+maps are not re-softmaxed, and the term is sum-reduced per query token like
+the NLL, so its weight is independent of the batch size.  The epoch comes
+from the task (``translation_kd`` records it at every epoch start, also
+after a resume).
+"""
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from fairseq.criterions import register_criterion
+
+from fairseq_kd.attention import (
+    AttentionAlignment,
+    AttentionCapture,
+    attention_layout,
+    attention_layout_from_cfg,
+    describe_alignment,
+    parse_attention_types,
+)
+from fairseq_kd.criterions.kd_base import (
+    KDCriterionBase,
+    WordKDOptions,
+    check_unit_interval,
+    check_word_kd_options,
+)
+from fairseq_kd.errors import require
+from fairseq_kd.losses import attention_kl, word_kd_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class A2DConfig(WordKDOptions):
+    attn_types: str = field(
+        default="enc,dec,cross",
+        metadata={"help": "attention maps to align, comma-separated subset of enc "
+                  "(encoder self), dec (decoder self), cross (decoder cross)"},
+    )
+    a2d_beta: float = field(
+        default=1.0,
+        metadata={"help": "weight beta of the attention term (>= 0; 0 = word_kd, "
+                  "no attention captured)"},
+    )
+    a2d_decay: float = field(
+        default=0.9,
+        metadata={"help": "per-epoch decay of the attention weight, in [0, 1]: "
+                  "epoch e uses beta * decay^(e-1)"},
+    )
+    a2d_log_alignment: bool = field(
+        default=False,
+        metadata={"help": "log, at every epoch start, which student heads feed each "
+                  "teacher head (the two largest alignment weights)"},
+    )
+
+
+def single_teacher(task):
+    """The one teacher model; an ensemble has no single set of attention maps."""
+    require(len(task.teachers) == 1,
+            f"a2d needs a single teacher (its attention maps are distilled); "
+            f"--teacher-path names an ensemble of {len(task.teachers)}")
+    return task.teachers[0]
+
+
+@register_criterion("a2d", dataclass=A2DConfig)
+class A2DCriterion(KDCriterionBase):
+    LOSS_TERMS = ("kd_loss", "attn_loss", "attn_enc", "attn_dec", "attn_cross")
+    MEAN_STATS = ("attn_weight", "align_max_enc", "align_max_dec", "align_max_cross")
+
+    def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
+                 attn_types, a2d_beta, a2d_decay, a2d_log_alignment=False,
+                 ignore_prefix_size=0, report_accuracy=False):
+        check_word_kd_options(kd_alpha, kd_temperature, kd_topk)
+        require(a2d_beta >= 0, f"--a2d-beta must be >= 0, got {a2d_beta}")
+        check_unit_interval("--a2d-decay", a2d_decay)
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size,
+                         report_accuracy, needs_teacher=kd_alpha > 0 or a2d_beta > 0)
+        self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
+        self.beta, self.decay, self.log_alignment = a2d_beta, a2d_decay, a2d_log_alignment
+        self.types = parse_attention_types(attn_types) if a2d_beta > 0 else []
+        self.alignment = nn.ModuleDict(self._build_alignment() if self.types else {})
+        self._logged_epoch = None
+
+    def _build_alignment(self):
+        """One AAM per attention type, sized from the student config and the teacher."""
+        student_cfg = self.task.student_cfg
+        require(student_cfg is not None, "a2d: the task built no student model before the criterion")
+        require(not getattr(student_cfg, "checkpoint_activations", False),
+                "a2d does not support --checkpoint-activations (the recomputed forward "
+                "pass would not capture the student's attention with gradients)")
+        self.student_layout = attention_layout_from_cfg(student_cfg, self.types)
+        self.teacher_layout = attention_layout(single_teacher(self.task), self.types)
+        modules = {}
+        for t in self.types:
+            (ls, hs), (lt, ht) = self.student_layout[t], self.teacher_layout[t]
+            modules[t] = AttentionAlignment(ls * hs, lt * ht)
+            logger.info(f"a2d {t} attention: student {ls}x{hs} heads -> teacher {lt}x{ht} heads")
+        return modules
+
+    def attn_weight(self):
+        """beta * decay^(epoch-1), epoch as recorded by the task (1 if it keeps none)."""
+        epoch = getattr(self.task, "epoch", 1) or 1
+        return self.beta * self.decay ** (epoch - 1)
+
+    def forward(self, model, sample, reduce=True):
+        net_input = sample["net_input"]
+        student_capture = AttentionCapture(model, self.types)
+        with student_capture:
+            net_output = model(**net_input)
+        teacher, teacher_capture = None, None
+        if self.alpha > 0 or self.types:
+            teacher_capture = AttentionCapture(single_teacher(self.task), self.types)
+            with teacher_capture:
+                teacher = self.task.teacher_distribution(model, sample, topk=self.topk)
+        loss, nll_loss, kd_loss = word_kd_loss(
+            net_output[0], model.get_targets(sample, net_output), teacher, self.padding_idx,
+            self.alpha, self.temperature, self.eps,
+            lprobs=model.get_normalized_probs(net_output, log_probs=True),
+        )
+        terms = {"kd_loss": kd_loss}
+        stats = {}
+        if self.types:
+            attn_terms = self.attention_terms(net_input, student_capture, teacher_capture)
+            attn_loss = sum(attn_terms.values())
+            weight = self.attn_weight()
+            loss = loss + weight * attn_loss
+            terms.update(attn_loss=attn_loss, **attn_terms)
+            stats["attn_weight"] = weight
+            for t, aam in self.alignment.items():
+                stats[f"align_max_{t}"] = aam.weights().max(-1).values.mean().item()
+            self._maybe_log_alignment()
+        sample_size = self.sample_size(sample)
+        logging_output = self.make_logging_output(sample, loss, nll_loss, sample_size, **terms)
+        self.add_stats(logging_output, **stats)
+        self.add_accuracy(logging_output, model, net_output, sample)
+        return loss, sample_size, logging_output
+
+    def attention_terms(self, net_input, student_capture, teacher_capture):
+        """{"attn_<type>": L_attn of that type} on a batch (sums over query tokens)."""
+        src_real = net_input["src_tokens"].ne(self.task.source_dictionary.pad())
+        tgt_real = net_input["prev_output_tokens"].ne(self.padding_idx)
+        query_key = {"enc": (src_real, src_real), "dec": (tgt_real, tgt_real),
+                     "cross": (tgt_real, src_real)}
+        terms = {}
+        for t in self.types:
+            aligned = self.alignment[t](student_capture.stacked(t))
+            terms[f"attn_{t}"] = attention_kl(teacher_capture.stacked(t), aligned, *query_key[t])
+        return terms
+
+    def alignment_report(self):
+        """Readable learned mapping: which student heads feed each teacher head."""
+        lines = []
+        for t, aam in self.alignment.items():
+            lines += [f"a2d {t}: {line}" for line in describe_alignment(
+                aam.weights(), self.student_layout[t][1], self.teacher_layout[t][1])]
+        return lines
+
+    def _maybe_log_alignment(self):
+        epoch = getattr(self.task, "epoch", 1)
+        if not self.log_alignment or not self.training or epoch == self._logged_epoch:
+            return
+        self._logged_epoch = epoch
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() != 0:
+            return  # every rank holds the same weights
+        logger.info(f"a2d alignment at the start of epoch {epoch}:")
+        for line in self.alignment_report():
+            logger.info(line)
