@@ -79,9 +79,15 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
         )
         return ls_loss, nll_loss, lprobs
 
-    def word_kd_term(self, model, net_output, sample, temperature, topk, net_input=None):
-        """sum over target tokens of KL(q_T || p_T), teacher run on ``net_input``."""
-        teacher = self.task.teacher_distribution(model, sample, net_input=net_input, topk=topk)
+    def word_kd_term(self, model, net_output, sample, temperature, topk, net_input=None,
+                     teacher=None):
+        """sum over target tokens of KL(q_T || p_T), teacher run on ``net_input``.
+
+        ``teacher``: a :class:`TeacherDistribution` already computed (then the
+        teacher is not run again and ``topk`` is not reapplied).
+        """
+        if teacher is None:
+            teacher = self.task.teacher_distribution(model, sample, net_input=net_input, topk=topk)
         logits = net_output[0]
         target = model.get_targets(sample, net_output)
         return kd_kl_divergence(

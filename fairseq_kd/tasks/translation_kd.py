@@ -181,6 +181,12 @@ class TranslationKDTask(TranslationTask):
         ``target.view(-1)``.  ``topk > 0`` keeps the k best tokens per row.
         """
         outputs = self.teacher_forward(model, net_input or sample["net_input"])
+        return self.distribution_from_outputs(outputs, topk)
+
+    @staticmethod
+    def distribution_from_outputs(outputs: List[TeacherOutput], topk=0) -> TeacherDistribution:
+        """:meth:`teacher_distribution` from outputs :meth:`teacher_forward` already gave
+        (a criterion that also needs the teacher's hidden states runs it once)."""
         scores = ensemble_scores([o.logits for o in outputs])
         dist = TeacherDistribution(scores.reshape(-1, scores.size(-1)))
         return dist.topk(topk)

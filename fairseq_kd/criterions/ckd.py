@@ -1,0 +1,228 @@
+"""``ckd``: combinatorial intermediate-layer KD (Wu et al. 2020), PKD as a baseline.
+
+    L = alpha * T^2 * L_word + beta * L_layer + (1 - alpha - beta) * LS-NLL
+
+``L_word`` is word-level KD (``KL(q_T || p_T)`` on gold prefixes, as in
+``word_kd``).  ``L_layer`` (``fairseq_kd.losses.layer_kd_loss``) matches each
+student layer i against the concatenation C_i of a group G_i of teacher
+layers (``fairseq_kd.layer_maps``: ``skip`` = PKD, ``regular``, ``overlap``,
+``cross`` or explicit):
+
+    L_layer = sum_side sum_i sum_{real tokens} || norm(W_i h_S^i) - norm(C_i) ||^2
+
+with ``norm(v) = v / |v|``, summed over non-padding tokens (source tokens for
+the encoder, target tokens for the decoder) like every fairseq_kd term, and
+divided by ``sample_size`` by the trainer.  Matched states are layer outputs
+before any final LayerNorm (``fairseq_kd.hidden_states``).
+
+Projection side: ``W_i`` maps the *student* state (C_S) to the size of the
+teacher's concatenation (|G_i| * C_T).  The teacher side stays a fixed
+function of the frozen teacher, so the loss can only fall by moving the
+student toward the teacher.  A learned projection of the teacher, trained on
+the same loss, could instead map every teacher state to one direction the
+student already produces and drive the term to zero with nothing learned.
+
+The projections are submodules of this criterion: fairseq's trainer optimises
+them with the student, saves them under the checkpoint's "criterion" entry
+(never "model") and restores them on resume; the student checkpoint stays a
+plain ``transformer``.  They are sized from ``task.student_cfg`` and the
+teacher's modules, so the teacher is loaded when the criterion is built.
+An ensemble teacher has no single set of hidden states and is refused.
+"""
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.dataclass import ChoiceEnum
+from torch import nn
+
+from fairseq_kd.criterions.kd_base import (
+    KDCriterionBase,
+    WordKDOptions,
+    check_unit_interval,
+    check_word_kd_options,
+)
+from fairseq_kd.errors import KDError, require
+from fairseq_kd.hidden_states import (
+    LayerOutputRecorder,
+    teacher_layer_states,
+    transformer_layers,
+    unwrap_model,
+)
+from fairseq_kd.layer_maps import NAMED_MAPS, build_layer_map
+from fairseq_kd.losses import layer_kd_loss
+from fairseq_kd.tasks.translation_kd import TranslationKDTask, teacher_paths
+
+CKD_SIDES = ChoiceEnum(["encoder", "decoder", "both"])
+
+
+@dataclass
+class CKDConfig(WordKDOptions):
+    ckd_beta: float = field(
+        default=0.2,
+        metadata={"help": "weight beta of the intermediate-layer term; the label-smoothed "
+                  "NLL gets 1 - alpha - beta (alpha = --kd-alpha, the word-KD weight)"},
+    )
+    layer_map: str = field(
+        default="regular",
+        metadata={"help": "teacher layers matched by each student layer: " + ", ".join(NAMED_MAPS)
+                  + " (skip = PKD), or explicit 0-based groups such as '0,1,2|3,4,5'"},
+    )
+    decoder_layer_map: Optional[str] = field(
+        default=None,
+        metadata={"help": "layer map of the decoder side (default: --layer-map)"},
+    )
+    ckd_side: CKD_SIDES = field(
+        default="encoder",
+        metadata={"help": "where layers are matched; Wu et al. 2020 distil the encoder"},
+    )
+
+
+def _cfg_value(cfg, flat, nested, default=None):
+    """A model option from a legacy (flat ``encoder_layers``) or dataclass
+    (nested ``encoder.layers``) transformer config."""
+    value = getattr(cfg, flat, None)
+    if value is None:
+        part, _, name = nested.partition(".")
+        value = getattr(getattr(cfg, part, None), name, None)
+    return default if value is None else value
+
+
+def student_layout(cfg, side):
+    """(number of layers, hidden size) of the student's ``side`` from its model config."""
+    layers = _cfg_value(cfg, f"{side}_layers", f"{side}.layers")
+    dim = _cfg_value(cfg, f"{side}_embed_dim", f"{side}.embed_dim")
+    require(layers is not None and dim is not None,
+            f"ckd: cannot read the student's {side} layers/embed_dim from its model config "
+            f"(arch {getattr(cfg, 'arch', getattr(cfg, '_name', '?'))}); ckd needs a transformer")
+    keep = _cfg_value(cfg, f"{side}_layers_to_keep", f"{side}.layers_to_keep")
+    if keep:
+        layers = len(str(keep).split(","))
+    layerdrop = _cfg_value(cfg, f"{side}_layerdrop", f"{side}.layerdrop", 0.0)
+    require(not layerdrop, f"ckd needs every student {side} layer's output: "
+            f"--{side}-layerdrop must be 0, got {layerdrop}")
+    return int(layers), int(dim)
+
+
+def teacher_layout(teacher, side):
+    """(number of layers, hidden size) of a loaded teacher's ``side``."""
+    layers = transformer_layers(teacher, side)
+    dim = getattr(layers[0], "embed_dim", None) if layers else None
+    require(dim is not None, f"ckd: cannot read the teacher's {side} layer size")
+    return len(layers), int(dim)
+
+
+@register_criterion("ckd", dataclass=CKDConfig)
+class CKDCriterion(KDCriterionBase):
+    LOSS_TERMS = ("word_loss", "layer_loss")
+
+    def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
+                 ckd_beta, layer_map, ckd_side, decoder_layer_map=None, ignore_prefix_size=0,
+                 report_accuracy=False):
+        check_word_kd_options(kd_alpha, kd_temperature, kd_topk)
+        check_unit_interval("--ckd-beta", ckd_beta)
+        require(kd_alpha + ckd_beta <= 1.0 + 1e-9,
+                f"--kd-alpha + --ckd-beta must be <= 1 (the NLL gets the rest), "
+                f"got {kd_alpha} + {ckd_beta}")
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size,
+                         report_accuracy, needs_teacher=kd_alpha > 0 or ckd_beta > 0)
+        self.alpha, self.beta = kd_alpha, ckd_beta
+        self.temperature, self.topk = kd_temperature, kd_topk
+        side = str(ckd_side)
+        self.sides = ("encoder", "decoder") if side == "both" else (side,)
+        if ckd_beta == 0:
+            self.sides = ()  # plain word-KD: no hooks, no projections, no hidden states
+        self.groups = {}
+        self.projections = nn.ModuleDict()
+        self._recorders = {}
+        if self.sides:
+            self._build_projections(task, {"encoder": layer_map,
+                                           "decoder": decoder_layer_map or layer_map})
+
+    def _build_projections(self, task, maps):
+        n_teachers = len(teacher_paths(task.cfg.teacher_path))
+        require(n_teachers == 1,
+                f"ckd needs a single teacher: an ensemble of {n_teachers} (--teacher-path "
+                f"with ':') has no single set of hidden states to match")
+        require(task.student_cfg is not None,
+                "ckd sizes its projections from the student's config: the task must build "
+                "the model before the criterion (as fairseq-train does)")
+        teacher = task.teachers[0]
+        for side in self.sides:
+            t_layers, t_dim = teacher_layout(teacher, side)
+            s_layers, s_dim = student_layout(task.student_cfg, side)
+            try:
+                groups = build_layer_map(maps[side], t_layers, s_layers)
+            except KDError as e:
+                raise KDError(f"ckd {side} ({t_layers}-layer teacher, {s_layers}-layer "
+                              f"student): {e}") from None
+            self.groups[side] = groups
+            # student -> teacher concatenation; see the module docstring for why
+            self.projections[side] = nn.ModuleList(
+                nn.Linear(s_dim, len(group) * t_dim) for group in groups)
+
+    # -- student states ------------------------------------------------------
+    def _recorder(self, model, side):
+        layers = transformer_layers(model, side)
+        require(len(layers) == len(self.groups[side]),
+                f"ckd was built for a {len(self.groups[side])}-layer student {side} (from "
+                f"the model config) but the model has {len(layers)} layers")
+        recorder = self._recorders.get(side)
+        if recorder is None or not recorder.owns(layers):
+            if recorder is not None:
+                recorder.remove()
+            recorder = self._recorders[side] = LayerOutputRecorder(layers)
+        return recorder
+
+    @contextmanager
+    def _record_student(self, model):
+        """Yield {side: per-layer outputs}, filled by the forward pass run inside."""
+        inner = unwrap_model(model)
+        with ExitStack() as stack:
+            yield {side: stack.enter_context(self._recorder(inner, side).recording())
+                   for side in self.sides}
+
+    # -- loss ----------------------------------------------------------------
+    def layer_term(self, student_states, teacher_output, net_input):
+        """L_layer summed over the matched sides (a 0-dim tensor)."""
+        total = 0.0
+        for side in self.sides:
+            states = student_states[side]
+            missing = [i for i, s in enumerate(states) if s is None]
+            require(not missing, f"ckd: student {side} layers {missing} produced no output "
+                    f"during the forward pass (LayerDrop or a custom forward?)")
+            if side == "encoder":
+                mask = net_input["src_tokens"].ne(self.task.source_dictionary.pad())
+            else:
+                mask = net_input["prev_output_tokens"].ne(self.padding_idx)
+            total = total + layer_kd_loss(
+                states, teacher_layer_states(teacher_output, side), self.groups[side],
+                self.projections[side], mask.t(),  # states are T x B x C
+            )
+        return total
+
+    def forward(self, model, sample, reduce=True):
+        net_input = sample["net_input"]
+        with self._record_student(model) as student_states:
+            net_output = model(**net_input)
+        ls_loss, nll_loss, _ = self.nll_terms(model, net_output, sample)
+        word_loss = layer_loss = ls_loss.new_zeros(())
+        if self.alpha > 0 or self.sides:
+            [teacher] = self.task.teacher_forward(
+                model, net_input, return_all_hiddens="encoder" in self.sides)
+            if self.alpha > 0:
+                word_loss = self.word_kd_term(
+                    model, net_output, sample, self.temperature, self.topk,
+                    teacher=TranslationKDTask.distribution_from_outputs([teacher], self.topk))
+            if self.sides:
+                layer_loss = self.layer_term(student_states, teacher, net_input)
+        loss = ((1.0 - self.alpha - self.beta) * ls_loss
+                + self.alpha * self.temperature ** 2 * word_loss
+                + self.beta * layer_loss)
+        sample_size = self.sample_size(sample)
+        logging_output = self.make_logging_output(
+            sample, loss, nll_loss, sample_size, word_loss=word_loss, layer_loss=layer_loss)
+        self.add_accuracy(logging_output, model, net_output, sample)
+        return loss, sample_size, logging_output
