@@ -118,3 +118,67 @@ def first_batch(task, split="valid", max_tokens=1000):
     task.load_dataset(split)
     itr = task.get_batch_iterator(dataset=task.dataset(split), max_tokens=max_tokens, seed=1)
     return next(iter(itr.next_epoch_itr(shuffle=False)))
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_gradients(rank, world_size, port, build_args, out_dir):
+    """One gloo rank: student (and criterion, if it has parameters) in torch DDP.
+
+    Builds everything from ``build_args`` exactly like fairseq-train, takes
+    batch number ``rank`` of the valid split, runs forward/backward through
+    the DDP wrappers and saves every gradient to ``out_dir/rank{rank}.pt``.
+    Run with torch.multiprocessing.spawn; compare with :func:`local_gradients`.
+    """
+    import torch
+    import torch.distributed as dist
+    from fairseq.distributed import ModuleProxyWrapper
+    from torch.nn.parallel import DistributedDataParallel
+
+    def DDP(module):  # as fairseq's --ddp-backend pytorch_ddp wraps modules
+        return ModuleProxyWrapper(DistributedDataParallel(module))
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        _, task, model, criterion = build_training(*build_args)
+        sample = batches(task, world_size)[rank]
+        wrapped = DDP(model)
+        crit = DDP(criterion) if any(p.requires_grad for p in criterion.parameters()) else criterion
+        loss, _, _ = crit(wrapped, sample)
+        loss.backward()
+        torch.save(named_grads(model, criterion), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def local_gradients(build_args, world_size):
+    """Single-process reference: the mean over the ranks' batches of the gradients."""
+    import torch
+
+    torch.manual_seed(0)
+    _, task, model, criterion = build_training(*build_args)
+    for sample in batches(task, world_size):
+        loss, _, _ = criterion(model, sample)
+        (loss / world_size).backward()  # DDP averages gradients over ranks
+    return named_grads(model, criterion)
+
+
+def batches(task, n):
+    task.load_dataset("valid")
+    itr = task.get_batch_iterator(dataset=task.dataset("valid"), max_tokens=600, seed=1)
+    return list(itr.next_epoch_itr(shuffle=False))[:n]
+
+
+def named_grads(model, criterion):
+    grads = {f"model.{n}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads.update({f"criterion.{n}": p.grad.clone() for n, p in criterion.named_parameters()
+                  if p.grad is not None})
+    return grads
