@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" numpy cython
 	$(BIN)/python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,plot]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,7 +9,8 @@
 #   4. students: 2+2 layers, 128-dim      (STUDENT_MINUTES each)
 #        - baseline: label_smoothed_cross_entropy
 #        - word_kd:  --task translation_kd --teacher-path ... --criterion word_kd
-#   5. fairseq-generate (beam 5) on the test slice, sacreBLEU/chrF table
+#   5. fairseq-kd evaluate: fairseq-generate (greedy, beam 5) on the test slice,
+#      sacreBLEU/chrF with signatures, translation speed; fairseq-kd table
 #
 # Training is bounded by wall time (fairseq's --stop-time-hours), so the demo
 # takes about 15 minutes on 2 cores whatever the machine's speed; a faster
@@ -73,19 +74,12 @@ step "4b. student with word_kd ($STUDENT_MINUTES min)"
   --teacher-path teacher/checkpoint_best.pt --criterion word_kd --kd-alpha 0.5 --kd-temperature 1 \
   "${COMMON[@]}" --stop-time-hours "$(hours "$STUDENT_MINUTES")"
 
-step "5. translate the test set (beam 5) and score"
-# --required-batch-size-multiple 1: otherwise fairseq-generate drops the last
-# partial batch of the test set without a word.
-translate() {  # checkpoint -> detokenized hypotheses, in test-set order
-  fairseq-generate bin --user-dir "$USER_DIR" --path "$1" --gen-subset test --beam 5 \
-    --max-len-a 1.5 --max-len-b 10 --batch-size 64 --required-batch-size-multiple 1 \
-    --cpu --post-process sentencepiece > "$2.gen"
-  grep '^H-' "$2.gen" | sed 's/^H-//' | sort -n -k1,1 | cut -f3 > "$2"
-}
-for sys in teacher:teacher/checkpoint_best.pt baseline:student_baseline/checkpoint_last.pt \
-           word_kd:student_word_kd/checkpoint_last.pt; do
-  [ -s "hyp.${sys%%:*}" ] || translate "${sys#*:}" "hyp.${sys%%:*}"
+step "5. translate the test set (greedy and beam 5) and score"
+for sys in teacher:teacher/checkpoint_best.pt student_baseline:student_baseline/checkpoint_last.pt \
+           student_word_kd:student_word_kd/checkpoint_last.pt; do
+  name=${sys%%:*}
+  grep -q "\"name\": \"$name\"" results.json 2>/dev/null || fairseq-kd evaluate --data bin \
+    --checkpoint "${sys#*:}" --name "$name" --ref raw/test.en --results results.json --beam 5 --cpu
 done
 echo
-fairseq-kd score --ref raw/test.en teacher=hyp.teacher student_baseline=hyp.baseline \
-  student_word_kd=hyp.word_kd --json scores.json
+fairseq-kd table results.json

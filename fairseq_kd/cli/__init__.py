@@ -12,7 +12,9 @@ from fairseq_kd.errors import KDError
 
 SUBCOMMANDS = {
     "spm": "fairseq_kd.cli.spm",
-    "score": "fairseq_kd.cli.score",
+    "evaluate": "fairseq_kd.cli.evaluate",
+    "table": "fairseq_kd.cli.table",
+    "plot": "fairseq_kd.cli.plot",
 }
 
 
