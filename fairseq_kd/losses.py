@@ -94,30 +94,31 @@ def _chunk_kl_and_grad(student, scores, index, temperature, need_grad):
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """Sum of masked per-token KL, computed and differentiated chunk by chunk.
+    """Per-row KL, computed and differentiated chunk by chunk.
 
     Autograd through log_softmax would keep (N, V) float32 activations for the
     backward pass; here only the inputs are kept and the backward pass
     recomputes each chunk's gradient, so peak extra memory is CHUNK x V.
+    The output is one value per row, so callers can weight rows freely
+    (padding masks, per-sentence gates) at O(N) cost.
     """
 
     @staticmethod
-    def forward(ctx, student, scores, index, mask, temperature, chunk):
-        total = _upcast(student).new_zeros(())
+    def forward(ctx, student, scores, index, temperature, chunk):
+        rows = _upcast(student).new_empty(student.size(0))
         for start in range(0, student.size(0), chunk):
             sl = slice(start, start + chunk)
-            kl, _ = _chunk_kl_and_grad(
+            rows[sl], _ = _chunk_kl_and_grad(
                 student[sl], scores[sl], None if index is None else index[sl],
                 temperature, need_grad=False,
             )
-            total += (kl * mask[sl]).sum()
-        ctx.save_for_backward(student, scores, index, mask)
+        ctx.save_for_backward(student, scores, index)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return total
+        return rows
 
     @staticmethod
-    def backward(ctx, grad_out):
-        student, scores, index, mask = ctx.saved_tensors
+    def backward(ctx, grad_rows):
+        student, scores, index = ctx.saved_tensors
         grad_student = torch.zeros_like(student)
         for start in range(0, student.size(0), ctx.chunk):
             sl = slice(start, start + ctx.chunk)
@@ -125,8 +126,26 @@ class _ChunkedKL(torch.autograd.Function):
                 student[sl], scores[sl], None if index is None else index[sl],
                 ctx.temperature, need_grad=True,
             )
-            grad_student[sl] = (grad * (mask[sl].unsqueeze(-1) * grad_out)).to(student.dtype)
-        return grad_student, None, None, None, None, None
+            grad_student[sl] = (grad * grad_rows[sl].unsqueeze(-1)).to(student.dtype)
+        return grad_student, None, None, None, None
+
+
+def kd_kl_rows(student_logits, teacher, temperature=1.0, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """KL(q_T || p_T) of every row, shape (N,), differentiable w.r.t. the student.
+
+    student_logits: (N, V) raw student logits (any float dtype); teacher:
+    :class:`TeacherDistribution` with N rows.  Padding rows are *not* masked
+    here: multiply by a mask (or any per-row weights) before summing.
+    """
+    if student_logits.size(0) != teacher.scores.size(0):
+        raise ValueError(
+            f"student has {student_logits.size(0)} target positions, "
+            f"teacher {teacher.scores.size(0)}"
+        )
+    return _ChunkedKL.apply(
+        student_logits, teacher.scores.detach(), teacher.index,
+        float(temperature), int(chunk_tokens),
+    )
 
 
 def kd_kl_divergence(student_logits, teacher, mask, temperature=1.0,
@@ -137,15 +156,12 @@ def kd_kl_divergence(student_logits, teacher, mask, temperature=1.0,
     teacher: :class:`TeacherDistribution` with N rows; mask: (N,) bool.
     No gradient flows to the teacher.
     """
-    if student_logits.size(0) != teacher.scores.size(0):
-        raise ValueError(
-            f"student has {student_logits.size(0)} target positions, "
-            f"teacher {teacher.scores.size(0)}"
-        )
-    return _ChunkedKL.apply(
-        student_logits, teacher.scores.detach(), teacher.index,
-        mask.to(_upcast(student_logits).dtype), float(temperature), int(chunk_tokens),
-    )
+    rows = kd_kl_rows(student_logits, teacher, temperature, chunk_tokens)
+    return (rows * mask.to(rows.dtype)).sum()
+
+
+def _mix_word_kd(ls_loss, kd, alpha, temperature):
+    return (1.0 - alpha) * ls_loss + alpha * temperature ** 2 * kd
 
 
 def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperature,
@@ -173,8 +189,7 @@ def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperatur
             student_logits.reshape(-1, student_logits.size(-1)), teacher,
             flat_target.ne(padding_idx), temperature,
         )
-    loss = (1.0 - alpha) * ls_loss + alpha * temperature ** 2 * kd
-    return loss, nll_loss, kd
+    return _mix_word_kd(ls_loss, kd, alpha, temperature), nll_loss, kd
 
 
 def attention_kl(teacher_maps, student_maps, query_mask, key_mask):
@@ -251,3 +266,73 @@ def layer_kd_loss(student_states, teacher_states, groups, projections, mask):
         term = normalized_mse(project(h_s[mask]), target[mask])
         total = term if total is None else total + term
     return total
+
+    return _mix_word_kd(ls_loss, kd, alpha, temperature), nll_loss, kd
+
+
+# --------------------------------------------------------------------------
+# Per-sentence terms and the gate of hybrid_kd (METHODS.md section 3)
+
+def label_smoothed_sentence_nll(lprobs, target, epsilon, padding_idx):
+    """Label-smoothed and plain NLL of each sentence, shapes (B,).
+
+    lprobs: (B, T, V) float log-probabilities; target: (B, T).  Token terms
+    are exactly fairseq's ``label_smoothed_nll_loss``, summed per row.
+    """
+    B, T = target.shape
+    ls, nll = label_smoothed_nll_loss(
+        lprobs.reshape(B * T, -1), target.reshape(-1), epsilon,
+        ignore_index=padding_idx, reduce=False,
+    )
+    return ls.view(B, T).sum(1), nll.view(B, T).sum(1)
+
+
+def word_kd_sentence_losses(student_logits, target, teacher, padding_idx, alpha, temperature,
+                            epsilon=0.0, lprobs=None):
+    """:func:`word_kd_loss` per sentence: ``(loss, nll_loss, kd_loss)``, each (B,).
+
+    Their sums equal :func:`word_kd_loss`'s values (up to summation order).
+    ``teacher`` may be None when ``alpha`` is 0.
+    """
+    if lprobs is None:
+        lprobs = F.log_softmax(_upcast(student_logits), dim=-1)
+    ls_loss, nll_loss = label_smoothed_sentence_nll(lprobs, target, epsilon, padding_idx)
+    if alpha == 0.0:
+        kd = torch.zeros_like(ls_loss)
+    else:
+        rows = kd_kl_rows(student_logits.reshape(-1, student_logits.size(-1)), teacher, temperature)
+        kd = (rows * target.reshape(-1).ne(padding_idx).to(rows.dtype)).view(target.shape).sum(1)
+    return _mix_word_kd(ls_loss, kd, alpha, temperature), nll_loss, kd
+
+
+def hybrid_mix(gate, tok_loss, sent_loss):
+    """sum_i g_i * L_tok_i + (1 - g_i) * L_sent_i  (all (B,); gate may be a scalar)."""
+    return (gate * tok_loss + (1.0 - gate) * sent_loss).sum()
+
+
+def bernoulli_kl_from_logits(logits, prior):
+    """KL(Bernoulli(sigmoid(logits)) || Bernoulli(prior)), elementwise, stable."""
+    g = torch.sigmoid(logits)
+    log_g, log_1mg = F.logsigmoid(logits), F.logsigmoid(-logits)
+    return g * (log_g - math.log(prior)) + (1.0 - g) * (log_1mg - math.log1p(-prior))
+
+
+def gate_objective(gate_logits, rel_tok, rel_sent, prior, strength):
+    """The gate's own objective, per sentence (the student never sees it).
+
+        J_i = g_i * r_tok_i + (1 - g_i) * r_sent_i + strength * KL(Bern(g_i) || Bern(prior))
+
+    ``rel_tok``/``rel_sent`` are *unit-free* losses (each per-token loss
+    divided by that term's running mean), so rescaling either term leaves J
+    unchanged.  J is convex in the gate's logit with minimiser
+    :func:`optimal_gate`: the prior keeps g inside (0, 1), the data move it
+    by ``(r_sent - r_tok) / strength`` logits.
+    """
+    g = torch.sigmoid(gate_logits)
+    return (g * rel_tok + (1.0 - g) * rel_sent
+            + strength * bernoulli_kl_from_logits(gate_logits, prior))
+
+
+def optimal_gate(rel_tok, rel_sent, prior, strength):
+    """argmin_g of :func:`gate_objective`: sigmoid(logit(prior) + (r_sent - r_tok) / strength)."""
+    return torch.sigmoid(math.log(prior / (1.0 - prior)) + (rel_sent - rel_tok) / strength)

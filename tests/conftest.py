@@ -30,3 +30,11 @@ def tiny_teacher(tiny_data, tmp_path_factory):
         "--label-smoothing", "0.1", "--max-epoch", "6", "--no-epoch-checkpoints",
     )
     return save / "checkpoint_best.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_distilled(tiny_data, tiny_teacher, tmp_path_factory):
+    """The teacher's translations of tiny_data's training split, binarized: (folder, hypotheses)."""
+    hyps = helpers.teacher_translations(tiny_data, tiny_teacher)
+    dest = tmp_path_factory.mktemp("distilled")
+    return helpers.make_distilled_data(tiny_data, dest, helpers.gold_sources(tiny_data), hyps), hyps

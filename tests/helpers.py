@@ -182,3 +182,36 @@ def named_grads(model, criterion):
     grads.update({f"criterion.{n}": p.grad.clone() for n, p in criterion.named_parameters()
                   if p.grad is not None})
     return grads
+
+def teacher_translations(data_root, teacher, split="train"):
+    """The teacher's greedy translation of every sentence of a split, in corpus order."""
+    proc = run([tool("fairseq-generate"), Path(data_root) / "bin", "--user-dir", USER_DIR,
+                "--path", teacher, "--gen-subset", split, "--cpu", "--beam", "1",
+                "--batch-size", "128", "--required-batch-size-multiple", "1",
+                "--max-len-a", "1", "--max-len-b", "5"])
+    hyps = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("H-"):
+            key, _score, *text = line.split("\t")
+            hyps[int(key[2:])] = text[0] if text else ""
+    return [hyps[i] for i in range(len(hyps))]  # KeyError if a sentence were missing
+
+
+def make_distilled_data(data_root, dest, sources, hypotheses, split="train"):
+    """Binarize (sources, teacher hypotheses) with the gold data's dictionaries.
+
+    The folder fairseq-kd corpus writes: DEST/bin, aligned line by line with
+    the gold split when ``sources`` are that split's sources.
+    """
+    data_root, dest = Path(data_root), Path(dest)
+    (dest / "text").mkdir(parents=True, exist_ok=True)
+    (dest / "text" / f"{split}.es").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    (dest / "text" / f"{split}.en").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
+    run([tool("fairseq-preprocess"), "-s", "es", "-t", "en", f"--{split}pref", dest / "text" / split,
+         "--srcdict", data_root / "bin" / "dict.es.txt", "--tgtdict", data_root / "bin" / "dict.en.txt",
+         "--destdir", dest / "bin", "--workers", "1"])
+    return dest / "bin"
+
+
+def gold_sources(data_root, split="train"):
+    return (Path(data_root) / "pieces" / f"{split}.sp.es").read_text(encoding="utf-8").splitlines()

@@ -14,6 +14,11 @@ criterion, so that it is
   kept in eval mode under ``torch.no_grad``;
 * loaded by every process: under fairseq's DDP each rank builds its own task,
   so each rank has its own teacher on its own GPU.
+
+``--distilled-data DIR`` adds the teacher's translations of the training
+sources (a second binarized corpus, line-aligned with the training data) to
+every batch, for criterions that train on gold and distilled targets at once
+(``hybrid_kd``); see :mod:`fairseq_kd.tasks.distilled_data`.
 """
 import logging
 import os
@@ -21,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import List, NamedTuple, Optional
 
 import torch
+from fairseq import utils
+from fairseq.data import indexed_dataset
 from fairseq.tasks import register_task
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
+from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
 from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
 from fairseq_kd.errors import require
 from fairseq_kd.losses import TeacherDistribution, ensemble_scores
+from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +46,15 @@ class TranslationKDConfig(TranslationConfig):
         metadata={
             "help": "teacher checkpoint; several joined by ':' form an ensemble "
             "whose probabilities are averaged. Loaded for training only."
+        },
+    )
+    distilled_data: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "fairseq-binarized folder of the teacher's translations of the training "
+            "sources (fairseq-kd corpus; same dictionaries, same sources in the same order). "
+            "Its target is batched with the gold one as sample['distilled']; splits it lacks "
+            "(e.g. valid) are loaded without it."
         },
     )
 
@@ -70,7 +87,10 @@ class TranslationKDTask(TranslationTask):
     def setup_task(cls, cfg, **kwargs):
         for path in teacher_paths(cfg.teacher_path):
             require(os.path.isfile(path), f"--teacher-path: teacher checkpoint not found: {path}")
-        return super().setup_task(cfg, **kwargs)
+        task = super().setup_task(cfg, **kwargs)
+        if cfg.distilled_data:
+            task._check_distilled_data_dir()
+        return task
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -82,6 +102,73 @@ class TranslationKDTask(TranslationTask):
         including the first epoch after a resume (with the restored epoch)."""
         super().begin_epoch(epoch, model)
         self.epoch = epoch
+
+    # ------------------------------------------------------- distilled targets
+    def _check_distilled_data_dir(self):
+        ddir = self.cfg.distilled_data
+        require(os.path.isdir(ddir), f"--distilled-data: folder not found: {ddir}")
+        require(len(utils.split_paths(self.cfg.data)) == 1,
+                "--distilled-data needs a single DATA folder (not ':'-separated shards)")
+        require(not self.cfg.left_pad_target, "--distilled-data needs --left-pad-target False")
+        require(self.cfg.num_batch_buckets == 0, "--distilled-data does not support --num-batch-buckets")
+        for lang, own in ((self.cfg.source_lang, self.src_dict), (self.cfg.target_lang, self.tgt_dict)):
+            dict_file = os.path.join(ddir, f"dict.{lang}.txt")
+            require(os.path.isfile(dict_file), f"--distilled-data {ddir} has no dict.{lang}.txt: "
+                    f"binarize it with fairseq-preprocess --srcdict/--tgtdict of the training data")
+            require(self.load_dictionary(dict_file).symbols == own.symbols,
+                    f"--distilled-data: {dict_file} differs from the training data's dict.{lang}.txt; "
+                    f"binarize with fairseq-preprocess --srcdict/--tgtdict of the training data")
+
+    def _has_split(self, data_path, split):
+        src, tgt = self.cfg.source_lang, self.cfg.target_lang
+        return any(
+            indexed_dataset.dataset_exists(
+                os.path.join(data_path, f"{split}.{a}-{b}.{src}"), impl=self.cfg.dataset_impl)
+            for a, b in ((src, tgt), (tgt, src))
+        )
+
+    def _load_pair(self, data_path, split, combine):
+        """A LanguagePairDataset read exactly as fairseq's translation task reads DATA."""
+        return load_langpair_dataset(
+            data_path, split, self.cfg.source_lang, self.src_dict, self.cfg.target_lang,
+            self.tgt_dict, combine=combine, dataset_impl=self.cfg.dataset_impl,
+            upsample_primary=self.cfg.upsample_primary, left_pad_source=self.cfg.left_pad_source,
+            left_pad_target=self.cfg.left_pad_target,
+            max_source_positions=self.cfg.max_source_positions,
+            max_target_positions=self.cfg.max_target_positions,
+            truncate_source=self.cfg.truncate_source, num_buckets=0,
+            shuffle=(split != "test"), pad_to_multiple=self.cfg.required_seq_len_multiple,
+        )
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        ddir = self.cfg.distilled_data
+        if not ddir:
+            return
+        if not self._has_split(ddir, split):
+            require(split != self.cfg.train_subset,
+                    f"--distilled-data {ddir} has no '{split}' split for {self.cfg.source_lang}-"
+                    f"{self.cfg.target_lang} (expected {split}.{self.cfg.source_lang}-"
+                    f"{self.cfg.target_lang}.{{{self.cfg.source_lang},{self.cfg.target_lang}}}.bin/.idx)")
+            logger.info(f"--distilled-data has no {split} split: {split} batches carry gold targets only")
+            return
+        gold = self.datasets[split]
+        distilled = self._load_pair(ddir, split, combine)
+        require(distilled.tgt is not None,
+                f"--distilled-data {ddir} has no {self.cfg.target_lang} side for its '{split}' split")
+        check_aligned(gold, distilled, split, self.cfg.data, ddir)
+        self.datasets[split] = DistilledPairDataset(gold, distilled.tgt)
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        # Criterions with running statistics (hybrid_kd's loss scales) update
+        # them here, once per update, from the logging outputs the trainer
+        # has already summed over --update-freq micro-batches and DDP ranks:
+        # every rank then holds the same statistics, equal to a single
+        # process training on the union of the batches.
+        update = getattr(criterion, "update_running_stats", None)
+        if update is not None and criterion.training:
+            update(logging_outputs)
 
     # ------------------------------------------------------------------ teacher
     @property

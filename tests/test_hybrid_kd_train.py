@@ -1,0 +1,74 @@
+"""hybrid_kd end to end: fairseq-train -> checkpoint (with the gate) -> restore -> generate -> resume."""
+import re
+
+import pytest
+import torch
+from fairseq.trainer import Trainer
+
+import helpers
+from helpers import STUDENT_ARCH, build_training, fairseq_train, run, tool
+
+EPOCH_LINE = re.compile(r"\| train \| epoch (\d+) \| .*?tok_loss ([\d.]+) \| sent_loss ([\d.]+)")
+INNER_GATE = re.compile(r"train_inner \| epoch (\d+):.*? gate=([\d.]+), gate_std=([\d.]+)")
+
+
+def hybrid_args(teacher, distilled):
+    return [*STUDENT_ARCH, "--task", "translation_kd", "--teacher-path", teacher,
+            "--distilled-data", distilled, "--criterion", "hybrid_kd", "--gate", "sentence",
+            "--kd-temperature", "2", "--label-smoothing", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tiny_data, tiny_teacher, tiny_distilled, tmp_path_factory):
+    save = tmp_path_factory.mktemp("hybrid_kd")
+    args = hybrid_args(tiny_teacher, tiny_distilled[0])
+    proc = fairseq_train(tiny_data / "bin", save, *args, "--max-epoch", "3")
+    return save, args, proc.stdout + proc.stderr
+
+
+def test_training_lowers_both_terms_and_logs_the_gate(hybrid_run):
+    _, _, log = hybrid_run
+    epochs = {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in EPOCH_LINE.finditer(log)}
+    assert sorted(epochs) == [1, 2, 3], log[-3000:]
+    assert epochs[3][0] < epochs[1][0]  # tok_loss
+    assert epochs[3][1] < epochs[1][1]  # sent_loss
+    gates = [(float(g), float(s)) for _, g, s in INNER_GATE.findall(log)]
+    assert len(gates) > 10
+    assert all(0.05 < g < 0.95 for g, _ in gates)
+    assert gates[0][1] == 0.0 and any(s > 0 for _, s in gates[1:])  # per-sentence gates drift apart
+
+
+def test_checkpoint_holds_gate_and_fairseq_restores_it(hybrid_run, tiny_data):
+    save, args, _ = hybrid_run
+    state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert all(k.startswith(("encoder.", "decoder.")) for k in state["model"])  # student only
+    crit = state["criterion"]
+    assert set(crit) == {"gate.proj.weight", "gate.proj.bias", "loss_scales", "scale_updates"}
+    assert crit["gate.proj.weight"].abs().sum() > 0  # trained (it starts at zero)
+    assert int(crit["scale_updates"]) == state["optimizer_history"][-1]["num_updates"]
+    assert (crit["loss_scales"] > 0).all()
+    # fairseq's own restore path (what --restore-file / resume runs)
+    cfg, task, model, criterion = build_training(tiny_data / "bin", *args, *helpers.TRAIN_COMMON)
+    assert criterion.gate.proj.weight.abs().sum() == 0
+    trainer = Trainer(cfg, task, model, criterion)
+    trainer.load_checkpoint(str(save / "checkpoint_last.pt"))
+    for key, value in trainer.get_criterion().state_dict().items():
+        assert torch.equal(value, crit[key]), key
+
+
+def test_generate_loads_student(hybrid_run, tiny_data):
+    save, _, _ = hybrid_run
+    proc = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", helpers.USER_DIR,
+                "--task", "translation_kd", "--path", save / "checkpoint_best.pt", "--cpu",
+                "--beam", "2", "--batch-size", "16", "--gen-subset", "test"])
+    assert len([l for l in proc.stdout.splitlines() if l.startswith("H-")]) == 40
+
+
+def test_resume_continues_with_the_trained_gate(hybrid_run, tiny_data):
+    save, args, _ = hybrid_run
+    proc = fairseq_train(tiny_data / "bin", save, *args, "--max-epoch", "4")
+    log = proc.stdout + proc.stderr
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last.pt \(epoch 4 @ \d+ updates\)", log), log[-3000:]
+    gates = [(int(e), float(s)) for e, _, s in INNER_GATE.findall(log)]
+    assert gates and all(e == 4 for e, _ in gates)
+    assert gates[0][1] > 0  # a freshly built gate would give every sentence the same value
