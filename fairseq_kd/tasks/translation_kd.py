@@ -40,6 +40,13 @@ class TranslationKDConfig(TranslationConfig):
             "whose probabilities are averaged. Loaded for training only."
         },
     )
+    prune_mask: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "mask file written by 'fairseq-kd prune': the pruned weights of the "
+            "student stay exactly zero through training"
+        },
+    )
 
 
 class TeacherOutput(NamedTuple):
@@ -64,6 +71,7 @@ class TranslationKDTask(TranslationTask):
         super().__init__(cfg, src_dict, tgt_dict)
         self._teachers: Optional[List[torch.nn.Module]] = None
         self.student_cfg = None  # set by build_model; criterions size projections from it
+        self._mask_keeper = None
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -74,7 +82,17 @@ class TranslationKDTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         self.student_cfg = cfg
+        if getattr(self.cfg, "prune_mask", None):
+            from fairseq_kd.pruning import MaskKeeper
+
+            self._mask_keeper = MaskKeeper.load(self.cfg.prune_mask)
+            self._mask_keeper.attach(model)
         return model
+
+    def optimizer_step(self, optimizer, model, update_num):
+        super().optimizer_step(optimizer, model, update_num)
+        if self._mask_keeper is not None:  # --prune-mask: zero after every update
+            self._mask_keeper.apply(model)
 
     # ------------------------------------------------------------------ teacher
     @property
