@@ -148,8 +148,8 @@ def pair_prefix(data, split, src, tgt):
         prefix = os.path.join(data, f"{split}.{a}-{b}")
         if indexed_dataset.dataset_exists(f"{prefix}.{src}", impl=None):
             return prefix
-    raise_missing = os.path.join(data, f"{split}.{src}-{tgt}.{src}.bin")
-    require(False, f"no binarized split '{split}' for {src}-{tgt} in {data} (expected {raise_missing})")
+    expected = os.path.join(data, f"{split}.{src}-{tgt}.{src}.bin")
+    require(False, f"no binarized split '{split}' for {src}-{tgt} in {data} (expected {expected})")
 
 
 class SplitData:
@@ -342,7 +342,7 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
     chunk_ids = work.pending(shard_chunks(len(work.chunks), num_shards, shard_id))
     if not chunk_ids:
         return
-    if torch.cuda.is_available() and not args.cpu:
+    if not on_cpu(args):
         device = torch.device("cuda", worker_index % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
@@ -481,12 +481,16 @@ def check_args(args):
         require(torch.cuda.is_available() and not args.cpu, "--fp16 needs a GPU")
 
 
+def on_cpu(args):
+    import torch
+
+    return args.cpu or not torch.cuda.is_available()
+
+
 def default_workers(args):
     import torch
 
-    if torch.cuda.is_available() and not args.cpu:
-        return torch.cuda.device_count()
-    return 1
+    return 1 if on_cpu(args) else torch.cuda.device_count()
 
 
 def run(args):
@@ -499,7 +503,8 @@ def run(args):
     work.prepare()
     workers = args.workers or default_workers(args)
     num_shards = args.num_shards or workers
-    if args.threads == 0 and workers > 1 and (args.cpu or not default_workers(args) > 1):
+    if args.threads == 0 and workers > 1 and on_cpu(args):
+        # one process per core beats torch's intra-op threads on beam search's small matrices
         args.threads = max(1, (os.cpu_count() or 1) // workers)
     started = time.time()
     if args.shard_id is not None:
