@@ -12,6 +12,9 @@ from fairseq_kd.errors import KDError
 
 SUBCOMMANDS = {
     "spm": "fairseq_kd.cli.spm",
+    "corpus": "fairseq_kd.cli.corpus",
+    "prune": "fairseq_kd.cli.prune",
+    "export": "fairseq_kd.cli.export",
     "evaluate": "fairseq_kd.cli.evaluate",
     "table": "fairseq_kd.cli.table",
     "plot": "fairseq_kd.cli.plot",

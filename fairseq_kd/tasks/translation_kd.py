@@ -57,6 +57,13 @@ class TranslationKDConfig(TranslationConfig):
             "(e.g. valid) are loaded without it."
         },
     )
+    prune_mask: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "mask file written by 'fairseq-kd prune': the pruned weights of the "
+            "student stay exactly zero through training"
+        },
+    )
 
 
 class TeacherOutput(NamedTuple):
@@ -82,6 +89,7 @@ class TranslationKDTask(TranslationTask):
         self._teachers: Optional[List[torch.nn.Module]] = None
         self.student_cfg = None  # set by build_model; criterions size projections from it
         self.epoch = 1  # current training epoch, for criterions with per-epoch schedules
+        self._mask_keeper = None
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -95,6 +103,11 @@ class TranslationKDTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         self.student_cfg = cfg
+        if getattr(self.cfg, "prune_mask", None):
+            from fairseq_kd.pruning import MaskKeeper
+
+            self._mask_keeper = MaskKeeper.load(self.cfg.prune_mask)
+            self._mask_keeper.attach(model)
         return model
 
     def begin_epoch(self, epoch, model):
@@ -169,6 +182,11 @@ class TranslationKDTask(TranslationTask):
         update = getattr(criterion, "update_running_stats", None)
         if update is not None and criterion.training:
             update(logging_outputs)
+
+    def optimizer_step(self, optimizer, model, update_num):
+        super().optimizer_step(optimizer, model, update_num)
+        if self._mask_keeper is not None:  # --prune-mask: zero after every update
+            self._mask_keeper.apply(model)
 
     # ------------------------------------------------------------------ teacher
     @property
