@@ -267,8 +267,6 @@ def layer_kd_loss(student_states, teacher_states, groups, projections, mask):
         total = term if total is None else total + term
     return total
 
-    return _mix_word_kd(ls_loss, kd, alpha, temperature), nll_loss, kd
-
 
 # --------------------------------------------------------------------------
 # Per-sentence terms and the gate of hybrid_kd (METHODS.md section 3)

@@ -67,6 +67,19 @@ def fairseq_train(data_bin, save_dir, *args, check=True):
                 "--save-dir", save_dir, *TRAIN_COMMON, *args], check=check)
 
 
+def assert_generate_loads_student(data_root, checkpoint):
+    """Stock fairseq-generate (plugin loaded, task translation_kd) translates the
+    whole test split with a trained student, without ever loading its teacher."""
+    proc = run([tool("fairseq-generate"), Path(data_root) / "bin", "--user-dir", USER_DIR,
+                "--task", "translation_kd", "--path", checkpoint, "--cpu", "--beam", "2",
+                "--batch-size", "16", "--required-batch-size-multiple", "1", "--gen-subset", "test"])
+    hyps = [line for line in proc.stdout.splitlines() if line.startswith("H-")]
+    n_test = len((Path(data_root) / "raw" / "test.en").read_text().splitlines())
+    assert len(hyps) == n_test
+    assert "loaded teacher" not in proc.stderr
+    return proc
+
+
 def bible_slice(dest, sizes, src="es", tgt="en"):
     """Write the first sizes[split] lines of each split of the shipped corpus to dest."""
     dest = Path(dest)
@@ -138,11 +151,6 @@ def ddp_gradients(rank, world_size, port, build_args, out_dir):
     """
     import torch
     import torch.distributed as dist
-    from fairseq.distributed import ModuleProxyWrapper
-    from torch.nn.parallel import DistributedDataParallel
-
-    def DDP(module):  # as fairseq's --ddp-backend pytorch_ddp wraps modules
-        return ModuleProxyWrapper(DistributedDataParallel(module))
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -150,13 +158,23 @@ def ddp_gradients(rank, world_size, port, build_args, out_dir):
         torch.manual_seed(0)
         _, task, model, criterion = build_training(*build_args)
         sample = batches(task, world_size)[rank]
-        wrapped = DDP(model)
-        crit = DDP(criterion) if any(p.requires_grad for p in criterion.parameters()) else criterion
+        wrapped = fairseq_ddp_wrap(model)
+        crit = fairseq_ddp_wrap(criterion) if any(p.requires_grad for p in criterion.parameters()) else criterion
         loss, _, _ = crit(wrapped, sample)
         loss.backward()
         torch.save(named_grads(model, criterion), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def fairseq_ddp_wrap(module):
+    """Wrap a module as fairseq's --ddp-backend pytorch_ddp does (defaults: no
+    unused-parameter search, no buffer broadcast; attribute access proxied)."""
+    from fairseq.distributed import ModuleProxyWrapper
+    from torch.nn.parallel import DistributedDataParallel
+
+    return ModuleProxyWrapper(DistributedDataParallel(
+        module, broadcast_buffers=False, find_unused_parameters=False))
 
 
 def local_gradients(build_args, world_size):

@@ -6,7 +6,7 @@ import torch
 
 import helpers
 from fairseq_kd.attention import describe_alignment
-from helpers import STUDENT_ARCH, fairseq_train, run, tool
+from helpers import STUDENT_ARCH, fairseq_train
 
 TERMS = ("loss", "nll_loss", "kd_loss", "attn_loss", "attn_enc", "attn_dec", "attn_cross")
 A2D_ARGS = ["--criterion", "a2d", "--kd-alpha", "0.5", "--label-smoothing", "0.1",
@@ -66,11 +66,7 @@ def test_alignment_module_lives_in_the_criterion_entry(a2d_run, tiny_teacher):
 
 def test_generate_loads_the_student(a2d_run, tiny_data):
     save, _ = a2d_run
-    proc = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", helpers.USER_DIR,
-                "--task", "translation_kd", "--path", save / "checkpoint_best.pt", "--cpu",
-                "--beam", "2", "--batch-size", "16", "--gen-subset", "test"])
-    assert len([l for l in proc.stdout.splitlines() if l.startswith("H-")]) == 40
-    assert "loaded teacher" not in proc.stderr
+    helpers.assert_generate_loads_student(tiny_data, save / "checkpoint_best.pt")
 
 
 def test_resume_restores_alignment_and_epoch_weight(a2d_run, tiny_data, tiny_teacher):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import helpers
-from helpers import STUDENT_ARCH, build_training, fairseq_train, run, tool
+from helpers import STUDENT_ARCH, build_training, fairseq_train
 from test_word_kd_train import one_line_error
 
 CKD_ARGS = ["--task", "translation_kd", "--criterion", "ckd", "--kd-alpha", "0.3",
@@ -85,12 +85,7 @@ def test_resume_restores_the_projections(ckd_run, tiny_data, tiny_teacher):
 
 def test_generate_loads_the_plain_student(ckd_run, tiny_data):
     save, _ = ckd_run
-    proc = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", helpers.USER_DIR,
-                "--task", "translation_kd", "--path", save / "checkpoint_best.pt", "--cpu",
-                "--beam", "2", "--batch-size", "16", "--gen-subset", "test"])
-    hyps = [l for l in proc.stdout.splitlines() if l.startswith("H-")]
-    assert len(hyps) == 40
-    assert "loaded teacher" not in proc.stderr
+    helpers.assert_generate_loads_student(tiny_data, save / "checkpoint_best.pt")
 
 
 def test_unbuildable_map_is_one_line_error(tiny_data, tiny_teacher, tmp_path):

@@ -5,7 +5,6 @@ student (and a criterion with parameters) in DistributedDataParallel itself:
 every rank loads its own teacher through the task, and the synchronised
 gradients must equal single-process gradients over both ranks' batches.
 """
-import pytest
 import torch
 import torch.multiprocessing as mp
 

@@ -7,15 +7,11 @@ gradients, so twice the averaged gradient must equal the single-process
 gradient of the summed loss, for the student and the gate alike; the gate's
 loss scales, updated from the summed logging outputs, must agree too.
 """
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from fairseq.distributed import ModuleProxyWrapper
-from torch.nn.parallel import DistributedDataParallel
 
-from helpers import STUDENT_ARCH, build_training
+from helpers import STUDENT_ARCH, build_training, fairseq_ddp_wrap, free_port, named_grads
 
 RANK_IDS = [list(range(0, 7)), list(range(7, 16))]  # uneven on purpose
 
@@ -41,26 +37,15 @@ def batch(task, ids):
     return ds.collater([ds[i] for i in ids])
 
 
-def ddp_wrap(module):
-    return ModuleProxyWrapper(DistributedDataParallel(
-        module, broadcast_buffers=False, find_unused_parameters=False))
-
-
-def all_grads(model, criterion):
-    out = {f"model.{n}": p.grad.clone() for n, p in model.named_parameters()}
-    out.update({f"criterion.{n}": p.grad.clone() for n, p in criterion.named_parameters()})
-    return out
-
-
 def worker(rank, port, data, teacher, distilled, result_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         task, model, criterion = build(data, teacher, distilled)
-        ddp_model, ddp_criterion = ddp_wrap(model), ddp_wrap(criterion)
+        ddp_model, ddp_criterion = fairseq_ddp_wrap(model), fairseq_ddp_wrap(criterion)
         loss, _, log = ddp_criterion(ddp_model, batch(task, RANK_IDS[rank]))
         loss.backward()  # DDP all-reduces (averages) the gradients here
-        grads = {k: 2 * v for k, v in all_grads(model, criterion).items()}
+        grads = {k: 2 * v for k, v in named_grads(model, criterion).items()}
         # the trainer sums logging outputs over ranks, then translation_kd updates the scales
         summed = {k: torch.as_tensor(v, dtype=torch.float64).clone() for k, v in log.items()}
         for v in summed.values():
@@ -73,12 +58,6 @@ def worker(rank, port, data, teacher, distilled, result_path):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_gradients_match_single_process_on_union(tiny_data, tiny_teacher, tiny_distilled, tmp_path):
     distilled = tiny_distilled[0]
     result = tmp_path / "ddp.pt"
@@ -88,7 +67,7 @@ def test_ddp_gradients_match_single_process_on_union(tiny_data, tiny_teacher, ti
     task, model, criterion = build(tiny_data, tiny_teacher, distilled)
     loss, _, log = criterion(model, batch(task, RANK_IDS[0] + RANK_IDS[1]))
     loss.backward()
-    single = all_grads(model, criterion)
+    single = named_grads(model, criterion)
     assert loss.item() == ddp["loss"].item() or abs(loss.item() - ddp["loss"].item()) < 1e-6 * loss.item()
     scale = torch.stack([g.norm() for g in single.values()]).max()
     assert set(single) == set(ddp["grads"])

@@ -6,7 +6,7 @@ import torch
 from fairseq.trainer import Trainer
 
 import helpers
-from helpers import STUDENT_ARCH, build_training, fairseq_train, run, tool
+from helpers import STUDENT_ARCH, build_training, fairseq_train
 
 EPOCH_LINE = re.compile(r"\| train \| epoch (\d+) \| .*?tok_loss ([\d.]+) \| sent_loss ([\d.]+)")
 INNER_GATE = re.compile(r"train_inner \| epoch (\d+):.*? gate=([\d.]+), gate_std=([\d.]+)")
@@ -58,10 +58,7 @@ def test_checkpoint_holds_gate_and_fairseq_restores_it(hybrid_run, tiny_data):
 
 def test_generate_loads_student(hybrid_run, tiny_data):
     save, _, _ = hybrid_run
-    proc = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", helpers.USER_DIR,
-                "--task", "translation_kd", "--path", save / "checkpoint_best.pt", "--cpu",
-                "--beam", "2", "--batch-size", "16", "--gen-subset", "test"])
-    assert len([l for l in proc.stdout.splitlines() if l.startswith("H-")]) == 40
+    helpers.assert_generate_loads_student(tiny_data, save / "checkpoint_best.pt")
 
 
 def test_resume_continues_with_the_trained_gate(hybrid_run, tiny_data):

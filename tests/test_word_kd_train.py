@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import helpers
-from helpers import STUDENT_ARCH, fairseq_train, run, tool
+from helpers import STUDENT_ARCH, fairseq_train
 
 EPOCH_LINE = re.compile(r"\| train \| epoch (\d+) \| loss ([\d.]+) \| nll_loss ([\d.]+) \| kd_loss ([\d.]+)")
 
@@ -51,12 +51,7 @@ def test_checkpoint_holds_student_only(word_kd_run, tiny_teacher):
 
 def test_generate_loads_student_without_teacher(word_kd_run, tiny_data):
     save, _ = word_kd_run
-    proc = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", helpers.USER_DIR,
-                "--task", "translation_kd", "--path", save / "checkpoint_best.pt", "--cpu",
-                "--beam", "2", "--batch-size", "16", "--gen-subset", "test"])
-    hyps = [l for l in proc.stdout.splitlines() if l.startswith("H-")]
-    assert len(hyps) == 40
-    assert "loaded teacher" not in proc.stderr
+    helpers.assert_generate_loads_student(tiny_data, save / "checkpoint_best.pt")
 
 
 def test_resume_from_checkpoint_last(word_kd_run, tiny_data, tiny_teacher):

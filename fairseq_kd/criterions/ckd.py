@@ -33,7 +33,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 from torch import nn
