@@ -51,3 +51,25 @@ def test_criterion_uses_the_checkpoint_teacher(tiny_data, tiny_teacher):
     assert next(t.parameters()).dtype == torch.float64
     assert not t.training and not any(p.requires_grad for p in t.parameters())
     assert not any(p is q for p in t.parameters() for q in word_kd.parameters())
+
+
+def test_ensemble_teacher_averages_member_probabilities(tiny_data, tiny_teacher, tmp_path):
+    # a second, different teacher: the first with perturbed weights
+    state = torch.load(tiny_teacher, map_location="cpu", weights_only=False)
+    g = torch.Generator().manual_seed(0)
+    state["model"] = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                      for k, v in state["model"].items()}
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    task, model, _, sample = kd_setup(
+        tiny_data, f"{tiny_teacher}:{other}", "--criterion", "word_kd", "--kd-alpha", "0.5")
+    dist = task.teacher_distribution(model, sample)
+    members = []
+    for path in (tiny_teacher, other):
+        [t], _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
+        with torch.no_grad():
+            members.append(t.eval()(**sample["net_input"])[0].softmax(-1))
+    expected = torch.stack(members).mean(0).reshape(dist.scores.shape)
+    assert len(task.teachers) == 2
+    assert not torch.allclose(members[0], members[1], atol=1e-3)
+    assert torch.allclose(dist.scores.softmax(-1), expected, atol=1e-6)
