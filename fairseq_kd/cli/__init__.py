@@ -13,6 +13,7 @@ from fairseq_kd.errors import KDError
 SUBCOMMANDS = {
     "spm": "fairseq_kd.cli.spm",
     "score": "fairseq_kd.cli.score",
+    "cache-teacher": "fairseq_kd.cli.cache_teacher",
 }
 
 
