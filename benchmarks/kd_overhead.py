@@ -10,6 +10,9 @@ Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus what was
 allocated before the first update (weights); on CPU, the growth of the
 process's peak resident set size (``ru_maxrss``) over its size before the first
 update.  Weights are random: the cost of KD does not depend on their values.
+The cached mode reads the teacher's top-8 from a cache of the train split,
+built (outside the timing) by ``fairseq-kd cache-teacher`` on first use and
+kept in the work folder with the data and the teacher.
 
     python benchmarks/kd_overhead.py                    # CPU
     python benchmarks/kd_overhead.py --device cuda      # GPU
@@ -28,12 +31,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# name -> (task, criterion options); every KD mode uses the same teacher.
+# name -> criterion options; every KD mode uses the same teacher, online or
+# through a cache of its top-8 built once (CACHE stands for its directory).
+CACHE = "{cache}"
 MODES = {
     "label_smoothed_cross_entropy": ["--criterion", "label_smoothed_cross_entropy"],
     "word_kd (full vocab)": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "2"],
     "word_kd (top-8)": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "2",
                         "--kd-topk", "8"],
+    "word_kd (cached top-8)": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "2",
+                               "--kd-topk", "8", "--teacher-cache", CACHE],
 }
 TEACHER_ARCH = ["--arch", "transformer_iwslt_de_en", "--share-all-embeddings"]
 STUDENT_ARCH = ["--arch", "transformer_student_small", "--share-all-embeddings"]
@@ -78,22 +85,44 @@ def build(data_bin, device, *args):
 
 
 def make_teacher(data_bin, path):
-    """A random teacher saved as a fairseq checkpoint (args + model state)."""
+    """A random teacher saved as a fairseq checkpoint (args + model state), kept in the
+    work folder like the data (so that a teacher cache built from it stays valid)."""
     import torch
 
-    ns, _, _, model = build(data_bin, "cpu", "--task", "translation", *TEACHER_ARCH)
-    torch.save({"args": ns, "model": model.state_dict()}, path)
-    return sum(p.numel() for p in model.parameters())
+    if not path.exists():
+        ns, _, _, model = build(data_bin, "cpu", "--task", "translation", *TEACHER_ARCH)
+        torch.save({"args": ns, "model": model.state_dict()}, path)
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    # embeddings are shared: count each tensor once
+    return sum(v.numel() for k, v in state.items() if not k.endswith(("output_projection.weight",
+                                                                       "decoder.embed_tokens.weight")))
 
 
-def run_mode(mode, data_bin, teacher, device, updates, warmup, max_tokens):
+def build_cache(data_bin, teacher, cache, device):
+    """The teacher's top-8 on the train split (kept in ``cache``; a rerun resumes/skips)."""
+    bin_ = Path(sys.executable).parent
+    cmd = [bin_ / "fairseq-kd", "cache-teacher", data_bin, "--teacher-path", teacher, "--out", cache,
+           "--splits", "train", "--topk", "8", "--no-progress-bar"] + (["--cpu"] if device == "cpu" else [])
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+    if out.returncode:
+        sys.exit(f"fairseq-kd cache-teacher failed:\n{out.stderr[-3000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def mode_args(mode, teacher, cache):
+    args = [str(cache) if a == CACHE else a for a in MODES[mode]]
+    return args if "--teacher-cache" in args else ["--teacher-path", teacher, *args]
+
+
+def run_mode(mode, data_bin, teacher, cache, device, updates, warmup, max_tokens):
     """Time ``updates`` updates of one mode in this process; returns a result dict."""
     import torch
 
     torch.manual_seed(0)
     _, cfg, task, model = build(
-        data_bin, device, "--task", "translation_kd", "--teacher-path", teacher,
-        *STUDENT_ARCH, "--label-smoothing", "0.1", *MODES[mode])
+        data_bin, device, "--task", "translation_kd", *STUDENT_ARCH, "--label-smoothing", "0.1",
+        *mode_args(mode, teacher, cache))
     criterion = task.build_criterion(cfg.criterion)
     model, criterion = model.to(device), criterion.to(device)
     model.train()
@@ -112,7 +141,7 @@ def run_mode(mode, data_bin, teacher, device, updates, warmup, max_tokens):
         optimizer.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if mode != "label_smoothed_cross_entropy" and getattr(task, "has_teacher", False):
+    if mode != "label_smoothed_cross_entropy" and task.cfg.teacher_path:
         task.teachers  # load outside the timed region, like fairseq does once per run
         task._place_teachers(next(model.parameters()))
     sync()
@@ -158,9 +187,11 @@ def main():
     work = Path(args.workdir)
     data_bin = work / "bin"
     teacher = work / "teacher.pt"
+    cache = work / "teacher_cache"
 
     if args._child:  # one mode, in a fresh process
-        res = run_mode(args._child, data_bin, teacher, args.device, args.updates, args.warmup, args.max_tokens)
+        res = run_mode(args._child, data_bin, teacher, cache, args.device, args.updates, args.warmup,
+                       args.max_tokens)
         print("RESULT " + json.dumps(res))
         return
 
@@ -174,8 +205,11 @@ def main():
           f"teacher transformer_iwslt_de_en ({n_teacher:,} params), student "
           f"transformer_student_small, vocab {args.vocab}, max-tokens {args.max_tokens}, "
           f"{args.updates} timed updates after {args.warmup} warm-up")
+    modes = [m for m in args.modes.split(",") if m]
+    if any(CACHE in MODES[m] for m in modes):
+        print(build_cache(data_bin, teacher, cache, args.device))
     results = []
-    for mode in [m for m in args.modes.split(",") if m]:
+    for mode in modes:
         cmd = [sys.executable, __file__, "--_child", mode, "--device", args.device,
                "--updates", str(args.updates), "--warmup", str(args.warmup),
                "--max-tokens", str(args.max_tokens), "--workdir", str(work)]

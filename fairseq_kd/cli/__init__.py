@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "evaluate": "fairseq_kd.cli.evaluate",
     "table": "fairseq_kd.cli.table",
     "plot": "fairseq_kd.cli.plot",
+    "cache-teacher": "fairseq_kd.cli.cache_teacher",
 }
 
 

@@ -52,7 +52,7 @@ from fairseq_kd.hidden_states import (
 )
 from fairseq_kd.layer_maps import NAMED_MAPS, build_layer_map
 from fairseq_kd.losses import layer_kd_loss
-from fairseq_kd.tasks.translation_kd import TranslationKDTask, teacher_paths
+from fairseq_kd.tasks.translation_kd import TranslationKDTask
 
 CKD_SIDES = ChoiceEnum(["encoder", "decoder", "both"])
 
@@ -141,7 +141,7 @@ class CKDCriterion(KDCriterionBase):
                                            "decoder": decoder_layer_map or layer_map})
 
     def _build_projections(self, task, maps):
-        n_teachers = len(teacher_paths(task.cfg.teacher_path))
+        n_teachers = len(task.teachers)  # loads them, or says why it cannot (a cache only)
         require(n_teachers == 1,
                 f"ckd needs a single teacher: an ensemble of {n_teachers} (--teacher-path "
                 f"with ':') has no single set of hidden states to match")

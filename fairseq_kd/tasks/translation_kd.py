@@ -19,6 +19,12 @@ criterion, so that it is
 sources (a second binarized corpus, line-aligned with the training data) to
 every batch, for criterions that train on gold and distilled targets at once
 (``hybrid_kd``); see :mod:`fairseq_kd.tasks.distilled_data`.
+
+Instead of a teacher, ``--teacher-cache DIR`` serves precomputed top-k
+distributions (``fairseq-kd cache-teacher``, :mod:`fairseq_kd.teacher_cache`)
+through :meth:`TranslationKDTask.teacher_distribution`; no teacher is loaded
+then, and criterions that need the teacher model itself (hidden states,
+attention maps) get a clear error.
 """
 import logging
 import os
@@ -35,6 +41,7 @@ from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
 from fairseq_kd.errors import require
 from fairseq_kd.losses import TeacherDistribution, ensemble_scores
 from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
+from fairseq_kd.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,14 @@ class TranslationKDConfig(TranslationConfig):
             "student stay exactly zero through training"
         },
     )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "directory written by 'fairseq-kd cache-teacher': read the teacher's "
+            "cached top-k distributions instead of running a teacher (no teacher is "
+            "loaded; use --kd-topk <= the cache's k)"
+        },
+    )
 
 
 class TeacherOutput(NamedTuple):
@@ -87,6 +102,7 @@ class TranslationKDTask(TranslationTask):
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self._teachers: Optional[List[torch.nn.Module]] = None
+        self.teacher_cache: Optional[TeacherCache] = None  # set by setup_task
         self.student_cfg = None  # set by build_model; criterions size projections from it
         self.epoch = 1  # current training epoch, for criterions with per-epoch schedules
         self._mask_keeper = None
@@ -95,7 +111,18 @@ class TranslationKDTask(TranslationTask):
     def setup_task(cls, cfg, **kwargs):
         for path in teacher_paths(cfg.teacher_path):
             require(os.path.isfile(path), f"--teacher-path: teacher checkpoint not found: {path}")
+        cache = None
+        if cfg.teacher_cache:
+            require(not teacher_paths(cfg.teacher_path),
+                    "give --teacher-path or --teacher-cache, not both (the cache replaces the teacher)")
+            require(len(cfg.data.split(":")) == 1,
+                    "--teacher-cache needs a single data directory (a cache is built per "
+                    "binarized split; sharded data 'a:b:...' changes the split every epoch)")
+            cache = TeacherCache(cfg.teacher_cache)
         task = super().setup_task(cfg, **kwargs)
+        if cache is not None:
+            cache.check_dictionaries(task.src_dict, task.tgt_dict)
+            task.teacher_cache = cache
         if cfg.distilled_data:
             task._check_distilled_data_dir()
         return task
@@ -155,6 +182,8 @@ class TranslationKDTask(TranslationTask):
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if self.teacher_cache is not None:  # the cache indexes the gold split
+            self.teacher_cache.check_dataset(split, self.datasets[split])
         ddir = self.cfg.distilled_data
         if not ddir:
             return
@@ -191,12 +220,18 @@ class TranslationKDTask(TranslationTask):
     # ------------------------------------------------------------------ teacher
     @property
     def has_teacher(self):
-        return bool(teacher_paths(self.cfg.teacher_path))
+        """A teacher's distributions are available (a teacher model or a cache)."""
+        return bool(teacher_paths(self.cfg.teacher_path)) or self.teacher_cache is not None
 
     @property
     def teachers(self) -> List[torch.nn.Module]:
         """The teacher models (loaded on first access, on CPU, in eval mode)."""
         if self._teachers is None:
+            require(self.teacher_cache is None,
+                    "this criterion needs the teacher model itself (its hidden states or "
+                    "attention maps, or its outputs on other prefixes), but --teacher-cache "
+                    "holds only its top-k distributions on gold prefixes: pass --teacher-path "
+                    "instead")
             require(self.has_teacher, "this criterion needs a teacher: pass --teacher-path")
             self._teachers = [self._load_teacher(p) for p in teacher_paths(self.cfg.teacher_path)]
         return self._teachers
@@ -284,7 +319,17 @@ class TranslationKDTask(TranslationTask):
 
         ``net_input`` defaults to the sample's (gold prefixes); rows follow
         ``target.view(-1)``.  ``topk > 0`` keeps the k best tokens per row.
+        With ``--teacher-cache`` the rows are read from the cache (``scores``:
+        the teacher's T=1 log-probs of its top ``topk``; ``topk`` must be in
+        1..k of the cache); they land on the target's device, in float32
+        (``model`` is not used).
         """
+        if self.teacher_cache is not None:
+            require(net_input is None or net_input is sample["net_input"],
+                    "--teacher-cache holds the teacher on the gold prefixes only; this "
+                    "criterion runs the teacher on other inputs: pass --teacher-path instead")
+            return self.teacher_cache.distribution(
+                sample, topk, self.src_dict.pad(), self.tgt_dict.pad())
         outputs = self.teacher_forward(model, net_input or sample["net_input"])
         return self.distribution_from_outputs(outputs, topk)
 

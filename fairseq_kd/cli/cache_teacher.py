@@ -1,0 +1,196 @@
+"""Run a teacher once over binarized splits and cache its top-k distributions for word-level KD.
+
+For every target token of each --splits split of DATA (gold prefixes, the
+batches fairseq would build, unshuffled), stores the teacher's k most
+probable token ids and their T=1 log-probabilities in memory-mapped files
+under --out, aligned with the fairseq dataset (dataset index + token offset).
+Train with them instead of a teacher:
+
+    fairseq-train DATA --user-dir fairseq_kd --task translation_kd \\
+        --teacher-cache OUT --criterion word_kd --kd-topk 8 ...
+
+Resumable (rerun the same command), shardable (--workers N on one machine,
+or --num-shards/--shard-id for separate jobs on a shared file system).
+"""
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from fairseq_kd.errors import require
+
+logger = logging.getLogger("fairseq_kd.cache_teacher")
+
+
+def add_arguments(p):
+    p.add_argument("data", help="fairseq binarized data directory (fairseq-preprocess --destdir)")
+    p.add_argument("--teacher-path", required=True,
+                   help="teacher checkpoint; several joined by ':' form an averaged ensemble")
+    p.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
+    p.add_argument("--splits", default="train,valid",
+                   help="comma-separated splits; fairseq-train's validation needs 'valid' too "
+                   "(default: train,valid)")
+    p.add_argument("--topk", type=int, default=8, help="tokens kept per target position (k)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="storage type of the log-probabilities (token ids are uint16 when "
+                   "the vocabulary has <= 65536 entries, else int32)")
+    p.add_argument("--source-lang", "-s", default=None, help="default: inferred from DATA")
+    p.add_argument("--target-lang", "-t", default=None, help="default: inferred from DATA")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per teacher batch")
+    p.add_argument("--batch-size", type=int, default=None, help="sentences per teacher batch")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--fp16", action="store_true", help="run the teacher in float16 (CUDA)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="shards run as parallel processes on this machine (GPU i %% n_gpus each)")
+    p.add_argument("--num-shards", type=int, default=1, help="total shards (separate jobs)")
+    p.add_argument("--shard-id", type=int, default=0, help="this job's shard, 0-based")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="stop after computing this many batches (per split and shard), "
+                   "e.g. for time-limited jobs; rerun to continue")
+    p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
+
+
+def build_task(args):
+    """A translation_kd task on DATA with the teacher loaded, as fairseq-train would build it."""
+    from omegaconf import OmegaConf
+
+    from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
+
+    cfg = OmegaConf.structured(TranslationKDConfig(
+        data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
+        teacher_path=args.teacher_path, train_subset="train", dataset_impl=None,
+        required_seq_len_multiple=1,
+    ))
+    return TranslationKDTask.setup_task(cfg)
+
+
+def device_and_dtype(args):
+    import torch
+
+    if args.cpu or not torch.cuda.is_available():
+        require(not args.fp16, "--fp16 needs CUDA")
+        return torch.device("cpu"), torch.float32
+    return torch.device("cuda", torch.cuda.current_device()), (
+        torch.float16 if args.fp16 else torch.float32)
+
+
+def check_args(args):
+    require(os.path.isdir(args.data), f"data directory not found: {args.data}")
+    require(args.topk > 0, f"--topk must be > 0, got {args.topk}")
+    require(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
+    require(args.num_shards >= 1 and 0 <= args.shard_id < args.num_shards,
+            f"--shard-id must be in [0, --num-shards), got {args.shard_id} of {args.num_shards}")
+    require(args.workers == 1 or args.num_shards == 1,
+            "give --workers (one machine) or --num-shards/--shard-id (separate jobs), not both")
+    require(args.max_batches is None or args.max_batches >= 0, "--max-batches must be >= 0")
+
+
+def prepare(args, place_teacher=True):
+    """Load task, teacher and splits; create (or check) the cache's files."""
+    import torch
+
+    from fairseq_kd import teacher_cache as tc
+
+    task = build_task(args)
+    vocab = len(task.target_dictionary)
+    require(args.topk <= vocab, f"--topk {args.topk} exceeds the vocabulary ({vocab})")
+    device, dtype = device_and_dtype(args)
+    if place_teacher:
+        task._place_teachers(torch.empty(0, device=device, dtype=dtype))
+    os.makedirs(args.out, exist_ok=True)
+    signature = tc.build_signature(task, args.topk, args.dtype, args.max_tokens, args.batch_size)
+    splits = [s for s in args.splits.split(",") if s]
+    require(splits, "--splits is empty")
+    plan = {}
+    for split in splits:
+        try:
+            task.load_dataset(split, combine=split == "train")
+        except FileNotFoundError as e:
+            require(False, f"split '{split}' not found in {args.data}: {e}")
+        batches = tc.split_batches(task, split, args.max_tokens, args.batch_size)
+        tc.init_split(args.out, split, signature, task.dataset(split), batches, vocab)
+        plan[split] = batches
+    return task, plan
+
+
+def run_shards(args, shard_id, num_shards):
+    from fairseq_kd import teacher_cache as tc
+
+    task, plan = prepare(args)
+    for split, batches in plan.items():
+        n = tc.build_split_shard(task, args.out, split, batches, args.topk, shard_id, num_shards,
+                                 args.max_batches, progress=not args.no_progress_bar)
+        logger.info(f"{split} shard {shard_id + 1}/{num_shards}: computed {n} batches")
+    return plan
+
+
+def spawn_workers(args):
+    """Run --workers shards as child processes (each on its own GPU when there are GPUs)."""
+    import torch
+
+    n_gpus = 0 if args.cpu else torch.cuda.device_count()
+    procs = []
+    for i in range(args.workers):
+        env = dict(os.environ)
+        if n_gpus:
+            visible = env.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(g) for g in range(n_gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[i % n_gpus]
+        procs.append(subprocess.Popen(shard_command(args, i, args.workers), env=env))
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    require(not failed, f"cache-teacher workers {failed} failed (see above); rerun to resume")
+
+
+def shard_command(args, shard_id, num_shards):
+    """This command line for one shard (a child process)."""
+    cmd = [sys.executable, "-m", "fairseq_kd.cli", "cache-teacher", args.data,
+           "--teacher-path", args.teacher_path, "--out", args.out, "--splits", args.splits,
+           "--topk", str(args.topk), "--dtype", args.dtype, "--max-tokens", str(args.max_tokens),
+           "--num-shards", str(num_shards), "--shard-id", str(shard_id), "--no-report"]
+    for flag, value in (("--source-lang", args.source_lang), ("--target-lang", args.target_lang),
+                        ("--batch-size", args.batch_size), ("--max-batches", args.max_batches)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for flag, value in (("--cpu", args.cpu), ("--fp16", args.fp16),
+                        ("--no-progress-bar", args.no_progress_bar)):
+        if value:
+            cmd.append(flag)
+    return cmd
+
+
+def report(args, splits):
+    from fairseq_kd import teacher_cache as tc
+
+    meta = tc.read_meta(args.out)
+    complete = True
+    for split in splits:
+        info = meta["splits"][split]
+        done, total = tc.split_progress(args.out, split)
+        complete &= done == total
+        files = tc.split_files(args.out, split).values()
+        size = sum(os.path.getsize(f) for f in files)
+        print(f"{split}: {info['sentences']:,} sentences, {info['tokens']:,} target tokens, "
+              f"{done}/{total} batches done, {size:,} bytes "
+              f"({size / max(info['tokens'], 1):.1f} bytes per target token; top-{meta['k']} "
+              f"{meta['index_dtype']} ids + {meta['score_dtype']} log-probs)"
+              + (f", {info['uncached_sentences']} sentences too long for the teacher, not cached"
+                 if info["uncached_sentences"] else ""))
+    total = tc.cache_size_bytes(args.out)
+    state = "complete" if complete else "INCOMPLETE: rerun the same command to resume"
+    print(f"teacher cache {args.out}: {total:,} bytes ({total / 2**20:.1f} MiB), {state}")
+
+
+def run(args):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        stream=sys.stderr, force=True)
+    check_args(args)
+    splits = [s for s in args.splits.split(",") if s]
+    if args.workers > 1:
+        prepare(args, place_teacher=False)  # create the files once, before the children write
+        spawn_workers(args)
+    else:
+        run_shards(args, args.shard_id, args.num_shards)
+    if not args.no_report:
+        report(args, splits)
