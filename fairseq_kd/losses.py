@@ -164,32 +164,89 @@ def _mix_word_kd(ls_loss, kd, alpha, temperature):
     return (1.0 - alpha) * ls_loss + alpha * temperature ** 2 * kd
 
 
+class _FusedWordKD(torch.autograd.Function):
+    """Label-smoothed NLL and KL(q_T || p_T) in one chunked pass.
+
+    fairseq's NLL keeps the (N, V) float32 log-probs for its backward pass and
+    autograd would add a second (N, V) gradient for the KL branch; here both
+    terms read the raw logits chunk by chunk and the backward pass writes one
+    (N, V) gradient, so word-level KD needs no more memory than plain
+    cross-entropy.  Per row, with p = softmax(s), p_T = softmax(s / T):
+        d LS / ds = (1 - eps - eps_i) (p - onehot(y)) + eps_i (V p - 1)
+        d KL / ds = (p_T - q_T) / T
+    """
+
+    @staticmethod
+    def forward(ctx, student, target, scores, index, mask, alpha, temperature, epsilon, chunk):
+        dtype = _upcast(student).dtype
+        sums = torch.zeros(3, dtype=dtype, device=student.device)  # ls, nll, kd
+        eps_i = epsilon / (student.size(-1) - 1)
+        for start in range(0, student.size(0), chunk):
+            sl = slice(start, start + chunk)
+            lp = F.log_softmax(_upcast(student[sl]), dim=-1)
+            nll = -lp.gather(-1, target[sl, None]).squeeze(-1)
+            ls = (1.0 - epsilon - eps_i) * nll - eps_i * lp.sum(-1)
+            kd, _ = _chunk_kl_and_grad(student[sl], scores[sl], None if index is None else index[sl],
+                                       temperature, need_grad=False)
+            m = mask[sl]
+            sums += torch.stack([(ls * m).sum(), (nll * m).sum(), (kd * m).sum()])
+        ctx.save_for_backward(student, target, scores, index, mask)
+        ctx.params = (alpha, temperature, epsilon, chunk)
+        loss = (1.0 - alpha) * sums[0] + alpha * temperature ** 2 * sums[2]
+        nll_sum, kd_sum = sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(nll_sum, kd_sum)
+        return loss, nll_sum, kd_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll, _grad_kd):
+        student, target, scores, index, mask = ctx.saved_tensors
+        alpha, temperature, epsilon, chunk = ctx.params
+        V = student.size(-1)
+        eps_i = epsilon / (V - 1)
+        grad_student = torch.empty_like(student)
+        for start in range(0, student.size(0), chunk):
+            sl = slice(start, start + chunk)
+            p = F.softmax(_upcast(student[sl]), dim=-1)
+            g = p * ((1.0 - epsilon - eps_i) + eps_i * V) - eps_i
+            g.scatter_add_(-1, target[sl, None],
+                           torch.full_like(g[:, :1], -(1.0 - epsilon - eps_i)))
+            g *= 1.0 - alpha
+            _, g_kd = _chunk_kl_and_grad(student[sl], scores[sl], None if index is None else index[sl],
+                                         temperature, need_grad=True)
+            g += (alpha * temperature ** 2) * g_kd
+            grad_student[sl] = (g * (mask[sl, None] * grad_loss)).to(student.dtype)
+        return grad_student, None, None, None, None, None, None, None, None
+
+
 def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperature,
-                 epsilon=0.0, lprobs=None):
+                 epsilon=0.0, lprobs=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
     """Word-level KD: ``(1-alpha) * LS-NLL + alpha * T^2 * KL(q_T || p_T)``.
 
     student_logits: (B, T, V); target: (B, T); teacher: rows of
-    ``target.view(-1)``.  ``lprobs`` (the student's float log-probs, as
-    fairseq's ``get_normalized_probs`` gives) may be passed to avoid
-    recomputing them; the NLL term is then exactly fairseq's
-    ``label_smoothed_cross_entropy``.
+    ``target.view(-1)`` (unused, may be None, when alpha = 0).
     Returns ``(loss, nll_loss, kd_loss)``, each summed over non-pad tokens.
+
+    alpha = 0 is computed exactly as fairseq's ``label_smoothed_cross_entropy``
+    (from ``lprobs``, the student's float log-probs, when given); alpha > 0 by
+    the fused chunked function above, which keeps no (N, V) activation.
     """
     flat_target = target.reshape(-1)
-    if lprobs is None:
-        lprobs = F.log_softmax(_upcast(student_logits), dim=-1)
-    lprobs = lprobs.reshape(-1, lprobs.size(-1))
-    ls_loss, nll_loss = label_smoothed_nll_loss(
-        lprobs, flat_target, epsilon, ignore_index=padding_idx, reduce=True
-    )
     if alpha == 0.0:
-        kd = ls_loss.new_zeros(())
-    else:
-        kd = kd_kl_divergence(
-            student_logits.reshape(-1, student_logits.size(-1)), teacher,
-            flat_target.ne(padding_idx), temperature,
+        if lprobs is None:
+            lprobs = F.log_softmax(_upcast(student_logits), dim=-1)
+        ls_loss, nll_loss = label_smoothed_nll_loss(
+            lprobs.reshape(-1, lprobs.size(-1)), flat_target, epsilon,
+            ignore_index=padding_idx, reduce=True,
         )
-    return _mix_word_kd(ls_loss, kd, alpha, temperature), nll_loss, kd
+        return ls_loss, nll_loss, ls_loss.new_zeros(())
+    logits = student_logits.reshape(-1, student_logits.size(-1))
+    if logits.size(0) != teacher.scores.size(0):
+        raise ValueError(f"student has {logits.size(0)} target positions, teacher {teacher.scores.size(0)}")
+    mask = flat_target.ne(padding_idx).to(_upcast(logits).dtype)
+    return _FusedWordKD.apply(
+        logits, flat_target, teacher.scores.detach(), teacher.index, mask,
+        float(alpha), float(temperature), float(epsilon), int(chunk_tokens),
+    )
 
 
 def attention_kl(teacher_maps, student_maps, query_mask, key_mask):

@@ -38,7 +38,9 @@ class WordKDCriterion(KDCriterionBase):
         loss, nll_loss, kd_loss = word_kd_loss(
             net_output[0], model.get_targets(sample, net_output), teacher, self.padding_idx,
             self.alpha, self.temperature, self.eps,
-            lprobs=model.get_normalized_probs(net_output, log_probs=True),
+            # alpha = 0: fairseq's own log-probs, so the loss is exactly
+            # label_smoothed_cross_entropy; alpha > 0 works from the logits
+            lprobs=model.get_normalized_probs(net_output, log_probs=True) if self.alpha == 0 else None,
         )
         sample_size = self.sample_size(sample)
         logging_output = self.make_logging_output(sample, loss, nll_loss, sample_size, kd_loss=kd_loss)
