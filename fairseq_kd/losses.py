@@ -29,7 +29,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 # Rows of the flattened (tokens x vocab) logits processed at once by the KL:
 # bounds the temporaries to CHUNK x V floats whatever the batch size.
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 256
 
 
 @dataclass
