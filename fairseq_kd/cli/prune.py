@@ -61,6 +61,10 @@ def run(args):
     apply_masks(weights, masks)
     # A pruned model is retrained from a fresh optimizer: old moments would move pruned weights.
     state.pop("last_optimizer_state", None)
+    # fairseq restores the training time even with --reset-*: without this, a retraining
+    # under --stop-time-hours would count the original training and stop at once.
+    if state.get("extra_state"):
+        state["extra_state"].pop("previous_training_time", None)
     state["cfg"] = state["cfg"] and _plain(state["cfg"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.save(state, args.out)

@@ -1,0 +1,346 @@
+# Shared KD pipeline, sourced by recipes/*/run.sh after the recipe's config.sh.
+#
+# Steps, in order (each skips finished work, so a rerun resumes):
+#   prepare   the recipe's prepare.sh writes $WORK/raw/{train,valid,test}.{$SRC,$TGT}
+#   spm       fairseq-kd spm: joint SentencePiece model + pieces      -> $WORK/pieces
+#   binarize  fairseq-preprocess (joined dictionary)                  -> $WORK/bin
+#   teacher   fairseq-train, early stopping on valid loss             -> $WORK/teacher
+#   corpus    fairseq-kd corpus: Seq-KD (beam) and Seq-Inter corpora, sharded over the GPUs
+#   students  fairseq-train, one student per method in $METHODS, $STUDENT_JOBS at once
+#   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
+#   export    fairseq-kd export: every student as a stock-fairseq checkpoint -> $WORK/exported
+#   evaluate  fairseq-kd evaluate: greedy + beam, sacreBLEU/chrF, speed   -> $WORK/results.json
+#   report    fairseq-kd table + plot -> $RESULTS_MD, $PLOT_DIR/*.png
+#
+# A step is finished when its stamp $WORK/done/<name> exists (written only
+# after success) or, for evaluation, when results.json holds the system.
+# Training resumes from checkpoint_last.pt by itself (fairseq), corpus
+# building from its saved chunks (fairseq-kd corpus).  Delete a stamp to
+# redo a step.  `run.sh STEP...` runs only the named steps; DRY_RUN=1 prints
+# the commands instead of running them.
+
+PIPELINE_STEPS="prepare spm binarize teacher corpus students prune export evaluate report"
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+USER_DIR=$REPO/fairseq_kd
+DRY_RUN=${DRY_RUN:-}
+
+log() { printf '[%s %s] %s\n' "$RECIPE" "$(date +%H:%M:%S)" "$*"; }
+die() { log "error: $*" >&2; exit 1; }
+
+# Run a command, or print it (shell-quoted, one line starting with RUN:) under DRY_RUN.
+run_cmd() {
+  if [ -n "$DRY_RUN" ]; then printf 'RUN:'; printf ' %q' "$@"; printf '\n'; return 0; fi
+  "$@"
+}
+
+# run_logged LOG CMD...: output to LOG; on failure show its tail.
+run_logged() {
+  local logfile=$1; shift
+  if [ -n "$DRY_RUN" ]; then run_cmd "$@"; return 0; fi
+  mkdir -p "$(dirname "$logfile")"
+  if ! "$@" >>"$logfile" 2>&1; then
+    tail -n 40 "$logfile" >&2
+    die "failed: $1 ... (full log: $logfile)"
+  fi
+}
+
+is_done() { [ -z "$DRY_RUN" ] && [ -e "$WORK/done/$1" ]; }
+mark_done() { [ -n "$DRY_RUN" ] || { mkdir -p "$WORK/done"; date > "$WORK/done/$1"; }; }
+skip() { log "skip $1 (done; delete $WORK/done/$1 to redo)"; }
+
+# ---- devices -------------------------------------------------------------
+# GPUS: comma-separated CUDA ids, "auto" (all GPUs nvidia-smi lists) or "cpu".
+resolve_devices() {
+  if [ "$GPUS" = auto ]; then
+    local n=0
+    command -v nvidia-smi >/dev/null 2>&1 && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [ "$n" -gt 0 ]; then GPUS=$(seq -s, 0 $((n - 1))); else GPUS=cpu; fi
+  fi
+  if [ "$GPUS" = cpu ] || [ -z "$GPUS" ]; then
+    GPUS=cpu NGPU=0 DEVICE_ARGS=(--cpu) FP16_ARGS=()
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  else
+    NGPU=$(tr ',' '\n' <<<"$GPUS" | grep -c .)
+    DEVICE_ARGS=()
+    FP16_ARGS=(); [ "${FP16:-0}" = 1 ] && FP16_ARGS=(--fp16)
+    export CUDA_VISIBLE_DEVICES=$GPUS
+  fi
+  FIRST_GPU=${GPUS%%,*}
+}
+
+# GPUs of parallel job number $1 (0-based): all GPUs when jobs run one at a
+# time (fairseq-train then trains on all of them), else one GPU per job,
+# round robin (several jobs share a GPU when there are more jobs than GPUs).
+job_gpus() {
+  if [ "$NGPU" = 0 ] || [ "$STUDENT_JOBS" = 1 ]; then echo "$GPUS"; return; fi
+  tr ',' '\n' <<<"$GPUS" | sed -n "$(( $1 % NGPU + 1 ))p"
+}
+
+# ---- steps ----------------------------------------------------------------
+step_prepare() {
+  local f missing=
+  for f in train valid test; do
+    [ -s "$WORK/raw/$f.$SRC" ] && [ -s "$WORK/raw/$f.$TGT" ] || missing=1
+  done
+  if is_done prepare && [ -z "$missing" ]; then skip prepare; return; fi
+  log "prepare: $RECIPE_DIR/prepare.sh -> $WORK/raw"
+  run_cmd bash "$RECIPE_DIR/prepare.sh"
+  mark_done prepare
+}
+
+step_spm() {
+  if is_done spm; then skip spm; return; fi
+  log "spm: joint SentencePiece vocabulary of $VOCAB -> $WORK/pieces"
+  run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/raw" --src "$SRC" --tgt "$TGT" \
+    --vocab-size "$VOCAB" --out "$WORK/pieces"
+  mark_done spm
+}
+
+step_binarize() {
+  if is_done binarize; then skip binarize; return; fi
+  log "binarize -> $WORK/bin"
+  [ -n "$DRY_RUN" ] || rm -rf "$WORK/bin"
+  run_logged "$WORK/logs/binarize.log" fairseq-preprocess -s "$SRC" -t "$TGT" \
+    --trainpref "$WORK/pieces/train.sp" --validpref "$WORK/pieces/valid.sp" \
+    --testpref "$WORK/pieces/test.sp" --destdir "$WORK/bin" --joined-dictionary \
+    --workers "$PREPROCESS_WORKERS"
+  mark_done binarize
+}
+
+# train NAME DATA ARGS...: fairseq-train into $WORK/NAME (resumes from its checkpoint_last.pt).
+train() {
+  local name=$1 data=$2; shift 2
+  # shellcheck disable=SC2086  # option strings from config.sh are split on purpose
+  run_logged "$WORK/logs/$name.log" fairseq-train "$data" --user-dir "$USER_DIR" \
+    --source-lang "$SRC" --target-lang "$TGT" --save-dir "$WORK/$name" \
+    "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" $OPTIM_ARGS --max-tokens "$MAX_TOKENS" \
+    --seed "$SEED" --no-epoch-checkpoints --log-format simple --log-interval 50 "$@"
+}
+
+step_teacher() {
+  if is_done teacher; then skip teacher; return; fi
+  log "teacher: $TEACHER_ARGS $TEACHER_TRAIN (log: $WORK/logs/teacher.log)"
+  # shellcheck disable=SC2086
+  train teacher "$WORK/bin" --task translation --criterion label_smoothed_cross_entropy \
+    --label-smoothing "$LABEL_SMOOTHING" $TEACHER_ARGS $TEACHER_TRAIN
+  mark_done teacher
+}
+
+# corpus NAME ARGS...: the teacher's translation of the training split -> $WORK/NAME.
+corpus() {
+  local name=$1; shift
+  if is_done "$name"; then skip "$name"; return; fi
+  local workers=${CORPUS_WORKERS:-$NGPU}
+  [ "$workers" -gt 0 ] || workers=1
+  log "corpus $name: $* ($workers workers; log: $WORK/logs/$name.log)"
+  run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/bin" --path "$WORK/teacher/checkpoint_best.pt" \
+    -s "$SRC" -t "$TGT" --out "$WORK/$name" --workers "$workers" --no-progress-bar \
+    --max-tokens "$CORPUS_MAX_TOKENS" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
+    "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" "$@"
+  mark_done "$name"
+}
+
+step_corpus() {
+  corpus distilled --beam "$BEAM"
+  if [[ " $METHODS " == *" seq_inter "* ]]; then
+    corpus distilled_inter --seq-inter "$SEQ_INTER_N" --post-process sentencepiece
+  fi
+}
+
+# Method settings: config.sh (or the environment) may set ARGS_<method>;
+# these defaults are the settings of the README's examples.
+: "${ARGS_baseline=}"
+: "${ARGS_word_kd=--kd-alpha 0.5 --kd-temperature 1}"
+: "${ARGS_seq_kd=}"
+: "${ARGS_seq_inter=}"
+: "${ARGS_hybrid_kd=--gate sentence --kd-temperature 1}"
+: "${ARGS_ckd=--kd-alpha 0.5 --ckd-beta 0.2 --layer-map regular --ckd-side encoder}"
+: "${ARGS_a2d=--kd-alpha 0.5 --a2d-beta 1 --a2d-decay 0.9 --attn-types enc,dec,cross}"
+
+# The data folder and fairseq-train options of one method.
+method_data() {
+  case $1 in
+    seq_kd) echo "$WORK/distilled" ;;
+    seq_inter) echo "$WORK/distilled_inter" ;;
+    *) echo "$WORK/bin" ;;
+  esac
+}
+# Every student trains with --task translation_kd and the teacher's path: the
+# task is fairseq's translation plus a teacher loaded only by criterions that
+# use it (so ARGS_seq_kd="--word-kd-alpha 0.5" works too) and --prune-mask.
+method_args() {
+  local extra_var="ARGS_$1"
+  echo "--task translation_kd --teacher-path $WORK/teacher/checkpoint_best.pt"
+  case $1 in
+    baseline) echo "--criterion label_smoothed_cross_entropy" ;;
+    word_kd | ckd | a2d) echo "--criterion $1" ;;
+    seq_kd | seq_inter) echo "--criterion seq_kd" ;;
+    hybrid_kd) echo "--distilled-data $WORK/distilled --num-batch-buckets 0 --criterion hybrid_kd" ;;
+    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d)" ;;
+  esac
+  echo "${!extra_var:-}"
+}
+
+train_student() {
+  local name=$1 gpus=$2
+  # shellcheck disable=SC2046,SC2086
+  CUDA_VISIBLE_DEVICES=${gpus/#cpu/} train "student_$name" "$(method_data "$name")" \
+    --label-smoothing "$LABEL_SMOOTHING" $(method_args "$name") $STUDENT_ARGS $STUDENT_TRAIN
+  mark_done "student_$name"
+  [ -n "$DRY_RUN" ] || log "student $name finished"
+}
+
+step_students() {
+  local name i=0 names=() jobs=$STUDENT_JOBS
+  [ -z "$DRY_RUN" ] || jobs=1
+  for name in $METHODS; do method_args "$name" >/dev/null; done  # unknown names fail early
+  for name in $METHODS; do
+    if is_done "student_$name"; then skip "student_$name"; continue; fi
+    local gpus; gpus=$(job_gpus "$i"); i=$((i + 1))
+    log "student $name on ${gpus:-cpu} (log: $WORK/logs/student_$name.log)"
+    if [ "$jobs" = 1 ]; then train_student "$name" "$gpus"; continue; fi
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
+    train_student "$name" "$gpus" & names+=("$name")
+  done
+  wait
+  # a job's stamp, not its exit status (wait -n may already have reaped it), says it finished
+  local failed=
+  for name in "${names[@]}"; do [ -e "$WORK/done/student_$name" ] || failed+=" $name"; done
+  [ -z "$failed" ] || die "students failed:$failed (see $WORK/logs/student_*.log)"
+}
+
+step_prune() {
+  [ -n "$PRUNE_FROM" ] || return 0
+  local name="pruned_$PRUNE_FROM" out=$WORK/pruned/$PRUNE_FROM.pt
+  if is_done "student_$name"; then skip "student_$name"; return; fi
+  [[ " $METHODS " == *" $PRUNE_FROM "* ]] || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
+  if ! is_done "prune_$PRUNE_FROM"; then
+    log "prune $PRUNE_FROM: ratio $PRUNE_RATIO -> $out"
+    run_cmd mkdir -p "$WORK/pruned"
+    run_logged "$WORK/logs/prune.log" fairseq-kd prune --path "$WORK/student_$PRUNE_FROM/checkpoint_best.pt" \
+      --ratio "$PRUNE_RATIO" --out "$out"
+    mark_done "prune_$PRUNE_FROM"
+  fi
+  # Start from the pruned weights once; a resumed run continues from its own checkpoint_last.pt.
+  local start=(--restore-file "$out" --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters)
+  [ -e "$WORK/student_$name/checkpoint_last.pt" ] && start=()
+  log "retrain $name with the mask held (log: $WORK/logs/student_$name.log)"
+  # shellcheck disable=SC2046,SC2086
+  train "student_$name" "$(method_data "$PRUNE_FROM")" --label-smoothing "$LABEL_SMOOTHING" \
+    $(method_args "$PRUNE_FROM") --prune-mask "${out%.pt}.mask.pt" "${start[@]}" \
+    $STUDENT_ARGS $PRUNE_TRAIN
+  mark_done "student_$name"
+}
+
+student_names() {
+  echo $METHODS
+  [ -z "$PRUNE_FROM" ] || echo "pruned_$PRUNE_FROM"
+}
+
+step_export() {
+  local name
+  for name in $(student_names); do
+    if is_done "export_$name"; then skip "export_$name"; continue; fi
+    log "export $name -> $WORK/exported/$name.pt"
+    run_cmd mkdir -p "$WORK/exported"
+    run_logged "$WORK/logs/export.log" fairseq-kd export \
+      --path "$WORK/student_$name/checkpoint_best.pt" --out "$WORK/exported/$name.pt"
+    mark_done "export_$name"
+  done
+}
+
+has_result() {
+  [ -z "$DRY_RUN" ] && [ -s "$RESULTS" ] && python3 - "$RESULTS" "$1" <<'PY'
+import json, sys
+names = {s["name"] for s in json.load(open(sys.argv[1]))["systems"]}
+sys.exit(0 if sys.argv[2] in names else 1)
+PY
+}
+
+# evaluate NAME CHECKPOINT [--no-user-dir]: one GPU (or CPU), one system at a time, so speeds compare.
+evaluate() {
+  local name=$1 ckpt=$2; shift 2
+  if has_result "$name"; then log "skip evaluate $name (in $RESULTS)"; return; fi
+  log "evaluate $name"
+  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/evaluate.log" fairseq-kd evaluate \
+    --data "$WORK/bin" --checkpoint "$ckpt" --name "$name" --ref "$WORK/raw/test.$TGT" \
+    --results "$RESULTS" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
+    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" "$@"
+}
+
+step_evaluate() {
+  local name
+  evaluate teacher "$WORK/teacher/checkpoint_best.pt"
+  # students are evaluated from their exported files with stock fairseq (no plugin)
+  for name in $(student_names); do evaluate "$name" "$WORK/exported/$name.pt" --no-user-dir; done
+}
+
+step_report() {
+  log "report -> $RESULTS_MD, $PLOT_DIR/$RECIPE.{speed,params}.png"
+  run_cmd mkdir -p "$PLOT_DIR" "$(dirname "$RESULTS_MD")"
+  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x speed --decoding greedy --out "$PLOT_DIR/$RECIPE.speed.png" \
+    --title "$RECIPE: BLEU vs greedy speed"
+  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x params --decoding beam --out "$PLOT_DIR/$RECIPE.params.png" \
+    --title "$RECIPE: BLEU (beam $BEAM) vs parameters"
+  if [ -n "$DRY_RUN" ]; then run_cmd fairseq-kd table "$RESULTS" --baseline baseline; return; fi
+  write_results_md > "$RESULTS_MD.tmp" && mv "$RESULTS_MD.tmp" "$RESULTS_MD"
+  cat "$RESULTS_MD"
+}
+
+device_name() {
+  if [ "$NGPU" -gt 0 ]; then
+    nvidia-smi -i "$FIRST_GPU" --query-gpu=name --format=csv,noheader 2>/dev/null || echo "GPU $FIRST_GPU"
+  else
+    echo "CPU ($(getconf _NPROCESSORS_ONLN) cores, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
+  fi
+}
+
+# The results page: the settings that produced it, the table and the plots
+# (relative links, so it can live in docs/ next to the PNGs).
+write_results_md() {
+  local rel
+  rel=$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], os.path.dirname(sys.argv[2])))' \
+    "$PLOT_DIR" "$RESULTS_MD")
+  [ "$rel" = . ] && rel= || rel=$rel/
+  local baseline=(); has_result baseline && baseline=(--baseline baseline)
+  cat <<MD
+# Results: $RECIPE
+
+Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
+Test set: \`$WORK/raw/test.$TGT\` ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
+Translation speed: fairseq-generate's own sentences/s (model loading excluded),
+batch size $EVAL_BATCH_SIZE, one system at a time on $(device_name)${FP16_ARGS:+ in fp16}.
+Students are evaluated from their \`fairseq-kd export\` files with stock fairseq.
+
+$(fairseq-kd table "$RESULTS" "${baseline[@]}")
+
+![BLEU vs speed](${rel}$RECIPE.speed.png)
+![BLEU vs parameters](${rel}$RECIPE.params.png)
+
+## Settings
+
+| | |
+|---|---|
+| data | $RECIPE, train $(wc -l < "$WORK/raw/train.$SRC") pairs, SentencePiece joint vocabulary $VOCAB |
+| teacher | \`$TEACHER_ARGS $TEACHER_TRAIN\` |
+| students | \`$STUDENT_ARGS $STUDENT_TRAIN\` |
+| optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
+| corpora | Seq-KD beam $BEAM; Seq-Inter $SEQ_INTER_N-best, sentence BLEU |
+| pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
+$(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g")"; done)
+
+Training logs: \`$WORK/logs/\`.
+MD
+}
+
+run_pipeline() {
+  local steps=${*:-$PIPELINE_STEPS} s
+  for s in $steps; do [[ " $PIPELINE_STEPS " == *" $s "* ]] || die "unknown step '$s' (steps: $PIPELINE_STEPS)"; done
+  resolve_devices
+  RESULTS=${RESULTS:-$WORK/results.json}
+  mkdir -p "$WORK"
+  log "work folder $WORK, devices: $GPUS, methods: $METHODS"
+  for s in $steps; do "step_$s"; done
+  log "finished: $steps"
+}

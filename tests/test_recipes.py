@@ -1,0 +1,206 @@
+"""The recipes (recipes/*/run.sh): every script parses, every option they pass
+exists, and (slow) both run end to end on a tiny Bible slice on CPU, and a
+rerun skips finished work while a removed result or stamp is redone."""
+import json
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+
+from helpers import BIN, REPO, USER_DIR, env
+
+RECIPES = ["bible_es_en", "wmt14_en_de"]
+METHODS = ["baseline", "word_kd", "seq_kd", "seq_inter", "hybrid_kd", "ckd", "a2d"]
+STUDENTS = METHODS + ["pruned_seq_kd"]
+
+# Tiny sizes for CPU: every variable of config.sh can be set from the environment.
+TINY = {
+    "GPUS": "cpu", "DATA_SOURCE": "bible", "TRAIN_LINES": "400", "VALID_LINES": "30",
+    "TEST_LINES": "20", "VOCAB": "300", "PREPROCESS_WORKERS": "1", "STUDENT_JOBS": "2",
+    "OPTIM_ARGS": "--optimizer adam --adam-betas (0.9,0.98) --lr 2e-3 --lr-scheduler inverse_sqrt --warmup-updates 10",
+    "MAX_TOKENS": "2000",
+    "TEACHER_ARGS": "--arch transformer --share-all-embeddings --encoder-layers 2 --decoder-layers 2 "
+                    "--encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 "
+                    "--decoder-ffn-embed-dim 128 --encoder-attention-heads 4 --decoder-attention-heads 4",
+    "TEACHER_TRAIN": "--max-epoch 3",
+    "STUDENT_ARGS": "--arch transformer --share-all-embeddings --encoder-layers 1 --decoder-layers 1 "
+                    "--encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 "
+                    "--decoder-ffn-embed-dim 64 --encoder-attention-heads 2 --decoder-attention-heads 2",
+    "STUDENT_TRAIN": "--max-epoch 1", "PRUNE_TRAIN": "--max-epoch 1",
+    "BEAM": "2", "SEQ_INTER_N": "3", "MAX_LEN_B": "5", "EVAL_BATCH_SIZE": "16",
+}
+
+
+def run_recipe(recipe, extra_env, *steps, check=True):
+    e = env()
+    e["PATH"] = f"{BIN}{os.pathsep}{e['PATH']}"
+    e.update(extra_env)
+    proc = subprocess.run(["bash", REPO / "recipes" / recipe / "run.sh", *steps],
+                          capture_output=True, text=True, env=e, timeout=3600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{recipe} failed ({proc.returncode})\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------- fast checks
+
+def test_every_script_parses():
+    scripts = sorted((REPO / "recipes").rglob("*.sh"))
+    assert len(scripts) >= 7
+    for script in scripts:
+        proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr}"
+
+
+def dry_run_commands(recipe, tmp_path, **extra):
+    out = run_recipe(recipe, {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path / recipe), **extra}).stdout
+    return [shlex.split(line[4:]) for line in out.splitlines() if line.startswith("RUN:")]
+
+
+def check_options(cmd):
+    """Parse a recipe command with the tool's own parser (SystemExit on an unknown option)."""
+    from fairseq import options
+
+    from fairseq_kd.cli import build_parser
+
+    tool, args = os.path.basename(cmd[0]), cmd[1:]
+    if tool == "fairseq-train":
+        ns = options.parse_args_and_arch(options.get_training_parser(), args)
+        return ns.arch, ns.criterion
+    if tool == "fairseq-preprocess":
+        options.get_preprocessing_parser().parse_args(args)
+    elif tool == "fairseq-kd":
+        build_parser().parse_args(args)
+    return None
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_commands_use_existing_options(recipe, tmp_path):
+    cmds = dry_run_commands(recipe, tmp_path)
+    trained = [check_options(c) for c in cmds if c[0] == "fairseq-train"]
+    teacher_arch = {"bible_es_en": "transformer_iwslt_de_en", "wmt14_en_de": "transformer_vaswani_wmt_en_de_big"}
+    assert trained[0] == (teacher_arch[recipe], "label_smoothed_cross_entropy")
+    assert [c for _, c in trained[1:]] == ["label_smoothed_cross_entropy", "word_kd", "seq_kd", "seq_kd",
+                                           "hybrid_kd", "ckd", "a2d", "seq_kd"]  # + pruned retraining
+    for cmd in cmds:
+        if cmd[0] != "fairseq-train":
+            check_options(cmd)
+    kd = [c[1] for c in cmds if c[0] == "fairseq-kd"]
+    assert kd.count("corpus") == 2 and kd.count("prune") == 1 and kd.count("export") == len(STUDENTS)
+    assert kd.count("evaluate") == len(STUDENTS) + 1 and kd.count("plot") == 2 and kd.count("table") == 1
+    # the --seq-inter corpus feeds seq_inter, the beam corpus seq_kd and hybrid_kd
+    train_data = {c[c.index("--save-dir") + 1].rsplit("/", 1)[1]: c[1].rsplit("/", 1)[1]
+                  for c in cmds if c[0] == "fairseq-train"}
+    assert train_data["student_seq_kd"] == "distilled" and train_data["student_seq_inter"] == "distilled_inter"
+    assert train_data["student_baseline"] == train_data["student_hybrid_kd"] == "bin"
+
+
+def test_dry_run_check_catches_a_misspelt_option(tmp_path):
+    cmds = dry_run_commands("bible_es_en", tmp_path, ARGS_word_kd="--kd-alpah 0.5")
+    word_kd = [c for c in cmds if c[0] == "fairseq-train" and "word_kd" in c]
+    assert len(word_kd) == 1
+    with pytest.raises(SystemExit):
+        check_options(word_kd[0])
+
+
+def test_unknown_method_or_step_is_one_line_error(tmp_path):
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path),
+                                      "METHODS": "baseline word-kd"}, "students", check=False)
+    assert proc.returncode != 0 and "unknown method 'word-kd'" in proc.stderr
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path)}, "train", check=False)
+    assert proc.returncode != 0 and "unknown step 'train'" in proc.stderr
+
+
+# ---------------------------------------------------------------- end to end (slow)
+
+def zero_fraction_of_linear_weights(checkpoint):
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"]
+    weights = [v for k, v in state.items() if v.dim() == 2 and "embed" not in k and "output_projection" not in k]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_end_to_end_then_resume(recipe, tmp_path):
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    settings = {**TINY, "WORK": str(work), "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}
+    run_recipe(recipe, settings)
+
+    raw = work / "raw"
+    assert [len((raw / f"{s}.{lang}").read_text().splitlines()) for s in ("train", "valid", "test")
+            for lang in ("es", "en")] == [400, 400, 30, 30, 20, 20]
+    results = json.loads((work / "results.json").read_text())
+    assert [s["name"] for s in results["systems"]] == ["teacher", *STUDENTS]
+    refs = (raw / "test.en").read_text().splitlines()
+    for system in results["systems"]:
+        assert system["params"] > 0
+        for label in ("greedy", "beam"):
+            hyps = (work / f"results.{system['name']}.{label}.txt").read_text().splitlines()
+            assert len(hyps) == len(refs)
+            assert system[label]["bleu"] == round(BLEU().corpus_score(hyps, [refs]).score, 2)
+            assert system[label]["chrf"] == round(CHRF().corpus_score(hyps, [refs]).score, 2)
+            assert system[label]["sentences_per_s"] > 0
+    # the students are stock-fairseq exports; the pruned one kept its mask through retraining
+    for name in STUDENTS:
+        assert torch.load(work / "exported" / f"{name}.pt", weights_only=True)["cfg"]["model"]["_name"] == "transformer"
+    assert zero_fraction_of_linear_weights(work / "exported" / "pruned_seq_kd.pt") >= 0.5
+    assert zero_fraction_of_linear_weights(work / "exported" / "seq_kd.pt") < 0.01
+    # the retraining trained (fairseq would restore the original training time with the
+    # weights, and a --stop-time-hours budget would then be spent before the first update)
+    pruned = torch.load(work / "pruned" / "seq_kd.pt", map_location="cpu", weights_only=False)
+    assert "previous_training_time" not in pruned["extra_state"]
+    assert re.search(r"\| train \| epoch 001 \|", (work / "logs" / "student_pruned_seq_kd.log").read_text())
+    page = (docs / "results.md").read_text()
+    for name in ["teacher", *STUDENTS]:
+        assert f"| {name} |" in page
+    assert "BLEU signature: `nrefs:1" in page
+    for png in (f"{recipe}.speed.png", f"{recipe}.params.png"):
+        assert (docs / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in page
+
+    # a rerun skips every step and touches nothing
+    outputs = [work / "results.json", work / "teacher" / "checkpoint_best.pt", work / "distilled" / "train.es-en.en.bin",
+               *(work / f"student_{n}" / "checkpoint_last.pt" for n in STUDENTS)]
+    mtimes = [p.stat().st_mtime_ns for p in outputs]
+    log = run_recipe(recipe, settings).stdout
+    assert [p.stat().st_mtime_ns for p in outputs] == mtimes
+    for step in ["prepare", "spm", "binarize", "teacher", "distilled", "distilled_inter",
+                 *(f"student_{n}" for n in STUDENTS), *(f"export_{n}" for n in STUDENTS)]:
+        assert f"skip {step} (done" in log, step
+    assert log.count("skip evaluate") == len(STUDENTS) + 1
+
+    # resume after a lost stamp and result: a2d's training resumes from its own
+    # checkpoint (already at --max-epoch, so nothing to train), only a2d is evaluated again
+    (work / "done" / "student_a2d").unlink()
+    results["systems"] = [s for s in results["systems"] if s["name"] != "a2d"]
+    (work / "results.json").write_text(json.dumps(results))
+    log = run_recipe(recipe, settings).stdout
+    assert "student a2d on" in log and "skip student_word_kd" in log and "evaluate a2d" in log
+    assert log.count("skip evaluate") == len(STUDENTS)
+    train_log = (work / "logs" / "student_a2d.log").read_text()
+    assert train_log.count("Loaded checkpoint") == 1 and "(epoch 2 @" in train_log.split("Loaded checkpoint")[1][:300]
+    names = [s["name"] for s in json.loads((work / "results.json").read_text())["systems"]]
+    assert sorted(names) == sorted(["teacher", *STUDENTS])
+
+
+def test_table_compares_with_the_baseline():
+    from fairseq_kd.cli.table import markdown_table
+    from fairseq_kd.errors import KDError
+
+    def system(name, greedy, beam):
+        return {"name": name, "params": 7.6e6, "greedy": {"bleu": greedy, "chrf": 50.0, "sentences_per_s": 100.0},
+                "beam": {"beam": 5, "bleu": beam, "chrf": 51.0, "sentences_per_s": 40.0}}
+
+    results = {"systems": [system("baseline", 37.24, 40.0), system("seq_kd", 39.31, 39.96)]}
+    rows = markdown_table(results, "baseline").splitlines()
+    assert rows[0].endswith("| BLEU greedy vs baseline | BLEU beam vs baseline |")
+    assert rows[2].endswith("| +0.0 | +0.0 |")
+    assert rows[3].endswith("| 39.3 | 50.0 | 100 | 40.0 | 51.0 | 40 | +2.1 | +0.0 |")  # -0.04 is shown as +0.0, not -0.0
+    assert "vs" not in markdown_table(results).splitlines()[0]  # unchanged without --baseline
+    with pytest.raises(KDError, match="--baseline teacher: no such system"):
+        markdown_table(results, "teacher")
