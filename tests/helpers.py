@@ -67,6 +67,15 @@ def fairseq_train(data_bin, save_dir, *args, check=True):
                 "--save-dir", save_dir, *TRAIN_COMMON, *args], check=check)
 
 
+def one_line_error(proc):
+    """The single ``fairseq_kd: error:`` line of a failed run (and no traceback)."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fairseq_kd: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
 def assert_generate_loads_student(data_root, checkpoint):
     """Stock fairseq-generate (plugin loaded, task translation_kd) translates the
     whole test split with a trained student, without ever loading its teacher."""

@@ -6,7 +6,6 @@ import torch
 
 import helpers
 from helpers import STUDENT_ARCH, build_training, fairseq_train
-from test_word_kd_train import one_line_error
 
 CKD_ARGS = ["--task", "translation_kd", "--criterion", "ckd", "--kd-alpha", "0.3",
             "--ckd-beta", "0.3", "--kd-temperature", "2", "--label-smoothing", "0.1",
@@ -92,4 +91,4 @@ def test_unbuildable_map_is_one_line_error(tiny_data, tiny_teacher, tmp_path):
     proc = fairseq_train(tiny_data / "bin", tmp_path, *STUDENT_ARCH, "--teacher-path", tiny_teacher,
                          "--task", "translation_kd", "--criterion", "ckd",
                          "--layer-map", "0|1|2", "--max-epoch", "1", check=False)
-    assert "has 3 groups but the student has 2 layers (teacher 4)" in one_line_error(proc)
+    assert "has 3 groups but the student has 2 layers (teacher 4)" in helpers.one_line_error(proc)

@@ -5,7 +5,6 @@ import torch
 import helpers
 from fairseq_kd.errors import KDError
 from helpers import STUDENT_ARCH, build_training, fairseq_train, first_batch, gold_sources
-from test_word_kd_train import one_line_error
 
 
 def task_with(tiny_data, distilled, *args):
@@ -52,7 +51,7 @@ def test_count_mismatch_is_a_clear_error(tiny_data, tiny_distilled, tiny_teacher
     proc = fairseq_train(tiny_data / "bin", tmp_path / "ck", *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-path", tiny_teacher, "--distilled-data", short,
                          "--criterion", "hybrid_kd", "--max-epoch", "1", check=False)
-    assert "has 599 sentence pairs" in one_line_error(proc)
+    assert "has 599 sentence pairs" in helpers.one_line_error(proc)
 
 
 def test_source_mismatch_is_a_clear_error(tiny_data, tiny_distilled, tmp_path):

@@ -6,13 +6,12 @@ import os
 import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from helpers import BIN, REPO, USER_DIR, env
+from helpers import BIN, REPO, env
 
 RECIPES = ["bible_es_en", "wmt14_en_de"]
 METHODS = ["baseline", "word_kd", "seq_kd", "seq_inter", "hybrid_kd", "ckd", "a2d"]

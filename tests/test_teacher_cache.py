@@ -3,6 +3,7 @@
 Every check compares the cache with the online teacher it replaces (same
 dropout-free teacher, same top-k) or with an uninterrupted build.
 """
+import helpers
 import filecmp
 import os
 import re
@@ -154,14 +155,6 @@ def test_fairseq_train_with_cache_matches_online_teacher(tiny_data, tiny_teacher
         assert b[2:] == pytest.approx(a[2:], abs=2e-3)
 
 
-def one_line_error(proc):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq_kd: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
-
-
 def linked_copy(src, dest, replace=None):
     """dest/ with every file of src/ symlinked, except ``replace`` {name: source file}."""
     dest.mkdir(parents=True)
@@ -187,7 +180,7 @@ def test_reordered_data_is_a_one_line_error(tiny_data, tiny_teacher, cache32, tm
     proc = fairseq_train(data, tmp_path / "ck", *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-cache", cache32[0], *WORD_KD, "--kd-topk", "8",
                          "--max-epoch", "1", check=False)
-    msg = one_line_error(proc)
+    msg = helpers.one_line_error(proc)
     assert "does not match this batch" in msg and "differ from the cached ones" in msg
 
 
@@ -239,7 +232,7 @@ def test_missing_cache_dir_is_a_one_line_error(tiny_data, tmp_path):
     proc = fairseq_train(tiny_data / "bin", tmp_path / "ck", *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-cache", tmp_path / "nope", *WORD_KD, "--max-epoch", "1",
                          check=False)
-    assert "--teacher-cache: no such directory" in one_line_error(proc)
+    assert "--teacher-cache: no such directory" in helpers.one_line_error(proc)
 
 
 def build_batches(tiny_data, teacher, split="train"):

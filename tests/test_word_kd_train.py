@@ -66,19 +66,11 @@ def test_resume_from_checkpoint_last(word_kd_run, tiny_data, tiny_teacher):
     assert sorted(epoch_losses(log)) == [4]
 
 
-def one_line_error(proc):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("fairseq_kd: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    return errors[0]
-
-
 def test_missing_teacher_file_is_one_line_error(tiny_data, tmp_path):
     proc = fairseq_train(tiny_data / "bin", tmp_path, *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-path", tmp_path / "nope.pt", "--criterion", "word_kd",
                          "--max-epoch", "1", check=False)
-    assert "teacher checkpoint not found" in one_line_error(proc)
+    assert "teacher checkpoint not found" in helpers.one_line_error(proc)
     assert "nope.pt" in proc.stderr
 
 
@@ -86,7 +78,7 @@ def test_alpha_out_of_range_is_one_line_error(tiny_data, tiny_teacher, tmp_path)
     proc = fairseq_train(tiny_data / "bin", tmp_path, *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-path", tiny_teacher, "--criterion", "word_kd",
                          "--kd-alpha", "1.5", "--max-epoch", "1", check=False)
-    assert "--kd-alpha must be in [0, 1], got 1.5" in one_line_error(proc)
+    assert "--kd-alpha must be in [0, 1], got 1.5" in helpers.one_line_error(proc)
 
 
 def test_dictionary_mismatch_is_one_line_error(tiny_teacher, tmp_path):
@@ -94,4 +86,4 @@ def test_dictionary_mismatch_is_one_line_error(tiny_teacher, tmp_path):
     proc = fairseq_train(other / "bin", tmp_path / "ck", *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-path", tiny_teacher, "--criterion", "word_kd",
                          "--max-epoch", "1", check=False)
-    assert "teacher/student dictionary mismatch" in one_line_error(proc)
+    assert "teacher/student dictionary mismatch" in helpers.one_line_error(proc)
