@@ -49,8 +49,8 @@ step "2. binarize"
   --trainpref pieces/train.sp --validpref pieces/valid.sp --testpref pieces/test.sp \
   --destdir bin --joined-dictionary --workers 2
 
-COMMON=(--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.001 --lr-scheduler inverse_sqrt
-        --warmup-updates 400 --clip-norm 1.0 --dropout 0.1 --max-tokens 4096
+COMMON=(--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.0015 --lr-scheduler inverse_sqrt
+        --warmup-updates 100 --clip-norm 1.0 --dropout 0.1 --max-tokens 4096
         --label-smoothing 0.1 --share-all-embeddings --cpu --seed 1
         --log-format simple --log-interval 20 --no-epoch-checkpoints --num-workers 0)
 STUDENT=(--arch transformer --encoder-layers 2 --decoder-layers 2
