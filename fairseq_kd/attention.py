@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from fairseq.modules.multihead_attention import MultiheadAttention
 
 from fairseq_kd.errors import require
+from fairseq_kd.hidden_states import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +57,6 @@ def parse_attention_types(spec):
             f"--attn-types must be a comma-separated subset of {','.join(ATTENTION_TYPES)}, "
             f"got {spec!r}")
     return [t for t in ATTENTION_TYPES if t in names]
-
-
-def unwrap_model(model):
-    """The fairseq model inside DDP / ModuleProxyWrapper wrappers."""
-    while not hasattr(model, "encoder") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def attention_modules(model, attn_type) -> List[MultiheadAttention]:

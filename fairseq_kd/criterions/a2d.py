@@ -40,7 +40,7 @@ from fairseq_kd.criterions.kd_base import (
     check_word_kd_options,
 )
 from fairseq_kd.errors import require
-from fairseq_kd.losses import attention_kl, word_kd_loss
+from fairseq_kd.losses import attention_kl
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ class A2DConfig(WordKDOptions):
         metadata={"help": "log, at every epoch start, which student heads feed each "
                   "teacher head (the two largest alignment weights)"},
     )
-
-
-def single_teacher(task):
-    """The one teacher model; an ensemble has no single set of attention maps."""
-    require(len(task.teachers) == 1,
-            f"a2d needs a single teacher (its attention maps are distilled); "
-            f"--teacher-path names an ensemble of {len(task.teachers)}")
-    return task.teachers[0]
 
 
 @register_criterion("a2d", dataclass=A2DConfig)
@@ -104,7 +96,7 @@ class A2DCriterion(KDCriterionBase):
                 "a2d does not support --checkpoint-activations (the recomputed forward "
                 "pass would not capture the student's attention with gradients)")
         self.student_layout = attention_layout_from_cfg(student_cfg, self.types)
-        self.teacher_layout = attention_layout(single_teacher(self.task), self.types)
+        self.teacher_layout = attention_layout(self.task.single_teacher("a2d", "attention maps to distil"), self.types)
         modules = {}
         for t in self.types:
             (ls, hs), (lt, ht) = self.student_layout[t], self.teacher_layout[t]
@@ -124,14 +116,12 @@ class A2DCriterion(KDCriterionBase):
             net_output = model(**net_input)
         teacher, teacher_capture = None, None
         if self.alpha > 0 or self.types:
-            teacher_capture = AttentionCapture(single_teacher(self.task), self.types)
+            teacher_model = self.task.single_teacher("a2d", "attention maps to distil")
+            teacher_capture = AttentionCapture(teacher_model, self.types)
             with teacher_capture:
                 teacher = self.task.teacher_distribution(model, sample, topk=self.topk)
-        loss, nll_loss, kd_loss = word_kd_loss(
-            net_output[0], model.get_targets(sample, net_output), teacher, self.padding_idx,
-            self.alpha, self.temperature, self.eps,
-            lprobs=model.get_normalized_probs(net_output, log_probs=True),
-        )
+        loss, nll_loss, kd_loss = self.word_kd_losses(
+            model, net_output, sample, teacher, self.alpha, self.temperature)
         terms = {"kd_loss": kd_loss}
         stats = {}
         if self.types:

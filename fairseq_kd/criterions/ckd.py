@@ -141,14 +141,10 @@ class CKDCriterion(KDCriterionBase):
                                            "decoder": decoder_layer_map or layer_map})
 
     def _build_projections(self, task, maps):
-        n_teachers = len(task.teachers)  # loads them, or says why it cannot (a cache only)
-        require(n_teachers == 1,
-                f"ckd needs a single teacher: an ensemble of {n_teachers} (--teacher-path "
-                f"with ':') has no single set of hidden states to match")
+        teacher = task.single_teacher("ckd", "hidden states to match")
         require(task.student_cfg is not None,
                 "ckd sizes its projections from the student's config: the task must build "
                 "the model before the criterion (as fairseq-train does)")
-        teacher = task.teachers[0]
         for side in self.sides:
             t_layers, t_dim = teacher_layout(teacher, side)
             s_layers, s_dim = student_layout(task.student_cfg, side)

@@ -63,6 +63,7 @@ from fairseq_kd.criterions.kd_base import (
     check_word_kd_options,
 )
 from fairseq_kd.errors import require
+from fairseq_kd.hidden_states import unwrap_model
 from fairseq_kd.losses import (
     gate_objective,
     hybrid_mix,
@@ -103,13 +104,6 @@ class HybridKDConfig(WordKDOptions):
         metadata={"help": "decay of the running means of the per-token losses that make "
                   "the gate's inputs unit-free, in [0, 1)"},
     )
-
-
-def unwrap_model(model):
-    """The FairseqModel inside DDP/ModuleProxyWrapper wrappers (for hooks only)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def pad_right(tokens, length, pad):

@@ -16,7 +16,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from fairseq_kd.errors import require
-from fairseq_kd.losses import kd_kl_divergence, label_smoothed_nll_loss
+from fairseq_kd.losses import kd_kl_divergence, label_smoothed_nll_loss, word_kd_loss
 
 
 @dataclass
@@ -94,6 +94,17 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
             logits.reshape(-1, logits.size(-1)), teacher, target.reshape(-1).ne(self.padding_idx),
             temperature,
         )
+
+    def word_kd_losses(self, model, net_output, sample, teacher, alpha, temperature):
+        """:func:`fairseq_kd.losses.word_kd_loss` on the student's output.
+
+        alpha = 0 uses fairseq's own log-probs, so the loss is exactly
+        label_smoothed_cross_entropy; alpha > 0 works from the logits and
+        must not be handed log-probs it would not use (a B x T x V tensor).
+        """
+        lprobs = model.get_normalized_probs(net_output, log_probs=True) if alpha == 0 else None
+        return word_kd_loss(net_output[0], model.get_targets(sample, net_output), teacher,
+                            self.padding_idx, alpha, temperature, self.eps, lprobs=lprobs)
 
     def sample_size(self, sample):
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from fairseq.criterions import register_criterion
 
 from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_word_kd_options
-from fairseq_kd.losses import word_kd_loss
 
 
 @dataclass
@@ -35,13 +34,8 @@ class WordKDCriterion(KDCriterionBase):
         net_output = model(**sample["net_input"])
         teacher = (self.task.teacher_distribution(model, sample, topk=self.topk)
                    if self.alpha > 0 else None)
-        loss, nll_loss, kd_loss = word_kd_loss(
-            net_output[0], model.get_targets(sample, net_output), teacher, self.padding_idx,
-            self.alpha, self.temperature, self.eps,
-            # alpha = 0: fairseq's own log-probs, so the loss is exactly
-            # label_smoothed_cross_entropy; alpha > 0 works from the logits
-            lprobs=model.get_normalized_probs(net_output, log_probs=True) if self.alpha == 0 else None,
-        )
+        loss, nll_loss, kd_loss = self.word_kd_losses(
+            model, net_output, sample, teacher, self.alpha, self.temperature)
         sample_size = self.sample_size(sample)
         logging_output = self.make_logging_output(sample, loss, nll_loss, sample_size, kd_loss=kd_loss)
         self.add_accuracy(logging_output, model, net_output, sample)

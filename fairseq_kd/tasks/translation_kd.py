@@ -236,6 +236,14 @@ class TranslationKDTask(TranslationTask):
             self._teachers = [self._load_teacher(p) for p in teacher_paths(self.cfg.teacher_path)]
         return self._teachers
 
+    def single_teacher(self, criterion, what):
+        """The one teacher model, for criterions that distil its internals; an
+        ensemble has no single set of ``what`` (hidden states, attention maps)."""
+        n = len(self.teachers)
+        require(n == 1, f"{criterion} needs a single teacher: an ensemble of {n} "
+                        f"(--teacher-path with ':') has no single set of {what}")
+        return self.teachers[0]
+
     def _load_teacher(self, path):
         from fairseq import models as fairseq_models
 
