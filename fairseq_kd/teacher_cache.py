@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fairseq_kd.atomic_io import write_atomic
 from fairseq_kd.errors import require
 from fairseq_kd.losses import TeacherDistribution, ensemble_scores
 
@@ -130,10 +131,7 @@ def read_meta(directory):
 
 def write_meta(directory, meta):
     """Atomic: a reader sees the old or the new file, never half of one."""
-    tmp = os.path.join(directory, META + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, META))
+    write_atomic(os.path.join(directory, META), json.dumps(meta, indent=1, sort_keys=True))
 
 
 @contextlib.contextmanager

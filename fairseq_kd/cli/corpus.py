@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 
+from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.errors import require
 
 logger = logging.getLogger("fairseq_kd.corpus")
@@ -323,14 +324,6 @@ def file_fingerprint(path):
     return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def write_atomic(path, text):
-    """Write via a temporary file and rename: a killed process never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- running
 def translate_shard(args, shard_id, num_shards, worker_index=0):
     """Translate the pending chunks of one shard (in this process)."""
@@ -422,14 +415,6 @@ def merge(args, data, work):
               "max_source_tokens": args.max_source_tokens or "teacher's max positions"}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
-
-
-def write_lines(path, lines):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def write_binarized(args, data, lines):
