@@ -48,9 +48,14 @@ class Result:
 
 
 def corpus(data_bin, teacher, out, *args, check=True):
-    """``fairseq-kd corpus`` in this process (the same entry point, without a second start-up)."""
+    """``fairseq-kd corpus`` in this process (the same entry point, without a second start-up).
+
+    One worker unless ``args`` says otherwise: on CPU the default is one per core,
+    each a new process to start.
+    """
+    workers = [] if "--workers" in args else ["--workers", "1"]
     argv = ["corpus", str(data_bin), "--path", str(teacher), "--out", str(out), "-s", "es", "-t", "en",
-            "--cpu", "--no-progress-bar", *DECODE, *map(str, args)]
+            "--cpu", "--no-progress-bar", *DECODE, *workers, *map(str, args)]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = cli.main(argv)
@@ -164,12 +169,8 @@ def test_worker_processes_merge_to_the_unsharded_output(unsharded, odd_lines_dat
         assert filecmp.cmp(tmp_path / name, ref / name, shallow=False), name
 
 
-def test_resume_after_killed_run(unsharded, odd_lines_data, tiny_teacher, tmp_path):
-    ref, _ = unsharded
-    cmd = [tool("fairseq-kd"), "corpus", odd_lines_data, "--path", tiny_teacher, "--out", tmp_path,
-           "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--chunk-size", "2",
-           "--max-source-tokens", "200", "--batch-size", "1"]
-    work = tmp_path / "train.work"
+def kill_midway(cmd, work):
+    """Start ``cmd``, SIGKILL it once 2 chunks are saved; the saved chunks' mtimes."""
     proc = subprocess.Popen([str(c) for c in cmd], env=helpers.env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -177,7 +178,16 @@ def test_resume_after_killed_run(unsharded, odd_lines_data, tiny_teacher, tmp_pa
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in work.glob("chunk-*.json")}
+    return {p.name: p.stat().st_mtime_ns for p in work.glob("chunk-*.json")}
+
+
+def test_resume_after_killed_run(unsharded, odd_lines_data, tiny_teacher, tmp_path):
+    ref, _ = unsharded
+    cmd = [tool("fairseq-kd"), "corpus", odd_lines_data, "--path", tiny_teacher, "--out", tmp_path,
+           "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--chunk-size", "2",
+           "--max-source-tokens", "200", "--batch-size", "1", "--workers", "1"]
+    work = tmp_path / "train.work"
+    done = kill_midway(cmd, work)
     assert 2 <= len(done) < 15, "the run was not interrupted midway"
     assert not (tmp_path / "train.en").exists()
     out = run(cmd).stdout
@@ -185,6 +195,21 @@ def test_resume_after_killed_run(unsharded, odd_lines_data, tiny_teacher, tmp_pa
     assert {p.name: p.stat().st_mtime_ns for p in work.glob("chunk-*.json") if p.name in done} == done
     for name in ("train.en", "train.es-en.en.bin", "train.es-en.en.idx"):
         assert filecmp.cmp(tmp_path / name, ref / name, shallow=False), name
+
+
+def test_killed_run_leaves_no_worker_behind(unsharded, odd_lines_data, tiny_teacher, tmp_path):
+    """Workers die with the killed command instead of writing chunks beside the rerun."""
+    ref, _ = unsharded
+    cmd = [tool("fairseq-kd"), "corpus", odd_lines_data, "--path", tiny_teacher, "--out", tmp_path,
+           "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--chunk-size", "1",
+           "--max-source-tokens", "200", "--batch-size", "1", "--workers", "2"]
+    work = tmp_path / "train.work"
+    done = kill_midway(cmd, work)
+    assert 2 <= len(done) < 30, "the run was not interrupted midway"
+    time.sleep(3)  # an orphaned worker translates a chunk in well under a second
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("chunk-*.json")} == done
+    run(cmd)
+    assert filecmp.cmp(tmp_path / "train.en", ref / "train.en", shallow=False)
 
 
 def test_seq_inter_keeps_the_max_sentence_bleu_hypothesis(tiny_data, tiny_teacher, tmp_path):

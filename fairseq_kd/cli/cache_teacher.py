@@ -13,12 +13,14 @@ Resumable (rerun the same command), shardable (--workers N on one machine,
 or --num-shards/--shard-id for separate jobs on a shared file system).
 """
 import argparse
+import functools
 import logging
 import os
 import subprocess
 import sys
 
 from fairseq_kd.errors import require
+from fairseq_kd.processes import die_with_parent
 
 logger = logging.getLogger("fairseq_kd.cache_teacher")
 
@@ -138,7 +140,8 @@ def spawn_workers(args):
             visible = env.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(g) for g in range(n_gpus)]
             env["CUDA_VISIBLE_DEVICES"] = ids[i % n_gpus]
-        procs.append(subprocess.Popen(shard_command(args, i, args.workers), env=env))
+        procs.append(subprocess.Popen(shard_command(args, i, args.workers), env=env,
+                                      preexec_fn=functools.partial(die_with_parent, os.getpid())))
     failed = [i for i, p in enumerate(procs) if p.wait() != 0]
     require(not failed, f"cache-teacher workers {failed} failed (see above); rerun to resume")
 

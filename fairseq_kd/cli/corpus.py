@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 
+from fairseq_kd.allocator import keep_freed_memory
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.errors import require
 
@@ -85,11 +86,12 @@ def add_arguments(p):
                    help="long sources get the gold target (reference, default) or are "
                         "translated truncated to --max-source-tokens (truncate)")
     g = p.add_argument_group("sharding and resuming")
-    g.add_argument("--chunk-size", type=int, default=5000,
-                   help="lines per saved chunk, the unit of resuming (default: 5000)")
+    g.add_argument("--chunk-size", type=int, default=1000,
+                   help="lines per saved chunk, the unit of resuming and of dividing the work "
+                        "between workers (default: 1000)")
     g.add_argument("--workers", type=int, default=0,
                    help="processes translating in parallel (default: the number of visible "
-                        "GPUs, 1 on CPU)")
+                        "GPUs; on CPU one per core, at most 8)")
     g.add_argument("--threads", type=int, default=0,
                    help="torch threads per CPU worker (default: cores / workers)")
     g.add_argument("--num-shards", type=int, default=0,
@@ -342,6 +344,7 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
         device = torch.device("cpu")
         if args.threads > 0:
             torch.set_num_threads(args.threads)
+        keep_freed_memory()
     translator = ChunkTranslator(args, data, device)
     total = sum(work.chunks[c][1] - work.chunks[c][0] for c in chunk_ids)
     with tqdm(total=total, desc=f"shard {shard_id}/{num_shards}", unit="sent", position=worker_index,
@@ -355,9 +358,11 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
             work.save(c, translator.result)
 
 
-def _worker_main(args, shard_ids, num_shards, worker_index):
+def _worker_main(args, shard_ids, num_shards, worker_index, parent_pid):
     from fairseq_kd.errors import install_excepthook
+    from fairseq_kd.processes import die_with_parent
 
+    die_with_parent(parent_pid)
     install_excepthook()
     for s in shard_ids:
         translate_shard(args, s, num_shards, worker_index)
@@ -378,7 +383,7 @@ def run_workers(args, shard_ids, num_shards, workers):
     for w in range(workers):
         mine = shard_ids[w::workers]
         if mine:
-            p = ctx.Process(target=_worker_main, args=(args, mine, num_shards, w))
+            p = ctx.Process(target=_worker_main, args=(args, mine, num_shards, w, os.getpid()))
             p.start()
             procs.append(p)
     for p in procs:
@@ -472,10 +477,28 @@ def on_cpu(args):
     return args.cpu or not torch.cuda.is_available()
 
 
+# CPU workers at most by default: each holds its own copy of the teacher.
+MAX_DEFAULT_CPU_WORKERS = 8
+
+
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def default_workers(args):
+    """One process per GPU; on CPU one single-threaded process per core (up to 8).
+
+    Beam search's matrices are small: intra-op threads speed one process up
+    far less than one process per core does.
+    """
     import torch
 
-    return 1 if on_cpu(args) else torch.cuda.device_count()
+    if on_cpu(args):
+        return max(1, min(usable_cores(), MAX_DEFAULT_CPU_WORKERS))
+    return torch.cuda.device_count()
 
 
 def run(args):
@@ -490,7 +513,7 @@ def run(args):
     num_shards = args.num_shards or workers
     if args.threads == 0 and workers > 1 and on_cpu(args):
         # one process per core beats torch's intra-op threads on beam search's small matrices
-        args.threads = max(1, (os.cpu_count() or 1) // workers)
+        args.threads = max(1, usable_cores() // workers)
     started = time.time()
     if args.shard_id is not None:
         run_workers(args, [args.shard_id], num_shards, 1)
