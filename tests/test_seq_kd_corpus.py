@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -242,3 +243,32 @@ def test_bad_input_is_one_line_error(tiny_data, tiny_teacher, tmp_path):
     proc = corpus(tiny_data / "bin", tiny_teacher, tmp_path / "o2", "--split", "test", "--beam", "2", check=False)
     assert "holds a run with other settings (beam)" in proc.stderr
     assert os.path.exists(tmp_path / "o2" / "test.en")
+
+
+def test_bad_output_settings_are_refused_before_decoding(tiny_data, tiny_teacher, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data / "bin", data)
+    before = sorted(p.name for p in data.iterdir())
+    proc = corpus(data, tiny_teacher, data, "--split", "test", check=False)
+    assert "--out must differ from the data folder with the bin format" in proc.stderr
+    assert sorted(p.name for p in data.iterdir()) == before  # nothing written into the data
+    (tmp_path / "afile").write_text("x")
+    proc = corpus(data, tiny_teacher, tmp_path / "afile", "--split", "test", check=False)
+    assert f"--out {tmp_path / 'afile'} is a file, not a folder" in proc.stderr
+    proc = corpus(data, tiny_teacher, tmp_path / "o", "--split", "test", "--max-source-tokens", "100000",
+                  check=False)
+    assert re.search(r"--max-source-tokens 100000 exceeds the teacher's maximum source positions \(\d+\)",
+                     proc.stderr)
+
+
+def test_failed_start_does_not_bind_the_settings(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    """A run that saved no chunk (wrong teacher file) leaves the folder free for the corrected command."""
+    out = tmp_path / "o"
+    proc = corpus(tiny_data / "bin", tiny_data / "bin" / "dict.en.txt", out, "--split", "test", check=False)
+    assert proc.returncode != 0 and "dict.en.txt" in proc.stderr
+    corpus(tiny_data / "bin", tiny_teacher, out, "--split", "test", "--formats", "pieces")
+    assert (out / "test.en").exists()
+    # the same teacher named by a relative path is the same setting: the rerun resumes (nothing to do)
+    monkeypatch.chdir(tiny_teacher.parent)
+    proc = corpus(tiny_data / "bin", tiny_teacher.name, out, "--split", "test", "--formats", "pieces")
+    assert "chunks already done" in proc.stdout

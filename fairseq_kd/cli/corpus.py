@@ -274,9 +274,13 @@ class ChunkTranslator:
 
 
 def max_source_tokens(args, models):
+    limit = min(m.max_positions()[0] for m in models)
     if args.max_source_tokens > 0:
+        # longer sources would index past the teacher's position embeddings
+        require(args.max_source_tokens <= limit, f"--max-source-tokens {args.max_source_tokens} "
+                f"exceeds the teacher's maximum source positions ({limit})")
         return args.max_source_tokens
-    return min(m.max_positions()[0] for m in models)
+    return limit
 
 
 # ---------------------------------------------------------------- work folder
@@ -288,6 +292,7 @@ class WorkDir:
         self.chunks = chunk_ranges(n_lines, args.chunk_size)
         self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
         self.settings["data"] = os.path.abspath(args.data)
+        self.settings["path"] = ":".join(os.path.abspath(p) for p in args.path.split(":") if p)
         self.settings["n_lines"] = n_lines
         self.settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
 
@@ -298,10 +303,16 @@ class WorkDir:
             with open(settings_file) as f:
                 old = json.load(f)
             changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
-            require(not changed, f"{self.path} holds a run with other settings ({', '.join(changed)}); "
+            # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
+            require(not changed or not self._any_chunk(),
+                    f"{self.path} holds a run with other settings ({', '.join(changed)}); "
                     "use another --out or delete that folder")
-        else:
-            write_atomic(settings_file, json.dumps(self.settings, indent=1))
+            if not changed:
+                return
+        write_atomic(settings_file, json.dumps(self.settings, indent=1))
+
+    def _any_chunk(self):
+        return bool(glob.glob(os.path.join(self.path, "chunk-*.json")))
 
     def chunk_file(self, c):
         return os.path.join(self.path, f"chunk-{c:06d}.json")
@@ -427,8 +438,6 @@ def write_binarized(args, data, lines):
     from fairseq.data import indexed_dataset
 
     src, tgt, split = args.source_lang, args.target_lang, args.split
-    same_folder = os.path.realpath(args.data) == os.path.realpath(args.out)
-    require(not same_folder, "--out must differ from the data folder with the bin format")
     for lang in (src, tgt):
         shutil.copyfile(os.path.join(args.data, f"dict.{lang}.txt"), os.path.join(args.out, f"dict.{lang}.txt"))
     out_prefix = os.path.join(args.out, os.path.basename(data.prefix))
@@ -455,7 +464,11 @@ def parse_formats(spec):
 
 
 def check_args(args):
-    parse_formats(args.formats)
+    formats = parse_formats(args.formats)
+    require(not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file, not a folder")
+    if "bin" in formats:  # checked before decoding: the bin files would overwrite the data's own
+        require(os.path.realpath(args.data) != os.path.realpath(args.out),
+                "--out must differ from the data folder with the bin format")
     require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
     require(args.seq_inter >= 0, f"--seq-inter must be >= 0, got {args.seq_inter}")
     require(args.chunk_size >= 1, f"--chunk-size must be >= 1, got {args.chunk_size}")
