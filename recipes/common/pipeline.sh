@@ -131,9 +131,9 @@ step_teacher() {
 corpus() {
   local name=$1; shift
   if is_done "$name"; then skip "$name"; return; fi
-  local workers=${CORPUS_WORKERS:-$NGPU}
-  [ "$workers" -gt 0 ] || workers=1
-  log "corpus $name: $* ($workers workers; log: $WORK/logs/$name.log)"
+  # CORPUS_WORKERS unset: fairseq-kd's default, one process per GPU (or per CPU core, up to 8)
+  local workers=${CORPUS_WORKERS:-0}
+  log "corpus $name: $* (workers: ${CORPUS_WORKERS:-default}; log: $WORK/logs/$name.log)"
   run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/bin" --path "$WORK/teacher/checkpoint_best.pt" \
     -s "$SRC" -t "$TGT" --out "$WORK/$name" --workers "$workers" --no-progress-bar \
     --max-tokens "$CORPUS_MAX_TOKENS" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
