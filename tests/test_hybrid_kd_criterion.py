@@ -270,6 +270,38 @@ def test_half_precision_student(tiny_data, tiny_teacher, distilled_dir, dtype):
         assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("cast", ["fp16", "bf16"])
+def test_running_means_move_as_in_float32_under_half_precision(
+        tiny_data, tiny_teacher, distilled_dir, cast):
+    """The trainer casts the whole criterion (--fp16: .half(), --bf16: .to(bfloat16)); the
+    running means must still follow the float32 EMA (in bfloat16 a 1% step rounds away)."""
+    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    model.eval()
+    hybrid.train()
+    with torch.no_grad():
+        _, _, log = hybrid(model, first_batch(task, "train", max_tokens=300))
+    start = [1.3, 3.1]
+    hybrid.loss_scales.copy_(torch.tensor(start))
+    hybrid.scale_updates.fill_(5)
+    hybrid = hybrid.half() if cast == "fp16" else hybrid.to(dtype=torch.bfloat16)  # as fairseq's Trainer
+    assert hybrid.gate.proj.weight.dtype == (torch.float16 if cast == "fp16" else torch.bfloat16)
+    current = [log["tok_loss"].item() / log["ntokens"], log["sent_loss"].item() / log["hyp_ntokens"]]
+    expected = [float(torch.tensor(v)) for v in start]  # float32 starting values, in float64
+    for _ in range(200):
+        update_scales(task, hybrid, [log])
+        expected = [0.99 * e + 0.01 * c for e, c in zip(expected, current)]
+    assert all(abs(e - s) > 0.1 for e, s in zip(expected, start))  # the means really had to move
+    assert hybrid.loss_scales.tolist() == pytest.approx(expected, rel=1e-5)
+    assert hybrid.loss_scales.dtype == torch.float32
+    assert int(hybrid.scale_updates) == 205
+    # saved and restored exactly, as on resume
+    state = hybrid.state_dict()
+    assert state["loss_scales"].dtype == torch.float32
+    _, _, fresh = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.loss_scales, hybrid.loss_scales)
+
+
 def test_bad_options_are_clear_errors(tiny_data, tiny_teacher, distilled_dir):
     with pytest.raises(KDError, match="--distilled-data DIR"):
         build_training(tiny_data / "bin", "--task", "translation_kd", "--teacher-path", tiny_teacher,

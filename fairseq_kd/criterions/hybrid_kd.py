@@ -32,7 +32,8 @@ or 1.  Our remedy combines the three options METHODS.md names:
    a sentence gets more token-level KD when it is relatively harder to fit
    at sentence level than at token level, and vice versa, never all-or-nothing.
 
-The running means are buffers of this criterion, updated once per update
+The running means are float32 buffers of this criterion (also under
+--fp16/--bf16, see ``_apply``), updated once per update
 from the logging outputs fairseq has summed over micro-batches and ranks
 (``translation_kd.reduce_metrics``), hence identical on every rank, exact
 under ``--update-freq``, saved in checkpoints and restored on resume.  Until
@@ -201,6 +202,21 @@ class HybridKDCriterion(KDCriterionBase):
             # running means of the per-token L_tok and L_sent (see module docstring)
             self.register_buffer("loss_scales", torch.zeros(2))
             self.register_buffer("scale_updates", torch.zeros((), dtype=torch.long))
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module casts move ``loss_scales`` but keep it float32.
+
+        fairseq's trainer casts the whole criterion under --fp16/--bf16; the
+        running means are updated by ``(1 - decay) * (current - mean)``, about
+        1% of the mean, which is below half a bfloat16 step (and close to a
+        float16 one): cast, they would stop moving.
+        """
+        scales = self._buffers.get("loss_scales")
+        super()._apply(fn, *args, **kwargs)
+        if scales is not None:
+            moved = self._buffers["loss_scales"]
+            self._buffers["loss_scales"] = scales.to(device=moved.device, dtype=torch.float32)
+        return self
 
     # -- the student's single forward pass ---------------------------------
     def student_forward(self, model, sample):
