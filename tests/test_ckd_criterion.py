@@ -164,6 +164,29 @@ def test_only_ckd_with_a_layer_term_adds_hooks(tiny_data, tiny_teacher):
     assert log["layer_loss"].item() == 0
 
 
+def test_beta_zero_with_an_ensemble_is_word_kd(tiny_data, tmp_path):
+    """README: --ckd-beta 0 is word_kd, also with an ensemble (no hidden states are needed)."""
+    from test_a2d_attention import save_random_teacher
+
+    ensemble = ":".join(str(save_random_teacher(tiny_data, tmp_path / f"t{i}.pt", 2, 2, seed=i))
+                        for i in (1, 2))
+    args = ("--kd-alpha", "0.4", "--kd-temperature", "2", "--kd-topk", "5", "--label-smoothing", "0.1")
+    task, model, ckd, sample = ckd_setup(tiny_data, ensemble, "--ckd-beta", "0", *args)
+    _, word_task, _, word_kd = build_training(
+        tiny_data / "bin", "--task", "translation_kd", "--teacher-path", ensemble, *STUDENT_ARCH,
+        "--criterion", "word_kd", *args)
+    model.double()
+    loss, size, log = ckd(model, sample)
+    w_loss, w_size, w_log = word_kd(model, sample)
+    assert len(task.teachers) == 2 and size == w_size
+    assert w_log["kd_loss"].item() > 0
+    # ckd's NLL uses fairseq's log-softmax (float32), word_kd's fused loss the float64 logits
+    assert loss.item() == pytest.approx(w_loss.item(), rel=1e-7)
+    assert log["word_loss"].item() == pytest.approx(w_log["kd_loss"].item(), rel=1e-9)
+    assert log["nll_loss"].item() == pytest.approx(w_log["nll_loss"].item(), rel=1e-7)
+    assert log["layer_loss"].item() == 0
+
+
 def test_ensemble_teacher_is_refused(tiny_data, tiny_teacher):
     with pytest.raises(KDError, match="ckd needs a single teacher: an ensemble of 2"):
         build_training(tiny_data / "bin", "--task", "translation_kd",

@@ -27,7 +27,10 @@ them with the student, saves them under the checkpoint's "criterion" entry
 (never "model") and restores them on resume; the student checkpoint stays a
 plain ``transformer``.  They are sized from ``task.student_cfg`` and the
 teacher's modules, so the teacher is loaded when the criterion is built.
-An ensemble teacher has no single set of hidden states and is refused.
+An ensemble teacher has no single set of hidden states and is refused when
+beta > 0; with beta = 0 (no layer term) the teacher's distribution comes from
+``task.teacher_distribution`` as in ``word_kd``, so ensembles and
+``--teacher-cache`` work.
 """
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -204,15 +207,18 @@ class CKDCriterion(KDCriterionBase):
             net_output = model(**net_input)
         ls_loss, nll_loss, _ = self.nll_terms(model, net_output, sample)
         word_loss = layer_loss = ls_loss.new_zeros(())
-        if self.alpha > 0 or self.sides:
+        if self.sides:
+            # one pass of the single teacher serves both terms
             [teacher] = self.task.teacher_forward(
                 model, net_input, return_all_hiddens="encoder" in self.sides)
+            layer_loss = self.layer_term(student_states, teacher, net_input)
             if self.alpha > 0:
                 word_loss = self.word_kd_term(
                     model, net_output, sample, self.temperature, self.topk,
                     teacher=TranslationKDTask.distribution_from_outputs([teacher], self.topk))
-            if self.sides:
-                layer_loss = self.layer_term(student_states, teacher, net_input)
+        elif self.alpha > 0:
+            # no hidden states needed: the task's distribution, as word_kd (ensembles, cache)
+            word_loss = self.word_kd_term(model, net_output, sample, self.temperature, self.topk)
         loss = ((1.0 - self.alpha - self.beta) * ls_loss
                 + self.alpha * self.temperature ** 2 * word_loss
                 + self.beta * layer_loss)
