@@ -203,6 +203,8 @@ def test_ensemble_teacher_is_refused(tiny_data, tiny_teacher):
     (["--ckd-side", "decoder", "--decoder-layer-map", "0,4|1"],
      "ckd decoder (4-layer teacher, 2-layer student): --layer-map '0,4|1' names teacher layers [4]"),
     (["--kd-alpha", "0.6", "--ckd-beta", "0.5"], "--kd-alpha + --ckd-beta must be <= 1"),
+    (["--ckd-side", "both", "--decoder-layerdrop", "0.1"],
+     "ckd needs the output of every student decoder layer: --decoder-layerdrop must be 0, got 0.1"),
 ])
 def test_maps_that_cannot_be_built_are_clear_errors(tiny_data, tiny_teacher, args, message):
     with pytest.raises(KDError, match=re.escape(message)):

@@ -49,6 +49,8 @@ from fairseq_kd.criterions.kd_base import (
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import (
     LayerOutputRecorder,
+    model_cfg_value,
+    require_every_layer_runs,
     teacher_layer_states,
     transformer_layers,
     unwrap_model,
@@ -82,29 +84,17 @@ class CKDConfig(WordKDOptions):
     )
 
 
-def _cfg_value(cfg, flat, nested, default=None):
-    """A model option from a legacy (flat ``encoder_layers``) or dataclass
-    (nested ``encoder.layers``) transformer config."""
-    value = getattr(cfg, flat, None)
-    if value is None:
-        part, _, name = nested.partition(".")
-        value = getattr(getattr(cfg, part, None), name, None)
-    return default if value is None else value
-
-
 def student_layout(cfg, side):
     """(number of layers, hidden size) of the student's ``side`` from its model config."""
-    layers = _cfg_value(cfg, f"{side}_layers", f"{side}.layers")
-    dim = _cfg_value(cfg, f"{side}_embed_dim", f"{side}.embed_dim")
+    layers = model_cfg_value(cfg, f"{side}_layers", f"{side}.layers")
+    dim = model_cfg_value(cfg, f"{side}_embed_dim", f"{side}.embed_dim")
     require(layers is not None and dim is not None,
             f"ckd: cannot read the student's {side} layers/embed_dim from its model config "
             f"(arch {getattr(cfg, 'arch', getattr(cfg, '_name', '?'))}); ckd needs a transformer")
-    keep = _cfg_value(cfg, f"{side}_layers_to_keep", f"{side}.layers_to_keep")
+    keep = model_cfg_value(cfg, f"{side}_layers_to_keep", f"{side}.layers_to_keep")
     if keep:
         layers = len(str(keep).split(","))
-    layerdrop = _cfg_value(cfg, f"{side}_layerdrop", f"{side}.layerdrop", 0.0)
-    require(not layerdrop, f"ckd needs every student {side} layer's output: "
-            f"--{side}-layerdrop must be 0, got {layerdrop}")
+    require_every_layer_runs(cfg, side, "ckd", "output")
     return int(layers), int(dim)
 
 
