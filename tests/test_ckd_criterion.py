@@ -1,10 +1,12 @@
 """The ckd criterion in-process: hidden states, loss, projections, errors."""
+import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
+from fairseq.logging import metrics
 from fairseq.distributed import ModuleProxyWrapper
 
 from fairseq_kd.errors import KDError
@@ -116,13 +118,22 @@ def test_loss_matches_an_independent_computation(tiny_data, tiny_teacher):
         s_enc, s_dec, s_logits = plain_states(model, net_input)
         src_mask = net_input["src_tokens"].ne(task.src_dict.pad()).t()
         tgt_mask = sample["target"].ne(task.tgt_dict.pad()).t()
-        layer = (brute_force_layer_term(s_enc, t_enc, ckd.groups["encoder"],
-                                        ckd.projections["encoder"], src_mask)
-                 + brute_force_layer_term(s_dec, t_dec, ckd.groups["decoder"],
-                                          ckd.projections["decoder"], tgt_mask))
+        layer_enc = brute_force_layer_term(s_enc, t_enc, ckd.groups["encoder"],
+                                           ckd.projections["encoder"], src_mask)
+        layer_dec = brute_force_layer_term(s_dec, t_dec, ckd.groups["decoder"],
+                                           ckd.projections["decoder"], tgt_mask)
+        layer = layer_enc + layer_dec
     ls, nll, kd = brute_force_word_kd(s_logits, t_logits, sample["target"], alpha=0.0, T=T, eps=eps)
     expected = (1 - alpha - beta) * ls + alpha * T * T * kd + beta * layer
     assert log["layer_loss"].item() == pytest.approx(layer, rel=1e-9)
+    assert log["layer_loss_enc"].item() == pytest.approx(layer_enc, rel=1e-9)
+    assert log["layer_loss_dec"].item() == pytest.approx(layer_dec, rel=1e-9)
+    with metrics.aggregate(new_root=True) as agg:  # logged per sample_size, in bits
+        ckd.reduce_metrics([log])
+    logged = agg.get_smoothed_values()
+    for key, value in (("layer_loss", layer), ("layer_loss_enc", layer_enc),
+                       ("layer_loss_dec", layer_dec), ("word_loss", kd)):
+        assert logged[key] == pytest.approx(value / sample_size / math.log(2), abs=1e-3), key
     assert log["word_loss"].item() == pytest.approx(kd, rel=1e-6)
     assert log["nll_loss"].item() == pytest.approx(nll, rel=1e-6)  # fairseq log-softmax is fp32
     assert loss.item() == pytest.approx(expected, rel=1e-6)

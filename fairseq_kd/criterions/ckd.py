@@ -108,7 +108,7 @@ def teacher_layout(teacher, side):
 
 @register_criterion("ckd", dataclass=CKDConfig)
 class CKDCriterion(KDCriterionBase):
-    LOSS_TERMS = ("word_loss", "layer_loss")
+    LOSS_TERMS = ("word_loss", "layer_loss", "layer_loss_enc", "layer_loss_dec")
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  ckd_beta, layer_map, ckd_side, decoder_layer_map=None, ignore_prefix_size=0,
@@ -174,8 +174,8 @@ class CKDCriterion(KDCriterionBase):
 
     # -- loss ----------------------------------------------------------------
     def layer_term(self, student_states, teacher_output, net_input):
-        """L_layer summed over the matched sides (a 0-dim tensor)."""
-        total = 0.0
+        """{side: L_layer of that side (a 0-dim tensor)} for the matched sides."""
+        terms = {}
         for side in self.sides:
             states = student_states[side]
             missing = [i for i, s in enumerate(states) if s is None]
@@ -185,11 +185,11 @@ class CKDCriterion(KDCriterionBase):
                 mask = net_input["src_tokens"].ne(self.task.source_dictionary.pad())
             else:
                 mask = net_input["prev_output_tokens"].ne(self.padding_idx)
-            total = total + layer_kd_loss(
+            terms[side] = layer_kd_loss(
                 states, teacher_layer_states(teacher_output, side), self.groups[side],
                 self.projections[side], mask.t(),  # states are T x B x C
             )
-        return total
+        return terms
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
@@ -197,11 +197,15 @@ class CKDCriterion(KDCriterionBase):
             net_output = model(**net_input)
         ls_loss, nll_loss, _ = self.nll_terms(model, net_output, sample)
         word_loss = layer_loss = ls_loss.new_zeros(())
+        side_terms = {}
         if self.sides:
             # one pass of the single teacher serves both terms
             [teacher] = self.task.teacher_forward(
                 model, net_input, return_all_hiddens="encoder" in self.sides)
-            layer_loss = self.layer_term(student_states, teacher, net_input)
+            per_side = self.layer_term(student_states, teacher, net_input)
+            layer_loss = sum(per_side.values())
+            if len(per_side) > 1:  # --ckd-side both: which side the total comes from
+                side_terms = {f"layer_loss_{side[:3]}": v for side, v in per_side.items()}
             if self.alpha > 0:
                 word_loss = self.word_kd_term(
                     model, net_output, sample, self.temperature, self.topk,
@@ -214,6 +218,7 @@ class CKDCriterion(KDCriterionBase):
                 + self.beta * layer_loss)
         sample_size = self.sample_size(sample)
         logging_output = self.make_logging_output(
-            sample, loss, nll_loss, sample_size, word_loss=word_loss, layer_loss=layer_loss)
+            sample, loss, nll_loss, sample_size, word_loss=word_loss, layer_loss=layer_loss,
+            **side_terms)
         self.add_accuracy(logging_output, model, net_output, sample)
         return loss, sample_size, logging_output

@@ -169,7 +169,8 @@ def student_encoder_dim(cfg):
 
 @register_criterion("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(KDCriterionBase):
-    LOSS_TERMS = ("tok_loss", "sent_loss")
+    LOSS_TERMS = ("tok_loss", "sent_loss", "kd_loss")  # kd_loss: the KL inside L_tok, as word_kd's
+    MEAN_STATS = ("tok_scale", "sent_scale")  # the running means the gate divides by
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  gate, gate_value, gate_prior, gate_prior_weight, gate_scale_decay,
@@ -261,7 +262,7 @@ class HybridKDCriterion(KDCriterionBase):
 
         teacher = (self.task.teacher_distribution(model, sample, topk=self.topk)
                    if self.uses_teacher else None)
-        tok, nll, _ = word_kd_sentence_losses(
+        tok, nll, kd = word_kd_sentence_losses(
             gold_output[0], sample["target"], teacher, self.padding_idx,
             self.alpha if self.uses_teacher else 0.0, self.temperature, self.eps,
             lprobs=lprobs[:batch_size, :gold_len],
@@ -277,10 +278,16 @@ class HybridKDCriterion(KDCriterionBase):
 
         sample_size = self.sample_size(sample)
         g = gate.detach()
+        terms = {"kd_loss": kd.sum()} if self.uses_teacher else {}
         logging_output = self.make_logging_output(
             sample, loss, nll.sum(), sample_size, tok_loss=tok.sum(), sent_loss=sent.sum(),
             hyp_ntokens=hyp_ntokens, gate_n=batch_size, gate_sum=g.sum(), gate_sqsum=(g * g).sum(),
+            **terms,
         )
+        if self.gate is not None:
+            # in bits per token like the loss terms (loss_scales are nats, as fairseq's sums)
+            tok_scale, sent_scale = (self.loss_scales.float() / math.log(2)).tolist()
+            self.add_stats(logging_output, tok_scale=tok_scale, sent_scale=sent_scale)
         self.add_accuracy(logging_output, model, gold_output, sample)
         return loss, sample_size, logging_output
 
