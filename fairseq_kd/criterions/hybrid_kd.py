@@ -31,6 +31,8 @@ or 1.  Our remedy combines the three options METHODS.md names:
    minimiser g_i* = sigmoid(logit(prior) + (r_sent_i - r_tok_i) / lambda):
    a sentence gets more token-level KD when it is relatively harder to fit
    at sentence level than at token level, and vice versa, never all-or-nothing.
+   This is the opposite of Wei et al.'s hypothesis (complex cases suit
+   sentence-level KD): the gate is a diagnostic, not their method.
 
 The running means are float32 buffers of this criterion (also under
 --fp16/--bf16, see ``_apply``), updated once per update
