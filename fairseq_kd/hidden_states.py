@@ -38,6 +38,28 @@ def unwrap_model(model):
     return model
 
 
+def model_cfg_value(cfg, flat, nested, default=None):
+    """A model option from a legacy (flat ``encoder_layers``) or dataclass
+    (nested ``encoder.layers``) transformer config."""
+    value = getattr(cfg, flat, None)
+    if value is None:
+        part, _, name = nested.partition(".")
+        value = getattr(getattr(cfg, part, None), name, None)
+    return default if value is None else value
+
+
+def require_every_layer_runs(cfg, side, criterion, what):
+    """Refuse LayerDrop on ``side`` of the student (``cfg``: its model config).
+
+    A criterion that reads every layer (hidden states, attention maps) would
+    find a skipped layer's entry empty at some step, and fail there with a
+    message about the capture rather than the option.
+    """
+    layerdrop = model_cfg_value(cfg, f"{side}_layerdrop", f"{side}.layerdrop", 0.0)
+    require(not layerdrop, f"{criterion} needs the {what} of every student {side} layer: "
+            f"--{side}-layerdrop must be 0, got {layerdrop}")
+
+
 def transformer_layers(model, side) -> List[nn.Module]:
     """The layers of ``side`` ('encoder' or 'decoder') of a fairseq transformer."""
     part = getattr(model, side, None)

@@ -21,6 +21,7 @@ gradient (weight decay on a nonzero state, resumed momenta).
 import torch
 
 from fairseq_kd.errors import require
+from fairseq_kd.hidden_states import unwrap_model
 
 EMBEDDING_KEYS = ("embed_tokens", "embed_positions", "output_projection")
 
@@ -102,7 +103,8 @@ class MaskKeeper:
         return cls(masks)
 
     def _params(self, model):
-        params = dict(getattr(model, "module", model).named_parameters())
+        # the trainer hands over ModuleProxyWrapper(DDP(model)) under DDP: two levels
+        params = dict(unwrap_model(model).named_parameters())
         missing = sorted(set(self.masks) - set(params))
         if missing:
             require(False, f"--prune-mask: the model has no parameter {missing[0]} "

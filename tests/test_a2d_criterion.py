@@ -137,6 +137,13 @@ def test_alignment_state_round_trips(tiny_data, teacher_6x4):
     (["--teacher-path", "{t}", "--attn-types", "enc,decoder"], "--attn-types must be"),
     (["--teacher-path", "{t}", "--a2d-decay", "1.5"], "--a2d-decay must be in [0, 1]"),
     (["--teacher-path", "{t}", "--a2d-beta", "-1"], "--a2d-beta must be >= 0"),
+    # a skipped layer captures no map: refused when built, not at the first step
+    (["--teacher-path", "{t}", "--encoder-layerdrop", "0.2"],
+     "a2d needs the attention maps of every student encoder layer: "
+     "--encoder-layerdrop must be 0, got 0.2"),
+    (["--teacher-path", "{t}", "--attn-types", "cross", "--decoder-layerdrop", "0.1"],
+     "a2d needs the attention maps of every student decoder layer: "
+     "--decoder-layerdrop must be 0, got 0.1"),
 ])
 def test_bad_configurations_are_kd_errors(tiny_data, teacher_6x4, args, message):
     args = [a.format(t=teacher_6x4) for a in args]

@@ -1,10 +1,12 @@
 """The ckd criterion in-process: hidden states, loss, projections, errors."""
+import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
+from fairseq.logging import metrics
 from fairseq.distributed import ModuleProxyWrapper
 
 from fairseq_kd.errors import KDError
@@ -116,13 +118,22 @@ def test_loss_matches_an_independent_computation(tiny_data, tiny_teacher):
         s_enc, s_dec, s_logits = plain_states(model, net_input)
         src_mask = net_input["src_tokens"].ne(task.src_dict.pad()).t()
         tgt_mask = sample["target"].ne(task.tgt_dict.pad()).t()
-        layer = (brute_force_layer_term(s_enc, t_enc, ckd.groups["encoder"],
-                                        ckd.projections["encoder"], src_mask)
-                 + brute_force_layer_term(s_dec, t_dec, ckd.groups["decoder"],
-                                          ckd.projections["decoder"], tgt_mask))
+        layer_enc = brute_force_layer_term(s_enc, t_enc, ckd.groups["encoder"],
+                                           ckd.projections["encoder"], src_mask)
+        layer_dec = brute_force_layer_term(s_dec, t_dec, ckd.groups["decoder"],
+                                           ckd.projections["decoder"], tgt_mask)
+        layer = layer_enc + layer_dec
     ls, nll, kd = brute_force_word_kd(s_logits, t_logits, sample["target"], alpha=0.0, T=T, eps=eps)
     expected = (1 - alpha - beta) * ls + alpha * T * T * kd + beta * layer
     assert log["layer_loss"].item() == pytest.approx(layer, rel=1e-9)
+    assert log["layer_loss_enc"].item() == pytest.approx(layer_enc, rel=1e-9)
+    assert log["layer_loss_dec"].item() == pytest.approx(layer_dec, rel=1e-9)
+    with metrics.aggregate(new_root=True) as agg:  # logged per sample_size, in bits
+        ckd.reduce_metrics([log])
+    logged = agg.get_smoothed_values()
+    for key, value in (("layer_loss", layer), ("layer_loss_enc", layer_enc),
+                       ("layer_loss_dec", layer_dec), ("word_loss", kd)):
+        assert logged[key] == pytest.approx(value / sample_size / math.log(2), abs=1e-3), key
     assert log["word_loss"].item() == pytest.approx(kd, rel=1e-6)
     assert log["nll_loss"].item() == pytest.approx(nll, rel=1e-6)  # fairseq log-softmax is fp32
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -164,6 +175,29 @@ def test_only_ckd_with_a_layer_term_adds_hooks(tiny_data, tiny_teacher):
     assert log["layer_loss"].item() == 0
 
 
+def test_beta_zero_with_an_ensemble_is_word_kd(tiny_data, tmp_path):
+    """README: --ckd-beta 0 is word_kd, also with an ensemble (no hidden states are needed)."""
+    from test_a2d_attention import save_random_teacher
+
+    ensemble = ":".join(str(save_random_teacher(tiny_data, tmp_path / f"t{i}.pt", 2, 2, seed=i))
+                        for i in (1, 2))
+    args = ("--kd-alpha", "0.4", "--kd-temperature", "2", "--kd-topk", "5", "--label-smoothing", "0.1")
+    task, model, ckd, sample = ckd_setup(tiny_data, ensemble, "--ckd-beta", "0", *args)
+    _, word_task, _, word_kd = build_training(
+        tiny_data / "bin", "--task", "translation_kd", "--teacher-path", ensemble, *STUDENT_ARCH,
+        "--criterion", "word_kd", *args)
+    model.double()
+    loss, size, log = ckd(model, sample)
+    w_loss, w_size, w_log = word_kd(model, sample)
+    assert len(task.teachers) == 2 and size == w_size
+    assert w_log["kd_loss"].item() > 0
+    # ckd's NLL uses fairseq's log-softmax (float32), word_kd's fused loss the float64 logits
+    assert loss.item() == pytest.approx(w_loss.item(), rel=1e-7)
+    assert log["word_loss"].item() == pytest.approx(w_log["kd_loss"].item(), rel=1e-9)
+    assert log["nll_loss"].item() == pytest.approx(w_log["nll_loss"].item(), rel=1e-7)
+    assert log["layer_loss"].item() == 0
+
+
 def test_ensemble_teacher_is_refused(tiny_data, tiny_teacher):
     with pytest.raises(KDError, match="ckd needs a single teacher: an ensemble of 2"):
         build_training(tiny_data / "bin", "--task", "translation_kd",
@@ -180,6 +214,8 @@ def test_ensemble_teacher_is_refused(tiny_data, tiny_teacher):
     (["--ckd-side", "decoder", "--decoder-layer-map", "0,4|1"],
      "ckd decoder (4-layer teacher, 2-layer student): --layer-map '0,4|1' names teacher layers [4]"),
     (["--kd-alpha", "0.6", "--ckd-beta", "0.5"], "--kd-alpha + --ckd-beta must be <= 1"),
+    (["--ckd-side", "both", "--decoder-layerdrop", "0.1"],
+     "ckd needs the output of every student decoder layer: --decoder-layerdrop must be 0, got 0.1"),
 ])
 def test_maps_that_cannot_be_built_are_clear_errors(tiny_data, tiny_teacher, args, message):
     with pytest.raises(KDError, match=re.escape(message)):

@@ -77,6 +77,19 @@ def test_explicit_map_round_trip_and_any_depths():
     assert build_layer_map(explicit_map_spec(groups), 12, 4) == groups
 
 
+def test_methods_cross_example_is_the_documented_explicit_map():
+    """METHODS.md's cross example '1,3 | 4,6' (1-based, 6 -> 2) is not our named
+    cross map; README and docstring say so and give the explicit map that is."""
+    methods_example = [[1, 3], [4, 6]]
+    spec = "0,2|3,5"
+    assert build_layer_map(spec, 6, 2) == [[j - 1 for j in g] for g in methods_example]
+    assert build_layer_map("cross", 6, 2) != build_layer_map(spec, 6, 2)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for doc in (readme, layer_maps.__doc__):
+        assert f"--layer-map '{spec}'" in doc and "1,3 | 4,6" in doc
+        assert "METHODS.md leaves them open" not in doc
+
+
 @pytest.mark.parametrize("spec,t,s,message", [
     ("skip", 2, 3, "2-layer teacher and a 3-layer student"),
     ("regular", 4, 6, "4-layer teacher and a 6-layer student"),

@@ -30,3 +30,58 @@ def test_word_kd_under_ddp(tiny_data, tiny_teacher, tmp_path):
                   "--kd-temperature", "2")
     grads = check_ddp_matches_single_process(build_args, tmp_path)
     assert any(g.abs().sum() > 0 for g in grads.values())
+
+
+def prune_worker(rank, port, data_bin, mask_path, out_dir):
+    """One gloo rank of a --prune-mask update: forward/backward through fairseq's DDP
+    wrappers, then the task's optimizer_step with the wrapped model, as the trainer calls it."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        _, task, model, criterion = helpers.build_training(
+            data_bin, "--task", "translation_kd", "--prune-mask", mask_path, *STUDENT_ARCH,
+            "--dropout", "0", "--criterion", "label_smoothed_cross_entropy")
+        wrapped = helpers.fairseq_ddp_wrap(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        loss, _, _ = criterion(wrapped, helpers.batches(task, 2)[rank])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        task.optimizer_step(optimizer, wrapped, 1)
+        torch.save({"grads": grads, "weights": model.state_dict()},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_prune_mask_under_ddp(tiny_data, tmp_path):
+    """--prune-mask with the model as fairseq's trainer holds it under DDP
+    (ModuleProxyWrapper(DistributedDataParallel(model))): masked gradients are zero
+    after the all-reduce and masked weights are exactly zero after the update."""
+    from fairseq_kd.pruning import prunable_weights
+
+    torch.manual_seed(0)
+    _, _, model, _ = helpers.build_training(tiny_data / "bin", "--task", "translation_kd",
+                                            *STUDENT_ARCH, "--dropout", "0")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a random half of each selected tensor, on weights that are *not* zero yet:
+    # only the task's masking after the step can make them exactly zero
+    gen = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(w.shape, generator=gen) < 0.5 for n, w in prunable_weights(before).items()}
+    assert all(before[n][~m].abs().min() > 0 for n, m in masks.items())
+    torch.save(masks, tmp_path / "mask.pt")
+
+    mp.spawn(prune_worker, args=(helpers.free_port(), str(tiny_data / "bin"), str(tmp_path / "mask.pt"),
+                                 str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, mask in masks.items():
+        for r in ranks:
+            assert torch.all(r["grads"][name][~mask] == 0), name
+            assert torch.all(r["weights"][name][~mask] == 0), name
+        assert torch.equal(ranks[0]["weights"][name], ranks[1]["weights"][name]), name
+        assert not torch.equal(ranks[0]["weights"][name][mask], before[name][mask]), name

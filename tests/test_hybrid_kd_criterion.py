@@ -1,5 +1,7 @@
 """The hybrid_kd criterion in-process, against word_kd, label_smoothed_cross_entropy and
 independent per-sentence computations."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -80,6 +82,8 @@ def test_sentence_gate_weighs_each_sentence(tiny_data, tiny_teacher, distilled_d
     model.double().eval()
     hybrid.double()
     torch.nn.init.normal_(hybrid.gate.proj.weight, std=0.5)
+    hybrid.loss_scales.copy_(torch.tensor([1.5, 3.25]))  # as after some updates
+    hybrid.scale_updates.fill_(3)
     sample = first_batch(task, "train")
     loss, _, log = hybrid(model, sample)
 
@@ -95,7 +99,8 @@ def test_sentence_gate_weighs_each_sentence(tiny_data, tiny_teacher, distilled_d
         t_logits = teacher(**sample["net_input"])[0]
         kl = (F.softmax(t_logits / 2, -1) * (F.log_softmax(t_logits / 2, -1)
                                              - F.log_softmax(s_logits / 2, -1))).sum(-1)
-        tok = 4 * (kl * sample["target"].ne(PAD)).sum(1)
+        kd = (kl * sample["target"].ne(PAD)).sum(1)
+        tok = 4 * kd
         d = sample["distilled"]
         h_lprobs = F.log_softmax(model(src, lengths, d["prev_output_tokens"])[0], -1)
         nll = -h_lprobs.gather(-1, d["target"].unsqueeze(-1)).squeeze(-1)
@@ -106,6 +111,17 @@ def test_sentence_gate_weighs_each_sentence(tiny_data, tiny_teacher, distilled_d
     assert log["sent_loss"].item() == pytest.approx(sent.sum().item(), rel=1e-6)
     assert log["gate_sum"].item() == pytest.approx(g.sum().item(), rel=1e-6)
     assert log["gate_sqsum"].item() == pytest.approx((g * g).sum().item(), rel=1e-6)
+    assert log["kd_loss"].item() == pytest.approx(kd.sum().item(), rel=1e-6)
+    # every component reaches fairseq's metrics (bits per sample_size / per token)
+    with metrics.aggregate(new_root=True) as agg:
+        hybrid.reduce_metrics([log])
+    logged = agg.get_smoothed_values()
+    ntokens, ln2 = sample["ntokens"], math.log(2)
+    for key, value in (("tok_loss", tok.sum()), ("sent_loss", sent.sum()), ("kd_loss", kd.sum())):
+        assert logged[key] == pytest.approx(value.item() / ntokens / ln2, abs=1e-3), key
+    assert logged["tok_scale"] == pytest.approx(1.5 / ln2, abs=1e-4)
+    assert logged["sent_scale"] == pytest.approx(3.25 / ln2, abs=1e-4)
+    assert logged["gate"] == pytest.approx(g.mean().item(), abs=1e-4)
 
 
 def grads(module):
@@ -268,6 +284,38 @@ def test_half_precision_student(tiny_data, tiny_teacher, distilled_dir, dtype):
     loss.backward()
     for p in hybrid.parameters():
         assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("cast", ["fp16", "bf16"])
+def test_running_means_move_as_in_float32_under_half_precision(
+        tiny_data, tiny_teacher, distilled_dir, cast):
+    """The trainer casts the whole criterion (--fp16: .half(), --bf16: .to(bfloat16)); the
+    running means must still follow the float32 EMA (in bfloat16 a 1% step rounds away)."""
+    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    model.eval()
+    hybrid.train()
+    with torch.no_grad():
+        _, _, log = hybrid(model, first_batch(task, "train", max_tokens=300))
+    start = [1.3, 3.1]
+    hybrid.loss_scales.copy_(torch.tensor(start))
+    hybrid.scale_updates.fill_(5)
+    hybrid = hybrid.half() if cast == "fp16" else hybrid.to(dtype=torch.bfloat16)  # as fairseq's Trainer
+    assert hybrid.gate.proj.weight.dtype == (torch.float16 if cast == "fp16" else torch.bfloat16)
+    current = [log["tok_loss"].item() / log["ntokens"], log["sent_loss"].item() / log["hyp_ntokens"]]
+    expected = [float(torch.tensor(v)) for v in start]  # float32 starting values, in float64
+    for _ in range(200):
+        update_scales(task, hybrid, [log])
+        expected = [0.99 * e + 0.01 * c for e, c in zip(expected, current)]
+    assert all(abs(e - s) > 0.1 for e, s in zip(expected, start))  # the means really had to move
+    assert hybrid.loss_scales.tolist() == pytest.approx(expected, rel=1e-5)
+    assert hybrid.loss_scales.dtype == torch.float32
+    assert int(hybrid.scale_updates) == 205
+    # saved and restored exactly, as on resume
+    state = hybrid.state_dict()
+    assert state["loss_scales"].dtype == torch.float32
+    _, _, fresh = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.loss_scales, hybrid.loss_scales)
 
 
 def test_bad_options_are_clear_errors(tiny_data, tiny_teacher, distilled_dir):

@@ -218,6 +218,21 @@ def test_topk_the_cache_cannot_serve_is_an_error(tiny_data, cache32, topk, messa
         criterion(model, first_batch(task))
 
 
+def test_ckd_without_layer_term_reads_the_cache(tiny_data, tiny_teacher, cache32):
+    """ckd --ckd-beta 0 (= word_kd) needs only distributions: the cache serves them."""
+    args = ["--kd-alpha", "0.5", "--label-smoothing", "0.1", "--kd-topk", "8"]
+    online, cached, model, word_online, ckd_cached = online_and_cached(
+        tiny_data, tiny_teacher, cache32[0], "--criterion", "word_kd", *args)
+    _, cached, _, ckd_cached = cached_training(tiny_data, cache32[0], "--criterion", "ckd",
+                                               "--ckd-beta", "0", *args)
+    loss_o, _, log_o = word_online(model, first_batch(online))
+    loss_c, _, log_c = ckd_cached(model, first_batch(cached))
+    assert log_o["kd_loss"] > 0
+    assert loss_c.item() == pytest.approx(loss_o.item(), rel=1e-5)
+    assert log_c["word_loss"].item() == pytest.approx(log_o["kd_loss"].item(), rel=1e-5)
+    assert cached._teachers is None
+
+
 def test_criterions_needing_the_teacher_model_are_errors(tiny_data, tiny_teacher, cache32):
     needs_model = "needs the teacher model itself .* pass --teacher-path instead"
     with pytest.raises(KDError, match=needs_model):

@@ -26,6 +26,7 @@ import torch.nn as nn
 from fairseq.criterions import register_criterion
 
 from fairseq_kd.attention import (
+    ATTENTION_TYPES,
     AttentionAlignment,
     AttentionCapture,
     attention_layout,
@@ -40,6 +41,7 @@ from fairseq_kd.criterions.kd_base import (
     check_word_kd_options,
 )
 from fairseq_kd.errors import require
+from fairseq_kd.hidden_states import require_every_layer_runs
 from fairseq_kd.losses import attention_kl
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,8 @@ class A2DCriterion(KDCriterionBase):
         require(not getattr(student_cfg, "checkpoint_activations", False),
                 "a2d does not support --checkpoint-activations (the recomputed forward "
                 "pass would not capture the student's attention with gradients)")
+        for side in sorted({ATTENTION_TYPES[t][0] for t in self.types}):
+            require_every_layer_runs(student_cfg, side, "a2d", "attention maps")
         self.student_layout = attention_layout_from_cfg(student_cfg, self.types)
         self.teacher_layout = attention_layout(self.task.single_teacher("a2d", "attention maps to distil"), self.types)
         modules = {}

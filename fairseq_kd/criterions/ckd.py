@@ -27,7 +27,10 @@ them with the student, saves them under the checkpoint's "criterion" entry
 (never "model") and restores them on resume; the student checkpoint stays a
 plain ``transformer``.  They are sized from ``task.student_cfg`` and the
 teacher's modules, so the teacher is loaded when the criterion is built.
-An ensemble teacher has no single set of hidden states and is refused.
+An ensemble teacher has no single set of hidden states and is refused when
+beta > 0; with beta = 0 (no layer term) the teacher's distribution comes from
+``task.teacher_distribution`` as in ``word_kd``, so ensembles and
+``--teacher-cache`` work.
 """
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -46,6 +49,8 @@ from fairseq_kd.criterions.kd_base import (
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import (
     LayerOutputRecorder,
+    model_cfg_value,
+    require_every_layer_runs,
     teacher_layer_states,
     transformer_layers,
     unwrap_model,
@@ -79,29 +84,17 @@ class CKDConfig(WordKDOptions):
     )
 
 
-def _cfg_value(cfg, flat, nested, default=None):
-    """A model option from a legacy (flat ``encoder_layers``) or dataclass
-    (nested ``encoder.layers``) transformer config."""
-    value = getattr(cfg, flat, None)
-    if value is None:
-        part, _, name = nested.partition(".")
-        value = getattr(getattr(cfg, part, None), name, None)
-    return default if value is None else value
-
-
 def student_layout(cfg, side):
     """(number of layers, hidden size) of the student's ``side`` from its model config."""
-    layers = _cfg_value(cfg, f"{side}_layers", f"{side}.layers")
-    dim = _cfg_value(cfg, f"{side}_embed_dim", f"{side}.embed_dim")
+    layers = model_cfg_value(cfg, f"{side}_layers", f"{side}.layers")
+    dim = model_cfg_value(cfg, f"{side}_embed_dim", f"{side}.embed_dim")
     require(layers is not None and dim is not None,
             f"ckd: cannot read the student's {side} layers/embed_dim from its model config "
             f"(arch {getattr(cfg, 'arch', getattr(cfg, '_name', '?'))}); ckd needs a transformer")
-    keep = _cfg_value(cfg, f"{side}_layers_to_keep", f"{side}.layers_to_keep")
+    keep = model_cfg_value(cfg, f"{side}_layers_to_keep", f"{side}.layers_to_keep")
     if keep:
         layers = len(str(keep).split(","))
-    layerdrop = _cfg_value(cfg, f"{side}_layerdrop", f"{side}.layerdrop", 0.0)
-    require(not layerdrop, f"ckd needs every student {side} layer's output: "
-            f"--{side}-layerdrop must be 0, got {layerdrop}")
+    require_every_layer_runs(cfg, side, "ckd", "output")
     return int(layers), int(dim)
 
 
@@ -115,7 +108,7 @@ def teacher_layout(teacher, side):
 
 @register_criterion("ckd", dataclass=CKDConfig)
 class CKDCriterion(KDCriterionBase):
-    LOSS_TERMS = ("word_loss", "layer_loss")
+    LOSS_TERMS = ("word_loss", "layer_loss", "layer_loss_enc", "layer_loss_dec")
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  ckd_beta, layer_map, ckd_side, decoder_layer_map=None, ignore_prefix_size=0,
@@ -181,8 +174,8 @@ class CKDCriterion(KDCriterionBase):
 
     # -- loss ----------------------------------------------------------------
     def layer_term(self, student_states, teacher_output, net_input):
-        """L_layer summed over the matched sides (a 0-dim tensor)."""
-        total = 0.0
+        """{side: L_layer of that side (a 0-dim tensor)} for the matched sides."""
+        terms = {}
         for side in self.sides:
             states = student_states[side]
             missing = [i for i, s in enumerate(states) if s is None]
@@ -192,11 +185,11 @@ class CKDCriterion(KDCriterionBase):
                 mask = net_input["src_tokens"].ne(self.task.source_dictionary.pad())
             else:
                 mask = net_input["prev_output_tokens"].ne(self.padding_idx)
-            total = total + layer_kd_loss(
+            terms[side] = layer_kd_loss(
                 states, teacher_layer_states(teacher_output, side), self.groups[side],
                 self.projections[side], mask.t(),  # states are T x B x C
             )
-        return total
+        return terms
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
@@ -204,20 +197,28 @@ class CKDCriterion(KDCriterionBase):
             net_output = model(**net_input)
         ls_loss, nll_loss, _ = self.nll_terms(model, net_output, sample)
         word_loss = layer_loss = ls_loss.new_zeros(())
-        if self.alpha > 0 or self.sides:
+        side_terms = {}
+        if self.sides:
+            # one pass of the single teacher serves both terms
             [teacher] = self.task.teacher_forward(
                 model, net_input, return_all_hiddens="encoder" in self.sides)
+            per_side = self.layer_term(student_states, teacher, net_input)
+            layer_loss = sum(per_side.values())
+            if len(per_side) > 1:  # --ckd-side both: which side the total comes from
+                side_terms = {f"layer_loss_{side[:3]}": v for side, v in per_side.items()}
             if self.alpha > 0:
                 word_loss = self.word_kd_term(
                     model, net_output, sample, self.temperature, self.topk,
                     teacher=TranslationKDTask.distribution_from_outputs([teacher], self.topk))
-            if self.sides:
-                layer_loss = self.layer_term(student_states, teacher, net_input)
+        elif self.alpha > 0:
+            # no hidden states needed: the task's distribution, as word_kd (ensembles, cache)
+            word_loss = self.word_kd_term(model, net_output, sample, self.temperature, self.topk)
         loss = ((1.0 - self.alpha - self.beta) * ls_loss
                 + self.alpha * self.temperature ** 2 * word_loss
                 + self.beta * layer_loss)
         sample_size = self.sample_size(sample)
         logging_output = self.make_logging_output(
-            sample, loss, nll_loss, sample_size, word_loss=word_loss, layer_loss=layer_loss)
+            sample, loss, nll_loss, sample_size, word_loss=word_loss, layer_loss=layer_loss,
+            **side_terms)
         self.add_accuracy(logging_output, model, net_output, sample)
         return loss, sample_size, logging_output

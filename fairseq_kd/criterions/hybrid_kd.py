@@ -31,8 +31,11 @@ or 1.  Our remedy combines the three options METHODS.md names:
    minimiser g_i* = sigmoid(logit(prior) + (r_sent_i - r_tok_i) / lambda):
    a sentence gets more token-level KD when it is relatively harder to fit
    at sentence level than at token level, and vice versa, never all-or-nothing.
+   This is the opposite of Wei et al.'s hypothesis (complex cases suit
+   sentence-level KD): the gate is a diagnostic, not their method.
 
-The running means are buffers of this criterion, updated once per update
+The running means are float32 buffers of this criterion (also under
+--fp16/--bf16, see ``_apply``), updated once per update
 from the logging outputs fairseq has summed over micro-batches and ranks
 (``translation_kd.reduce_metrics``), hence identical on every rank, exact
 under ``--update-freq``, saved in checkpoints and restored on resume.  Until
@@ -168,7 +171,8 @@ def student_encoder_dim(cfg):
 
 @register_criterion("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(KDCriterionBase):
-    LOSS_TERMS = ("tok_loss", "sent_loss")
+    LOSS_TERMS = ("tok_loss", "sent_loss", "kd_loss")  # kd_loss: the KL inside L_tok, as word_kd's
+    MEAN_STATS = ("tok_scale", "sent_scale")  # the running means the gate divides by
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  gate, gate_value, gate_prior, gate_prior_weight, gate_scale_decay,
@@ -201,6 +205,21 @@ class HybridKDCriterion(KDCriterionBase):
             # running means of the per-token L_tok and L_sent (see module docstring)
             self.register_buffer("loss_scales", torch.zeros(2))
             self.register_buffer("scale_updates", torch.zeros((), dtype=torch.long))
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module casts move ``loss_scales`` but keep it float32.
+
+        fairseq's trainer casts the whole criterion under --fp16/--bf16; the
+        running means are updated by ``(1 - decay) * (current - mean)``, about
+        1% of the mean, which is below half a bfloat16 step (and close to a
+        float16 one): cast, they would stop moving.
+        """
+        scales = self._buffers.get("loss_scales")
+        super()._apply(fn, *args, **kwargs)
+        if scales is not None:
+            moved = self._buffers["loss_scales"]
+            self._buffers["loss_scales"] = scales.to(device=moved.device, dtype=torch.float32)
+        return self
 
     # -- the student's single forward pass ---------------------------------
     def student_forward(self, model, sample):
@@ -245,7 +264,7 @@ class HybridKDCriterion(KDCriterionBase):
 
         teacher = (self.task.teacher_distribution(model, sample, topk=self.topk)
                    if self.uses_teacher else None)
-        tok, nll, _ = word_kd_sentence_losses(
+        tok, nll, kd = word_kd_sentence_losses(
             gold_output[0], sample["target"], teacher, self.padding_idx,
             self.alpha if self.uses_teacher else 0.0, self.temperature, self.eps,
             lprobs=lprobs[:batch_size, :gold_len],
@@ -261,10 +280,16 @@ class HybridKDCriterion(KDCriterionBase):
 
         sample_size = self.sample_size(sample)
         g = gate.detach()
+        terms = {"kd_loss": kd.sum()} if self.uses_teacher else {}
         logging_output = self.make_logging_output(
             sample, loss, nll.sum(), sample_size, tok_loss=tok.sum(), sent_loss=sent.sum(),
             hyp_ntokens=hyp_ntokens, gate_n=batch_size, gate_sum=g.sum(), gate_sqsum=(g * g).sum(),
+            **terms,
         )
+        if self.gate is not None:
+            # in bits per token like the loss terms (loss_scales are nats, as fairseq's sums)
+            tok_scale, sent_scale = (self.loss_scales.float() / math.log(2)).tolist()
+            self.add_stats(logging_output, tok_scale=tok_scale, sent_scale=sent_scale)
         self.add_accuracy(logging_output, model, gold_output, sample)
         return loss, sample_size, logging_output
 
