@@ -10,7 +10,7 @@ USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fai
 
 def add_arguments(p):
     p.add_argument("results", help="results JSON from fairseq-kd evaluate")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="PNG to write (its folder is created if missing)")
     p.add_argument("--x", choices=["speed", "params"], default="speed",
                    help="x axis: sentences/s of the decoding, or parameters")
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
