@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     install_requires=[
         # Install torch, numpy and cython first, then fairseq-fixed with
         # --no-build-isolation (see Makefile): its build needs torch.

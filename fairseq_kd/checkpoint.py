@@ -16,6 +16,7 @@ so stock ``fairseq-generate`` and ``--restore-file`` fail.  Two remedies:
 import argparse
 import logging
 import os
+import re
 
 import torch
 from omegaconf import OmegaConf
@@ -25,6 +26,7 @@ from fairseq_kd.errors import KDError, require
 logger = logging.getLogger(__name__)
 
 SAFE_GLOBALS = [argparse.Namespace]
+UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 def register_safe_globals():
@@ -42,12 +44,8 @@ def load_checkpoint_state(path, trusted=False):
     from fairseq import checkpoint_utils
 
     require(os.path.isfile(path), f"checkpoint not found: {path}")
-    try:
-        with open(path, "rb") as f:
-            state = torch.load(f, map_location="cpu", weights_only=not trusted)
-    except Exception as e:  # corrupt or non-checkpoint file
-        raise KDError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    require(isinstance(state, dict) and "model" in state,
+    state = read_torch_file(path, trusted)
+    require(isinstance(state, dict) and isinstance(state.get("model"), dict),
             f"{path} is not a fairseq checkpoint (no 'model' entry)")
     if state.get("cfg") is not None:
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
@@ -57,6 +55,30 @@ def load_checkpoint_state(path, trusted=False):
                                             "lr_scheduler_state": {}, "num_updates": 0}])
     state.setdefault("extra_state", {})
     return checkpoint_utils._upgrade_state_dict(state)
+
+
+def read_torch_file(path, trusted=False, what="fairseq checkpoint"):
+    """``torch.load`` of a file the user named (on CPU), any failure as one line.
+
+    torch's own messages for a file that is not a torch file are pages long
+    (or a bare ``KeyError: 101``), and for a weights-only refusal they advise
+    ``weights_only=False``, which is not the user's fix here.
+    """
+    require(os.path.isfile(path), f"file not found: {path}")
+    require(os.path.getsize(path) > 0, f"{path} is empty: not a {what}")
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=not trusted)
+    except Exception as e:
+        raise KDError(unreadable_message(path, e, what)) from e
+
+
+def unreadable_message(path, error, what):
+    refused = UNSUPPORTED_GLOBAL.search(str(error))
+    if refused:
+        return (f"{path} is not a {what} this plugin can read: safe (weights-only) loading "
+                f"refuses the object {refused.group(1)} it holds")
+    return f"{path} is not a {what} (torch cannot read it: {type(error).__name__})"
 
 
 def checkpoint_cfg(state):

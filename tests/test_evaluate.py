@@ -1,18 +1,25 @@
 """fairseq-kd evaluate / table / plot on the tiny teacher."""
 import json
+import shutil
 
+import pytest
+import torch
 from sacrebleu.metrics import BLEU, CHRF
 
+from fairseq_kd import cli
 from helpers import USER_DIR, run, tool
 
 
 def test_evaluate_table_plot(tiny_data, tiny_teacher, tmp_path):
     results = tmp_path / "results.json"
+    # no --cpu: the device recorded is the one fairseq-generate used
     base = [tool("fairseq-kd"), "evaluate", "--data", tiny_data / "bin", "--ref", tiny_data / "raw/test.en",
-            "--results", results, "--beam", "2", "--cpu", "--batch-size", "16"]
+            "--results", results, "--beam", "2", "--batch-size", "16"]
     run(base + ["--checkpoint", tiny_teacher, "--name", "teacher"])
     data = json.loads(results.read_text())
     assert [s["name"] for s in data["systems"]] == ["teacher"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU ("
+    assert data["device"].startswith(device) and data["systems"][0]["device"] == data["device"]
     refs = (tiny_data / "raw/test.en").read_text().splitlines()
     for label in ("greedy", "beam"):
         hyps = (tmp_path / f"results.teacher.{label}.txt").read_text().splitlines()
@@ -33,3 +40,65 @@ def test_evaluate_table_plot(tiny_data, tiny_teacher, tmp_path):
     assert "| teacher |" in table and "BLEU signature: `nrefs:1" in table
     run([tool("fairseq-kd"), "plot", results, "--out", tmp_path / "plot.png"])
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def evaluate_error(capsys, tiny_data, checkpoint, tmp_path, *extra, data=None, ref=None):
+    """The error lines of a failed ``fairseq-kd evaluate`` run in this process."""
+    argv = ["evaluate", "--data", data or tiny_data / "bin", "--ref", ref or tiny_data / "raw/test.en",
+            "--checkpoint", checkpoint, "--name", "x", "--results", tmp_path / "results.json",
+            "--cpu", "--batch-size", "16", *extra]
+    assert cli.main([str(a) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("fairseq-kd evaluate: error: ")
+    return lines
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("ref", "--ref: reference file not found"),
+    ("data", "--data: data folder not found"),
+    ("split", "--data: no binarized 'dev' split"),
+    ("dict", "is not a fairseq checkpoint (no 'model' entry)"),
+    ("bytes", "is not a fairseq checkpoint (torch cannot read it: UnpicklingError)"),
+])
+def test_bad_input_is_one_line_error(capsys, tiny_data, tiny_teacher, tmp_path, bad, message):
+    checkpoint, kwargs, extra = tiny_teacher, {}, []
+    if bad == "ref":
+        kwargs["ref"] = tmp_path / "nope.en"
+    elif bad == "data":
+        kwargs["data"] = tmp_path / "nope"
+    elif bad == "split":
+        extra = ["--gen-subset", "dev"]
+    elif bad == "dict":
+        checkpoint = tmp_path / "dict.pt"
+        torch.save({"weights": torch.zeros(2)}, checkpoint)
+    else:
+        checkpoint = tmp_path / "bytes.pt"
+        checkpoint.write_bytes(bytes(range(256)) * 4)
+    lines = evaluate_error(capsys, tiny_data, checkpoint, tmp_path, *extra, **kwargs)
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_generate_failure_shows_its_exception_not_its_log(capsys, tiny_data, tiny_teacher, tmp_path):
+    # dictionaries 3 entries longer than the checkpoint's embeddings: fairseq-generate fails to load it
+    data = tmp_path / "bin"
+    shutil.copytree(tiny_data / "bin", data)
+    for lang in ("es", "en"):
+        with open(data / f"dict.{lang}.txt", "a") as f:
+            f.write("".join(f"extra{i} 1\n" for i in range(3)))
+    lines = evaluate_error(capsys, tiny_data, tiny_teacher, tmp_path, data=data)
+    assert lines[0].endswith(f"fairseq-generate failed on {tiny_teacher} (exit status 1):")
+    assert lines[1].strip().startswith("RuntimeError: Error(s) in loading state_dict")
+    assert len(lines) <= 4 and "size mismatch" in lines[2]
+
+
+def test_one_results_file_holds_one_device(capsys, tiny_data, tiny_teacher, tmp_path):
+    other = {"name": "gpu_student", "params": 1, "device": "NVIDIA H100 80GB HBM3",
+             "greedy": {"beam": 1, "bleu": 1.0, "chrf": 1.0, "sentences_per_s": 900.0},
+             "beam": {"beam": 2, "bleu": 1.0, "chrf": 1.0, "sentences_per_s": 300.0}}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"device": other["device"], "systems": [other]}))
+    lines = evaluate_error(capsys, tiny_data, tiny_teacher, tmp_path)
+    assert len(lines) == 1
+    assert "results.json holds systems timed on NVIDIA H100 80GB HBM3, this run decodes on CPU (" in lines[0]
+    assert json.loads(results.read_text())["systems"] == [other]

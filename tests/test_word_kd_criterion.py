@@ -3,6 +3,7 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
+from fairseq_kd.errors import KDError
 from helpers import STUDENT_ARCH, build_training, first_batch
 from test_word_kd_loss import brute_force_word_kd
 
@@ -73,3 +74,39 @@ def test_ensemble_teacher_averages_member_probabilities(tiny_data, tiny_teacher,
     assert len(task.teachers) == 2
     assert not torch.allclose(members[0], members[1], atol=1e-3)
     assert torch.allclose(dist.scores.softmax(-1), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("criterion", [
+    ["--criterion", "word_kd"],
+    ["--criterion", "seq_kd", "--word-kd-alpha", "0.5"],
+    ["--criterion", "ckd"],
+    ["--criterion", "a2d"],
+    ["--criterion", "hybrid_kd", "--distilled-data", None],  # the gold data as a stand-in
+])
+def test_topk_larger_than_the_vocabulary_fails_at_build(tiny_data, tiny_teacher, criterion):
+    criterion = [str(tiny_data / "bin") if a is None else a for a in criterion]
+    with pytest.raises(KDError, match=r"--kd-topk 5000 is larger than the target vocabulary \(\d+ entries\)"):
+        kd_setup(tiny_data, tiny_teacher, *criterion, "--kd-topk", "5000")
+
+
+def test_topk_equal_to_the_vocabulary_is_the_full_distribution(tiny_data, tiny_teacher):
+    task, model, full, sample = kd_setup(tiny_data, tiny_teacher, "--criterion", "word_kd")
+    vocab = len(task.target_dictionary)
+    _, _, all_k, _ = kd_setup(tiny_data, tiny_teacher, "--criterion", "word_kd", "--kd-topk", vocab)
+    assert all_k(model, sample)[2]["kd_loss"].item() == pytest.approx(
+        full(model, sample)[2]["kd_loss"].item(), rel=1e-5)
+
+
+def test_teacher_is_loaded_when_the_criterion_is_built(tiny_data, tiny_teacher):
+    *_, word_kd = build_training(tiny_data / "bin", "--task", "translation_kd", "--teacher-path",
+                                 tiny_teacher, *STUDENT_ARCH, "--criterion", "word_kd")
+    assert word_kd.task._teachers is not None  # checked before fairseq-train's first step
+
+
+def test_bad_prune_mask_is_one_line_error(tiny_data, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a mask\n")
+    with pytest.raises(KDError, match=r"^--prune-mask: \S+junk.pt is not a mask file written by "
+                                      r"fairseq-kd prune \(torch cannot read it: \w+\)$"):
+        build_training(tiny_data / "bin", "--task", "translation_kd", "--prune-mask", junk,
+                       *STUDENT_ARCH, "--criterion", "label_smoothed_cross_entropy")

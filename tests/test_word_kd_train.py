@@ -87,3 +87,16 @@ def test_dictionary_mismatch_is_one_line_error(tiny_teacher, tmp_path):
                          "--teacher-path", tiny_teacher, "--criterion", "word_kd",
                          "--max-epoch", "1", check=False)
     assert "teacher/student dictionary mismatch" in helpers.one_line_error(proc)
+    # checked before training: fairseq wrote no crash checkpoint of the student
+    assert not list((tmp_path / "ck").glob("*.pt"))
+
+
+def test_non_checkpoint_teacher_stops_before_training(tiny_data, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 4)
+    proc = fairseq_train(tiny_data / "bin", tmp_path / "ck", *STUDENT_ARCH, "--task", "translation_kd",
+                         "--teacher-path", junk, "--criterion", "word_kd", "--max-epoch", "1",
+                         "--no-save", check=False)
+    assert helpers.one_line_error(proc).endswith(
+        f"{junk} is not a fairseq checkpoint (torch cannot read it: UnpicklingError)")
+    assert not list((tmp_path / "ck").glob("*.pt"))  # no crash.pt

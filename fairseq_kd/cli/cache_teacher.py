@@ -87,6 +87,21 @@ def check_args(args):
     require(args.workers == 1 or args.num_shards == 1,
             "give --workers (one machine) or --num-shards/--shard-id (separate jobs), not both")
     require(args.max_batches is None or args.max_batches >= 0, "--max-batches must be >= 0")
+    check_dictionaries(args)
+
+
+def check_dictionaries(args):
+    """The language pair's dictionaries, which fairseq's task would miss with a traceback."""
+    from fairseq.data import data_utils
+
+    src, tgt = args.source_lang, args.target_lang
+    if src is None or tgt is None:  # as fairseq's translation task infers them
+        src, tgt = data_utils.infer_language_pair(args.data)
+        require(src and tgt, f"cannot infer the language pair from the files in {args.data}: "
+                "pass -s/--source-lang and -t/--target-lang")
+    for lang in (src, tgt):
+        path = os.path.join(args.data, f"dict.{lang}.txt")
+        require(os.path.isfile(path), f"missing dictionary {path}")
 
 
 def prepare(args, place_teacher=True):
@@ -186,8 +201,6 @@ def report(args, splits):
 
 
 def run(args):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr, force=True)
     check_args(args)
     splits = [s for s in args.splits.split(",") if s]
     if args.workers > 1:

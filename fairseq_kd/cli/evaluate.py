@@ -6,7 +6,14 @@ with sacreBLEU (BLEU, chrF; signatures recorded) against --ref and records
 fairseq-generate's own translation speed (sentences/s of generation, loading
 excluded).  The entry NAME in the JSON file --results is created or replaced,
 so a recipe can evaluate its systems one by one and skip finished ones.
+
+The device the speeds were measured on (the GPU's name, or the CPU's cores
+and OMP_NUM_THREADS; fp16 noted) is recorded with every system and in the
+file's "device" field.  Speeds from different devices do not compare, so one
+results file holds one device: evaluating on another one is refused (use
+another --results file, or delete this one to evaluate every system again).
 """
+import glob
 import json
 import os
 import re
@@ -16,6 +23,9 @@ import sys
 from fairseq_kd.errors import require
 
 SPEED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
+# The line naming the exception at the end of a Python traceback, e.g. "RuntimeError: ...".
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+FAILURE_LINES = 3
 
 
 def add_arguments(p):
@@ -47,6 +57,61 @@ def fairseq_tool(name):
     return path if os.path.exists(path) else name
 
 
+def check_inputs(args):
+    """Everything fairseq-generate would otherwise fail on late, or with a traceback."""
+    require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
+    require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    require(os.path.isfile(args.ref), f"--ref: reference file not found: {args.ref}")
+    require(os.path.isdir(args.data), f"--data: data folder not found: {args.data}")
+    require(glob.glob(os.path.join(glob.escape(args.data), f"{args.gen_subset}.*-*.*.idx")),
+            f"--data: no binarized '{args.gen_subset}' split in {args.data} "
+            f"(expected {args.gen_subset}.SRC-TGT.SRC.idx/.bin from fairseq-preprocess)")
+
+
+def decoding_device(args):
+    """What fairseq-generate decodes on (a GPU whenever it sees one, unless --cpu)."""
+    import torch
+
+    if args.cpu or not torch.cuda.is_available():
+        require(not args.fp16, "--fp16 needs a GPU (no --cpu, and CUDA available)")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = os.environ.get("OMP_NUM_THREADS")
+        return f"CPU ({cores} cores" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
+    return torch.cuda.get_device_name() + (" in fp16" if args.fp16 else "")
+
+
+def read_results(path):
+    """The results file to update (empty when it does not exist yet)."""
+    from fairseq_kd.cli.table import read_results as read_existing
+
+    return read_existing(path, allow_empty=True) if os.path.exists(path) else {"systems": []}
+
+
+def check_same_device(results, args, device):
+    """Speeds measured on different devices must not share a table or a plot.
+
+    Systems without their own "device" entry come from files written before
+    it existed, whose file-level field could be wrong: they are not compared.
+    """
+    others = {s["device"] for s in results["systems"] if s["name"] != args.name and "device" in s}
+    require(others <= {device},
+            f"{args.results} holds systems timed on {', '.join(sorted(others))}, this run decodes on "
+            f"{device}: their speeds would not be comparable; use another --results file, or "
+            f"delete this one to evaluate every system on this device")
+
+
+def failure_lines(stderr):
+    """Why a child failed, from its stderr: the plugin's one-line error, else the
+    line naming its last exception (and the next few), else its last lines."""
+    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+    plugin = [line for line in lines if line.startswith("fairseq_kd: error:")]
+    if plugin:
+        return plugin[-1:]
+    starts = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    first = starts[-1] if starts else max(len(lines) - FAILURE_LINES, 0)
+    return lines[first:first + FAILURE_LINES]
+
+
 def generate(args, beam, hyp_path):
     """Run fairseq-generate; write hypotheses in input order; return sentences/s."""
     cmd = [fairseq_tool("fairseq-generate"), args.data, "--path", args.checkpoint,
@@ -61,7 +126,9 @@ def generate(args, beam, hyp_path):
     cmd += ["--cpu"] if args.cpu else []
     cmd += ["--fp16"] if args.fp16 else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    require(proc.returncode == 0, f"fairseq-generate failed on {args.checkpoint}:\n{proc.stderr[-2000:]}")
+    require(proc.returncode == 0,
+            f"fairseq-generate failed on {args.checkpoint} (exit status {proc.returncode}):\n  "
+            + "\n  ".join(failure_lines(proc.stderr)))
     hyps = {}
     for line in proc.stdout.splitlines():
         if line.startswith("H-"):
@@ -76,11 +143,9 @@ def generate(args, beam, hyp_path):
 
 def count_parameters(checkpoint):
     """Unique parameters of the model in a checkpoint (shared embeddings counted once)."""
-    import torch
+    from fairseq_kd.checkpoint import load_checkpoint_state
 
-    import fairseq_kd  # noqa: F401  (allow-lists fairseq's classes for weights-only loading)
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = load_checkpoint_state(checkpoint)
     seen = {}
     for key, value in state["model"].items():
         if not key.endswith(("version", "_float_tensor")):
@@ -91,9 +156,14 @@ def count_parameters(checkpoint):
 def run(args):
     from sacrebleu.metrics import BLEU, CHRF
 
-    require(os.path.isfile(args.checkpoint), f"checkpoint not found: {args.checkpoint}")
+    check_inputs(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    device = decoding_device(args)
+    results = read_results(args.results)
+    check_same_device(results, args, device)
     refs = read_lines(args.ref)
-    entry = {"name": args.name, "checkpoint": args.checkpoint, "params": count_parameters(args.checkpoint)}
+    entry = {"name": args.name, "checkpoint": args.checkpoint, "params": count_parameters(args.checkpoint),
+             "device": device}
     base = os.path.splitext(args.results)[0]
     bleu, chrf = BLEU(), CHRF()
     for label, beam in (("greedy", 1), ("beam", args.beam)):
@@ -106,13 +176,9 @@ def run(args):
                         "sentences_per_s": speed}
         print(f"{args.name} {label}: BLEU {entry[label]['bleu']}, chrF {entry[label]['chrf']}, "
               f"{speed} sentences/s")
-    results = {"systems": []}
-    if os.path.exists(args.results):
-        with open(args.results) as f:
-            results = json.load(f)
     results["bleu_signature"] = str(bleu.get_signature())
     results["chrf_signature"] = str(chrf.get_signature())
-    results["device"] = "cpu" if args.cpu else "cuda"
+    results["device"] = device
     results["systems"] = [s for s in results["systems"] if s["name"] != args.name] + [entry]
     with open(args.results, "w") as f:
         json.dump(results, f, indent=2)

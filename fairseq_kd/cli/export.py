@@ -10,7 +10,7 @@ criterion options, training options, and the trainer's progress.  Only the
 minimal bookkeeping fairseq's loader requires is kept.
 
   fairseq-kd export --path student/checkpoint_best.pt --out student.pt
-  fairseq-generate DATA --path student.pt --task translation ...
+  fairseq-generate DATA --path student.pt --task translation --required-batch-size-multiple 1 ...
 """
 import argparse
 import os

@@ -3,14 +3,14 @@
 Reads the JSON written by ``fairseq-kd evaluate`` and writes a PNG
 (``fairseq-kd table`` prints the same results as a Markdown table).
 """
-import json
+import os
 
-from fairseq_kd.errors import require
+USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fairseq_kd.cli)
 
 
 def add_arguments(p):
     p.add_argument("results", help="results JSON from fairseq-kd evaluate")
-    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--out", required=True, help="PNG to write (its folder is created if missing)")
     p.add_argument("--x", choices=["speed", "params"], default="speed",
                    help="x axis: sentences/s of the decoding, or parameters")
     p.add_argument("--decoding", choices=["greedy", "beam"], default="greedy")
@@ -18,15 +18,16 @@ def add_arguments(p):
 
 
 def run(args):
+    from fairseq_kd.cli.table import read_results
+
+    results = read_results(args.results)
+    systems = results["systems"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(args.results) as f:
-        results = json.load(f)
-    systems = results.get("systems", [])
-    require(systems, f"{args.results} lists no systems")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for s in systems:
         d = s[args.decoding]

@@ -37,6 +37,15 @@ def mask_path(out, mask_out=None):
     return stem + ".mask.pt"
 
 
+def check_output_paths(args):
+    """The checkpoint, the pruned checkpoint and the mask are three files: one
+    written over another would silently lose it."""
+    path, out, mask = (os.path.abspath(p) for p in (args.path, args.out, mask_path(args.out, args.mask_out)))
+    require(out != path, "--out must differ from --path")
+    require(mask != out, f"--mask-out must differ from --out ({args.out})")
+    require(mask != path, f"--mask-out must differ from --path ({args.path})")
+
+
 def format_report(rows):
     width = max(len(name) for name, *_ in rows)
     lines = [f"{'tensor':<{width}}  {'weights':>9}  {'zeros':>9}  sparsity"]
@@ -53,7 +62,7 @@ def run(args):
     from fairseq_kd.checkpoint import load_checkpoint_state
     from fairseq_kd.pruning import apply_masks, magnitude_masks, prunable_weights, sparsity_report
 
-    require(os.path.abspath(args.out) != os.path.abspath(args.path), "--out must differ from --path")
+    check_output_paths(args)
     state = load_checkpoint_state(args.path)
     weights = prunable_weights(state["model"], args.include_embeddings)
     require(weights, f"{args.path}: no linear weights found to prune")

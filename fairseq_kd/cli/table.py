@@ -1,13 +1,43 @@
 """Print the systems of a results file (from fairseq-kd evaluate) as a Markdown table with sacreBLEU signatures."""
 import json
+import os
 
-from fairseq_kd.errors import require
+from fairseq_kd.errors import KDError, require
+
+USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fairseq_kd.cli)
+
+DECODING_KEYS = ("beam", "bleu", "chrf", "sentences_per_s")
 
 
 def add_arguments(p):
     p.add_argument("results", help="results JSON from fairseq-kd evaluate")
     p.add_argument("--baseline", default=None,
                    help="system whose BLEU the others are compared with (adds two 'vs NAME' columns)")
+
+
+def read_results(path, allow_empty=False):
+    """A results file written by ``fairseq-kd evaluate``, checked (for table, plot, evaluate)."""
+    require(os.path.isfile(path), f"results file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDError(f"{path} is not a JSON file ({e})") from None
+    require(isinstance(results, dict) and isinstance(results.get("systems"), list),
+            f"{path} is not a results file of fairseq-kd evaluate (no 'systems' list)")
+    require(allow_empty or results["systems"], f"{path} lists no systems")
+    for system in results["systems"]:
+        check_system(system, path)
+    return results
+
+
+def check_system(system, path):
+    name = system.get("name") if isinstance(system, dict) else None
+    require(isinstance(name, str), f"{path}: a system without a name")
+    missing = [k for k in ("params", "greedy", "beam") if k not in system]
+    missing += [f"{d}.{k}" for d in ("greedy", "beam") if isinstance(system.get(d), dict)
+                for k in DECODING_KEYS if k not in system[d]]
+    require(not missing, f"{path}: system '{name}' lacks {', '.join(missing)}")
 
 
 def markdown_table(results, baseline=None):
@@ -38,5 +68,4 @@ def markdown_table(results, baseline=None):
 
 
 def run(args):
-    with open(args.results) as f:
-        print(markdown_table(json.load(f), args.baseline), end="")
+    print(markdown_table(read_results(args.results), args.baseline), end="")

@@ -21,7 +21,7 @@ from fairseq_kd.losses import kd_kl_divergence, label_smoothed_nll_loss, word_kd
 
 @dataclass
 class WordKDOptions(LabelSmoothedCrossEntropyCriterionConfig):
-    """Options of the word-level KD term (``../shared/METHODS.md`` section 1)."""
+    """Options of the word-level KD term (Kim & Rush 2016; Hinton et al. 2015 for T)."""
 
     kd_alpha: float = field(
         default=0.5,
@@ -60,6 +60,7 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
                  report_accuracy=False, needs_teacher=True):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         require(ignore_prefix_size == 0, "--ignore-prefix-size is not supported by KD criterions")
+        self.needs_teacher = needs_teacher  # translation_kd loads the teacher at build time then
         if needs_teacher:
             require(
                 hasattr(task, "teacher_distribution"),
@@ -67,6 +68,21 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
                 f"(got --task {getattr(task.cfg, '_name', type(task).__name__)})",
             )
             require(task.has_teacher, f"{type(self).__name__} needs a teacher: pass --teacher-path")
+
+    @property
+    def topk(self):
+        """--kd-topk: 0 = the teacher's full distribution, k = its k best tokens."""
+        return self._topk
+
+    @topk.setter
+    def topk(self, k):
+        # Every KD criterion stores its --kd-topk here, so this one check covers
+        # them all, at build time (torch's own error comes at the first step:
+        # "selected index k out of range").
+        vocab = len(self.task.target_dictionary)
+        require(k <= vocab, f"--kd-topk {k} is larger than the target vocabulary ({vocab} entries); "
+                f"use at most {vocab}, or 0 for the full distribution")
+        self._topk = k
 
     # -- shared terms --------------------------------------------------------
     def nll_terms(self, model, net_output, sample):

@@ -7,9 +7,11 @@ criterion, so that it is
 * never part of the student's state dict, hence never saved in a student
   checkpoint and never handed to the optimizer (the trainer optimises
   ``model.parameters()`` and ``criterion.parameters()`` only);
-* loaded lazily, on the first training or validation step that needs it,
-  so ``fairseq-generate --task translation_kd`` never reads it;
-* moved to the student's device and dtype at that first use (the trainer
+* loaded and checked when the criterion is built, if it needs a teacher
+  (before training, so a bad teacher stops ``fairseq-train`` before it has
+  written anything), or else on first use; ``fairseq-generate --task
+  translation_kd`` builds no criterion and never reads it;
+* moved to the student's device and dtype at its first use (the trainer
   casts the student to fp16 under ``--fp16`` after the task is set up), and
   kept in eval mode under ``torch.no_grad``;
 * loaded by every process: under fairseq's DDP each rank builds its own task,
@@ -37,8 +39,8 @@ from fairseq.data import indexed_dataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
-from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
-from fairseq_kd.errors import require
+from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state, read_torch_file
+from fairseq_kd.errors import KDError, require
 from fairseq_kd.losses import TeacherDistribution, ensemble_scores
 from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
 from fairseq_kd.teacher_cache import TeacherCache
@@ -93,6 +95,18 @@ def teacher_paths(spec):
     return [p for p in (spec or "").split(":") if p]
 
 
+def load_mask_keeper(path):
+    """``MaskKeeper.load``, with torch's errors on a file that is not a torch
+    file (pages long, or a bare ``KeyError``) as one line."""
+    from fairseq_kd.pruning import MaskKeeper
+
+    try:
+        read_torch_file(path, what="mask file written by fairseq-kd prune")
+    except KDError as e:
+        raise KDError(f"--prune-mask: {e}") from None
+    return MaskKeeper.load(path)
+
+
 @register_task("translation_kd", dataclass=TranslationKDConfig)
 class TranslationKDTask(TranslationTask):
     """Translation with a frozen teacher available to KD criterions."""
@@ -131,11 +145,18 @@ class TranslationKDTask(TranslationTask):
         model = super().build_model(cfg, from_checkpoint)
         self.student_cfg = cfg
         if getattr(self.cfg, "prune_mask", None):
-            from fairseq_kd.pruning import MaskKeeper
-
-            self._mask_keeper = MaskKeeper.load(self.cfg.prune_mask)
+            self._mask_keeper = load_mask_keeper(self.cfg.prune_mask)
             self._mask_keeper.attach(model)
         return model
+
+    def build_criterion(self, cfg, from_checkpoint=False):
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        if getattr(criterion, "needs_teacher", False) and self.teacher_cache is None:
+            # Load (and check) the teacher now rather than at the first step:
+            # a bad teacher must stop fairseq-train before training starts,
+            # not after fairseq has written a crash checkpoint of the student.
+            self.teachers
+        return criterion
 
     def begin_epoch(self, epoch, model):
         """fairseq's trainer calls this at the start of every training epoch,

@@ -288,12 +288,10 @@ step_report() {
   cat "$RESULTS_MD"
 }
 
-device_name() {
-  if [ "$NGPU" -gt 0 ]; then
-    nvidia-smi -i "$FIRST_GPU" --query-gpu=name --format=csv,noheader 2>/dev/null || echo "GPU $FIRST_GPU"
-  else
-    echo "CPU ($(getconf _NPROCESSORS_ONLN) cores, OMP_NUM_THREADS=$OMP_NUM_THREADS)"
-  fi
+# The device fairseq-kd evaluate timed the systems on (one per results file),
+# which need not be the machine writing the report.
+results_device() {
+  python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("device", "an unrecorded device"))' "$RESULTS"
 }
 
 # The results page: the settings that produced it, the table and the plots
@@ -310,7 +308,7 @@ write_results_md() {
 Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
 Test set: \`$WORK/raw/test.$TGT\` ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
 Translation speed: fairseq-generate's own sentences/s (model loading excluded),
-batch size $EVAL_BATCH_SIZE, one system at a time on $(device_name)${FP16_ARGS:+ in fp16}.
+batch size $EVAL_BATCH_SIZE, one system at a time on $(results_device).
 Students are evaluated from their \`fairseq-kd export\` files with stock fairseq.
 
 $(fairseq-kd table "$RESULTS" "${baseline[@]}")

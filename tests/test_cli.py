@@ -1,0 +1,184 @@
+"""fairseq-kd as a command: quick start-up, only relevant output, one-line errors for bad input."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fairseq_kd import cli
+from helpers import REPO, env, run, tool
+
+RESULTS = {
+    "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
+    "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0",
+    "device": "CPU (2 cores)",
+    "systems": [{"name": n, "params": p, "device": "CPU (2 cores)",
+                 "greedy": {"beam": 1, "bleu": b, "chrf": 30.0, "sentences_per_s": s},
+                 "beam": {"beam": 5, "bleu": b + 1, "chrf": 31.0, "sentences_per_s": s / 3}}
+                for n, p, b, s in (("teacher", 6_600_000, 20.0, 25.0), ("student", 1_400_000, 18.5, 60.0))],
+}
+
+
+def cli_error(capsys, *argv):
+    """The one ``fairseq-kd CMD: error:`` line of a command run in this process."""
+    code = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"fairseq-kd {argv[0]}: error: "), err
+    return lines[0]
+
+
+def imported_modules(stderr):
+    """Top-level modules in the output of python's -X importtime."""
+    return {line.rsplit("|", 1)[-1].strip().split(".")[0]
+            for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+# ------------------------------------------------------------ start-up, output
+def test_help_imports_neither_fairseq_nor_torch():
+    e = dict(env(), PYTHONPROFILEIMPORTTIME="1")
+    for cmd in ([tool("fairseq-kd"), "--help"], [tool("fairseq-kd"), "table", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "usage: fairseq-kd" in proc.stdout
+        modules = imported_modules(proc.stderr)
+        assert "fairseq_kd" in modules
+        assert not modules & {"fairseq", "torch", "fairseq_cli"}, sorted(modules)
+
+
+def test_summaries_are_the_module_docstrings():
+    for module_name, summary in cli.SUBCOMMANDS.values():
+        doc = importlib.import_module(module_name).__doc__
+        assert doc.strip().splitlines()[0] == summary
+
+
+def test_plain_import_still_registers_the_plugin():
+    proc = run([sys.executable, "-c", "import fairseq_kd, fairseq.tasks as t, fairseq.criterions as c, "
+                "fairseq.models as m; print('translation_kd' in t.TASK_REGISTRY, 'word_kd' in "
+                "c.CRITERION_REGISTRY, 'transformer_student_tiny' in m.ARCH_MODEL_REGISTRY)"])
+    assert proc.stdout.split() == ["True", "True", "True"]
+
+
+def test_fairseq_command_prints_only_its_error(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 4)
+    proc = run([tool("fairseq-kd"), "export", "--path", junk, "--out", tmp_path / "x.pt"], check=False)
+    # no "Please install tensorboardX" from importing fairseq, no torch advice
+    assert proc.stderr.splitlines() == [
+        f"fairseq-kd export: error: {junk} is not a fairseq checkpoint (torch cannot read it: UnpicklingError)"]
+    assert proc.returncode == 2
+
+
+def test_plot_is_quiet_and_creates_its_folder(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    out = tmp_path / "new" / "folder" / "speed.png"
+    proc = run([tool("fairseq-kd"), "plot", results, "--out", out])
+    assert proc.stderr == ""  # matplotlib's DEBUG font search is not shown
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------ table and plot
+@pytest.mark.parametrize("content, message", [
+    (None, "results file not found"),
+    ("x\n", "is not a JSON file (Expecting value"),
+    ("{}", "is not a results file of fairseq-kd evaluate (no 'systems' list)"),
+    ('{"systems": []}', "lists no systems"),
+    ('{"systems": [{"name": "a", "params": 1}]}', "system 'a' lacks greedy, beam"),
+])
+@pytest.mark.parametrize("command", ["table", "plot"])
+def test_bad_results_file_is_one_line_error(capsys, tmp_path, command, content, message):
+    path = tmp_path / "results.json"
+    if content is not None:
+        path.write_text(content)
+    extra = ["--out", tmp_path / "p.png"] if command == "plot" else []
+    assert message in cli_error(capsys, command, path, *extra)
+
+
+def test_table_of_a_good_file(capsys, tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(RESULTS))
+    assert cli.main(["table", str(path), "--baseline", "teacher"]) == 0
+    out = capsys.readouterr().out
+    assert "| student | 1.4M | 18.5 |" in out and "device: CPU (2 cores)" in out
+
+
+# ---------------------------------------------------------------------- spm
+@pytest.fixture
+def parallel_text(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split, n in (("train", 40), ("test", 5)):
+        for lang in ("es", "en"):
+            (raw / f"{split}.{lang}").write_text(
+                "".join(f"{lang} sentence number {i} of {split}\n" for i in range(n)))
+    return raw
+
+
+def spm_args(raw, tmp_path, *extra):
+    return ["spm", "--input-dir", raw, "--src", "es", "--tgt", "en", "--splits", "train,test",
+            "--out", tmp_path / "pieces", *extra]
+
+
+@pytest.mark.parametrize("vocab", ["0", "-3"])
+def test_spm_vocab_size_must_be_positive(capsys, parallel_text, tmp_path, vocab):
+    msg = cli_error(capsys, *spm_args(parallel_text, tmp_path, "--vocab-size", vocab))
+    assert msg.endswith(f"--vocab-size must be > 0, got {vocab}")
+
+
+def test_spm_vocab_too_large_passes_sentencepiece_limit(capsys, parallel_text, tmp_path):
+    msg = cli_error(capsys, *spm_args(parallel_text, tmp_path, "--vocab-size", "5000"))
+    assert "--vocab-size 5000 is too large for the train split: sentencepiece allows at most" in msg
+    limit = int(msg.rsplit("at most ", 1)[1].split()[0])
+    assert cli.main([str(a) for a in spm_args(parallel_text, tmp_path, "--vocab-size", limit)]) == 0
+    assert f"(vocab {limit})" in capsys.readouterr().out
+
+
+def test_spm_missing_train_split(capsys, parallel_text, tmp_path):
+    msg = cli_error(capsys, *spm_args(parallel_text, tmp_path, "--vocab-size", "30", "--train-split", "big"))
+    assert msg.endswith(f"missing input file {parallel_text / 'big.es'}")
+    assert not (tmp_path / "pieces").exists()  # checked before anything is written
+
+
+# ------------------------------------------------------- checkpoints: prune, export
+def bad_checkpoints(tmp_path):
+    files = {"random bytes": bytes(range(256)) * 4, "text": b"hello\n", "empty": b""}
+    for name, data in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(data)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "dict.pt")
+    return {
+        tmp_path / "random bytes.pt": "is not a fairseq checkpoint (torch cannot read it: UnpicklingError)",
+        tmp_path / "text.pt": "is not a fairseq checkpoint (torch cannot read it: KeyError)",
+        tmp_path / "empty.pt": "is empty: not a fairseq checkpoint",
+        tmp_path / "dict.pt": "is not a fairseq checkpoint (no 'model' entry)",
+    }
+
+
+@pytest.mark.parametrize("command", ["prune", "export"])
+def test_non_checkpoint_is_one_line_error(capsys, tmp_path, command):
+    extra = ["--ratio", "0.5"] if command == "prune" else []
+    for path, message in bad_checkpoints(tmp_path).items():
+        msg = cli_error(capsys, command, "--path", path, "--out", tmp_path / "out" / "x.pt", *extra)
+        assert msg.endswith(f"{path} {message}")
+
+
+def test_prune_mask_out_must_not_overwrite_the_pruned_checkpoint(capsys, tiny_teacher, tmp_path):
+    out = tmp_path / "pruned.pt"
+    msg = cli_error(capsys, "prune", "--path", tiny_teacher, "--ratio", "0.5", "--out", out, "--mask-out", out)
+    assert msg.endswith(f"--mask-out must differ from --out ({out})")
+    assert not out.exists()
+    msg = cli_error(capsys, "prune", "--path", tiny_teacher, "--ratio", "0.5", "--out", out,
+                    "--mask-out", tiny_teacher)
+    assert "--mask-out must differ from --path" in msg
+
+
+# ----------------------------------------------------------------- cache-teacher
+def test_cache_teacher_missing_dictionary(capsys, tiny_data, tiny_teacher, tmp_path):
+    msg = cli_error(capsys, "cache-teacher", tiny_data / "bin", "--teacher-path", tiny_teacher,
+                    "--out", tmp_path / "cache", "-s", "en", "-t", "de", "--cpu")
+    assert msg.endswith(f"missing dictionary {os.path.join(tiny_data / 'bin', 'dict.de.txt')}")
+    assert not (tmp_path / "cache").exists()
