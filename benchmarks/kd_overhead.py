@@ -12,7 +12,11 @@ process's peak resident set size (``ru_maxrss``) over its size before the first
 update.  Weights are random: the cost of KD does not depend on their values.
 The cached mode reads the teacher's top-8 from a cache of the train split,
 built (outside the timing) by ``fairseq-kd cache-teacher`` on first use and
-kept in the work folder with the data and the teacher.
+kept in the work folder with the data and the teacher.  The hybrid_kd mode
+needs distilled targets: a stand-in corpus (each source paired with the next
+sentence's gold target, so gold and distilled lengths differ as they would)
+is binarized once into the work folder; the cost does not depend on what the
+distilled targets say.
 
     python benchmarks/kd_overhead.py                    # CPU
     python benchmarks/kd_overhead.py --device cuda      # GPU
@@ -32,8 +36,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # name -> criterion options; every KD mode uses the same teacher, online or
-# through a cache of its top-8 built once (CACHE stands for its directory).
+# through a cache of its top-8 built once (CACHE stands for its directory;
+# DISTILLED for the stand-in distilled corpus of hybrid_kd).
 CACHE = "{cache}"
+DISTILLED = "{distilled}"
 MODES = {
     "label_smoothed_cross_entropy": ["--criterion", "label_smoothed_cross_entropy"],
     "word_kd (full vocab)": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "2"],
@@ -41,6 +47,8 @@ MODES = {
                         "--kd-topk", "8"],
     "word_kd (cached top-8)": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "2",
                                "--kd-topk", "8", "--teacher-cache", CACHE],
+    "hybrid_kd (full vocab)": ["--criterion", "hybrid_kd", "--gate", "sentence", "--kd-temperature", "2",
+                               "--distilled-data", DISTILLED],
 }
 TEACHER_ARCH = ["--arch", "transformer_iwslt_de_en", "--share-all-embeddings"]
 STUDENT_ARCH = ["--arch", "transformer_student_small", "--share-all-embeddings"]
@@ -84,6 +92,26 @@ def build(data_bin, device, *args):
     return ns, cfg, task, model
 
 
+def make_distilled(work, data_bin):
+    """Stand-in distilled corpus for hybrid_kd: source i with gold target i+1 (cached in ``work``)."""
+    out = work / "distilled"
+    if (out / "train.es-en.en.idx").exists():
+        return out
+    pieces = work / "pieces"
+    fake = work / "distilled_pieces"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "train.es").write_text((pieces / "train.sp.es").read_text())
+    tgt = (pieces / "train.sp.en").read_text().splitlines()
+    (fake / "train.en").write_text("\n".join(tgt[1:] + tgt[:1]) + "\n")
+    bin_ = Path(sys.executable).parent
+    subprocess.run([bin_ / "fairseq-preprocess", "-s", "es", "-t", "en", "--trainpref", fake / "train",
+                    "--srcdict", data_bin / "dict.es.txt", "--tgtdict", data_bin / "dict.en.txt",
+                    "--destdir", out, "--workers", "2"],
+                   check=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
 def make_teacher(data_bin, path):
     """A random teacher saved as a fairseq checkpoint (args + model state), kept in the
     work folder like the data (so that a teacher cache built from it stays valid)."""
@@ -110,19 +138,19 @@ def build_cache(data_bin, teacher, cache, device):
     return out.stdout.strip().splitlines()[-1]
 
 
-def mode_args(mode, teacher, cache):
-    args = [str(cache) if a == CACHE else a for a in MODES[mode]]
+def mode_args(mode, teacher, cache, distilled):
+    args = [{CACHE: str(cache), DISTILLED: str(distilled)}.get(a, a) for a in MODES[mode]]
     return args if "--teacher-cache" in args else ["--teacher-path", teacher, *args]
 
 
-def run_mode(mode, data_bin, teacher, cache, device, updates, warmup, max_tokens):
+def run_mode(mode, data_bin, teacher, cache, distilled, device, updates, warmup, max_tokens):
     """Time ``updates`` updates of one mode in this process; returns a result dict."""
     import torch
 
     torch.manual_seed(0)
     _, cfg, task, model = build(
         data_bin, device, "--task", "translation_kd", *STUDENT_ARCH, "--label-smoothing", "0.1",
-        *mode_args(mode, teacher, cache))
+        *mode_args(mode, teacher, cache, distilled))
     criterion = task.build_criterion(cfg.criterion)
     model, criterion = model.to(device), criterion.to(device)
     model.train()
@@ -188,9 +216,10 @@ def main():
     data_bin = work / "bin"
     teacher = work / "teacher.pt"
     cache = work / "teacher_cache"
+    distilled = work / "distilled"
 
     if args._child:  # one mode, in a fresh process
-        res = run_mode(args._child, data_bin, teacher, cache, args.device, args.updates, args.warmup,
+        res = run_mode(args._child, data_bin, teacher, cache, distilled, args.device, args.updates, args.warmup,
                        args.max_tokens)
         print("RESULT " + json.dumps(res))
         return
@@ -208,6 +237,8 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     if any(CACHE in MODES[m] for m in modes):
         print(build_cache(data_bin, teacher, cache, args.device))
+    if any(DISTILLED in MODES[m] for m in modes):
+        make_distilled(work, data_bin)
     results = []
     for mode in modes:
         cmd = [sys.executable, __file__, "--_child", mode, "--device", args.device,

@@ -164,58 +164,144 @@ def _mix_word_kd(ls_loss, kd, alpha, temperature):
     return (1.0 - alpha) * ls_loss + alpha * temperature ** 2 * kd
 
 
-class _FusedWordKD(torch.autograd.Function):
-    """Label-smoothed NLL and KL(q_T || p_T) in one chunked pass.
+def _chunk_bounds(n_rows, chunk, teacher_rows):
+    """(student rows, teacher rows, local index) of each chunk of ``chunk`` student rows.
 
-    fairseq's NLL keeps the (N, V) float32 log-probs for its backward pass and
-    autograd would add a second (N, V) gradient for the KL branch; here both
-    terms read the raw logits chunk by chunk and the backward pass writes one
-    (N, V) gradient, so word-level KD needs no more memory than plain
-    cross-entropy.  Per row, with p = softmax(s), p_T = softmax(s / T):
-        d LS / ds = (1 - eps - eps_i) (p - onehot(y)) + eps_i (V p - 1)
-        d KL / ds = (p_T - q_T) / T
+    ``teacher_rows``: None (teacher row i is student row i) or the strictly
+    increasing student row of each teacher row.  The local index picks, inside the chunk,
+    the rows that have a teacher (None: all of them, in order).
+    """
+    starts = list(range(0, n_rows, chunk))
+    if teacher_rows is None:
+        for s in starts:
+            yield slice(s, s + chunk), slice(s, s + chunk), None
+        return
+    edges = torch.tensor(starts + [n_rows], device=teacher_rows.device)
+    bounds = torch.searchsorted(teacher_rows, edges).tolist()
+    for s, j0, j1 in zip(starts, bounds[:-1], bounds[1:]):
+        rows = slice(s, min(s + chunk, n_rows))
+        if j1 == j0:
+            yield rows, None, None
+        elif j1 - j0 == rows.stop - rows.start:  # every row of the chunk has a teacher
+            yield rows, slice(j0, j1), None
+        else:
+            yield rows, slice(j0, j1), teacher_rows[j0:j1] - s
+
+
+class _FusedWordKD(torch.autograd.Function):
+    """Per-row label-smoothed NLL, NLL and KL(q_T || p_T) in one chunked pass.
+
+    Autograd through fairseq's NLL keeps the (N, V) float32 log-probs for its
+    backward pass and a KL branch would add a second (N, V) gradient; here
+    every term reads the raw logits chunk by chunk, only the inputs are kept,
+    and the backward pass recomputes each chunk and writes a single (N, V)
+    gradient, so word-level KD needs no more memory than plain cross-entropy.
+    The outputs are one value per row (0 on padding rows, and on rows without
+    a teacher for the KL), so callers weight and sum rows freely (a total, per
+    sentence) at O(N) cost; the backward pass takes one upstream gradient per
+    row and term.  Per row, with p = softmax(s), p_T = softmax(s / T):
+        d LS  / ds = (1 - eps - eps_i) (p - onehot(y)) + eps_i (V p - 1)
+        d NLL / ds = p - onehot(y)
+        d KL  / ds = (p_T - q_T) / T
     """
 
     @staticmethod
-    def forward(ctx, student, target, scores, index, mask, alpha, temperature, epsilon, chunk):
+    def forward(ctx, student, target, mask, scores, index, teacher_rows, temperature, epsilon, chunk):
+        N, V = student.shape
         dtype = _upcast(student).dtype
-        sums = torch.zeros(3, dtype=dtype, device=student.device)  # ls, nll, kd
-        eps_i = epsilon / (student.size(-1) - 1)
-        for start in range(0, student.size(0), chunk):
-            sl = slice(start, start + chunk)
-            lp = F.log_softmax(_upcast(student[sl]), dim=-1)
-            nll = -lp.gather(-1, target[sl, None]).squeeze(-1)
-            ls = (1.0 - epsilon - eps_i) * nll - eps_i * lp.sum(-1)
-            kd, _ = _chunk_kl_and_grad(student[sl], scores[sl], None if index is None else index[sl],
-                                       temperature, need_grad=False)
-            m = mask[sl]
-            sums += torch.stack([(ls * m).sum(), (nll * m).sum(), (kd * m).sum()])
-        ctx.save_for_backward(student, target, scores, index, mask)
-        ctx.params = (alpha, temperature, epsilon, chunk)
-        loss = (1.0 - alpha) * sums[0] + alpha * temperature ** 2 * sums[2]
-        nll_sum, kd_sum = sums[1].clone(), sums[2].clone()
-        ctx.mark_non_differentiable(nll_sum, kd_sum)
-        return loss, nll_sum, kd_sum
+        ls, nll, kd = (torch.zeros(N, dtype=dtype, device=student.device) for _ in range(3))
+        eps_i = epsilon / (V - 1)
+        has_teacher = scores is not None
+        for rows, trows, local in _chunk_bounds(N, chunk, teacher_rows if has_teacher else None):
+            s, m = _upcast(student[rows]), mask[rows]
+            lp = F.log_softmax(s, dim=-1)
+            nll_rows = -lp.gather(-1, target[rows, None]).squeeze(-1)
+            ls[rows] = ((1.0 - epsilon - eps_i) * nll_rows - eps_i * lp.sum(-1)) * m
+            nll[rows] = nll_rows * m
+            if not has_teacher or trows is None:
+                continue
+            kd_rows, _ = _chunk_kl_and_grad(
+                s if local is None else s.index_select(0, local), scores[trows],
+                None if index is None else index[trows], temperature, need_grad=False)
+            if local is None:
+                kd[rows] = kd_rows * m
+            else:
+                kd[rows].index_copy_(0, local, kd_rows * m[local])
+        ctx.save_for_backward(student, target, mask, scores, index, teacher_rows)
+        ctx.params = (temperature, epsilon, chunk)
+        ctx.set_materialize_grads(False)
+        return ls, nll, kd
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_nll, _grad_kd):
-        student, target, scores, index, mask = ctx.saved_tensors
-        alpha, temperature, epsilon, chunk = ctx.params
-        V = student.size(-1)
+    def backward(ctx, grad_ls, grad_nll, grad_kd):
+        student, target, mask, scores, index, teacher_rows = ctx.saved_tensors
+        temperature, epsilon, chunk = ctx.params
+        if scores is None:
+            grad_kd = None
+        if grad_ls is None and grad_nll is None and grad_kd is None:
+            return (None,) * 9
+        N, V = student.shape
         eps_i = epsilon / (V - 1)
         grad_student = torch.empty_like(student)
-        for start in range(0, student.size(0), chunk):
-            sl = slice(start, start + chunk)
-            p = F.softmax(_upcast(student[sl]), dim=-1)
-            g = p * ((1.0 - epsilon - eps_i) + eps_i * V) - eps_i
-            g.scatter_add_(-1, target[sl, None],
-                           torch.full_like(g[:, :1], -(1.0 - epsilon - eps_i)))
-            g *= 1.0 - alpha
-            _, g_kd = _chunk_kl_and_grad(student[sl], scores[sl], None if index is None else index[sl],
-                                         temperature, need_grad=True)
-            g += (alpha * temperature ** 2) * g_kd
-            grad_student[sl] = (g * (mask[sl, None] * grad_loss)).to(student.dtype)
+        for rows, trows, local in _chunk_bounds(N, chunk, teacher_rows if scores is not None else None):
+            s, m = _upcast(student[rows]), mask[rows]
+            if grad_ls is not None or grad_nll is not None:
+                # c_ls d LS + c_nll d NLL = p (c_ls (1 - eps - eps_i + eps_i V) + c_nll)
+                #   - c_ls eps_i - (c_ls (1 - eps - eps_i) + c_nll) onehot(y)
+                c_ls = grad_ls[rows] * m if grad_ls is not None else torch.zeros_like(m)
+                c_nll = grad_nll[rows] * m if grad_nll is not None else torch.zeros_like(m)
+                p = F.softmax(s, dim=-1)
+                g = p * (c_ls * ((1.0 - epsilon - eps_i) + eps_i * V) + c_nll).unsqueeze(-1)
+                g -= (c_ls * eps_i).unsqueeze(-1)
+                g.scatter_add_(-1, target[rows, None],
+                               -(c_ls * (1.0 - epsilon - eps_i) + c_nll).unsqueeze(-1))
+            else:
+                g = torch.zeros_like(s)
+            if grad_kd is not None and trows is not None:
+                c_kd = grad_kd[rows] * m
+                _, g_kd = _chunk_kl_and_grad(
+                    s if local is None else s.index_select(0, local), scores[trows],
+                    None if index is None else index[trows], temperature, need_grad=True)
+                if local is None:
+                    g += c_kd.unsqueeze(-1) * g_kd
+                else:
+                    g.index_add_(0, local, c_kd[local].unsqueeze(-1) * g_kd)
+            grad_student[rows] = g.to(student.dtype)
         return grad_student, None, None, None, None, None, None, None, None
+
+
+def word_kd_rows(student_logits, target, teacher, padding_idx, temperature=1.0, epsilon=0.0,
+                 teacher_rows=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """Per-row ``(ls, nll, kd)`` of flattened logits, each (N,), differentiable.
+
+    student_logits: (N, V) raw student logits (any float dtype); target: (N,).
+    ``ls`` is fairseq's label-smoothed NLL (``epsilon``), ``nll`` the plain
+    NLL, ``kd`` KL(q_T || p_T); all three are 0 on rows whose target is
+    ``padding_idx`` (and get no gradient there).  teacher: None (``kd`` is 0)
+    or a :class:`TeacherDistribution` whose rows belong to the student rows
+    ``teacher_rows`` (a strictly increasing (M,) index; default: all N rows);
+    ``kd`` is 0 on rows without a teacher row.  No gradient flows to the
+    teacher.  Nothing (N, V) is kept for the backward pass beyond the inputs.
+    """
+    if student_logits.dim() != 2 or target.shape != student_logits.shape[:1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and target "
+                         f"{tuple(target.shape)}: need (N, V) and (N,)")
+    n_teacher = student_logits.size(0) if teacher_rows is None else teacher_rows.numel()
+    if teacher is not None and teacher_rows is not None and teacher_rows.numel():
+        teacher_rows = teacher_rows.reshape(-1)
+        if not (bool((teacher_rows[1:] > teacher_rows[:-1]).all()) and int(teacher_rows[0]) >= 0
+                and int(teacher_rows[-1]) < student_logits.size(0)):
+            raise ValueError("teacher_rows must be strictly increasing student rows")
+    if teacher is not None and teacher.scores.size(0) != n_teacher:
+        raise ValueError(f"student has {n_teacher} target positions, teacher {teacher.scores.size(0)}")
+    mask = target.ne(padding_idx).to(_upcast(student_logits).dtype)
+    return _FusedWordKD.apply(
+        student_logits, target, mask,
+        None if teacher is None else teacher.scores.detach(),
+        None if teacher is None else teacher.index,
+        None if teacher is None or teacher_rows is None else teacher_rows.reshape(-1),
+        float(temperature), float(epsilon), int(chunk_tokens),
+    )
 
 
 def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperature,
@@ -227,8 +313,8 @@ def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperatur
     Returns ``(loss, nll_loss, kd_loss)``, each summed over non-pad tokens.
 
     alpha = 0 is computed exactly as fairseq's ``label_smoothed_cross_entropy``
-    (from ``lprobs``, the student's float log-probs, when given); alpha > 0 by
-    the fused chunked function above, which keeps no (N, V) activation.
+    (from ``lprobs``, the student's float log-probs, when given); alpha > 0 is
+    the sum of :func:`word_kd_rows`, which keeps no (N, V) activation.
     """
     flat_target = target.reshape(-1)
     if alpha == 0.0:
@@ -239,14 +325,10 @@ def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperatur
             ignore_index=padding_idx, reduce=True,
         )
         return ls_loss, nll_loss, ls_loss.new_zeros(())
-    logits = student_logits.reshape(-1, student_logits.size(-1))
-    if logits.size(0) != teacher.scores.size(0):
-        raise ValueError(f"student has {logits.size(0)} target positions, teacher {teacher.scores.size(0)}")
-    mask = flat_target.ne(padding_idx).to(_upcast(logits).dtype)
-    return _FusedWordKD.apply(
-        logits, flat_target, teacher.scores.detach(), teacher.index, mask,
-        float(alpha), float(temperature), float(epsilon), int(chunk_tokens),
-    )
+    ls, nll, kd = word_kd_rows(student_logits.reshape(-1, student_logits.size(-1)), flat_target,
+                               teacher, padding_idx, temperature, epsilon, chunk_tokens=chunk_tokens)
+    ls, kd = ls.sum(), kd.sum()
+    return _mix_word_kd(ls, kd, alpha, temperature), nll.sum(), kd
 
 
 def attention_kl(teacher_maps, student_maps, query_mask, key_mask):
@@ -328,36 +410,62 @@ def layer_kd_loss(student_states, teacher_states, groups, projections, mask):
 # --------------------------------------------------------------------------
 # Per-sentence terms and the gate of hybrid_kd (METHODS.md section 3)
 
-def label_smoothed_sentence_nll(lprobs, target, epsilon, padding_idx):
-    """Label-smoothed and plain NLL of each sentence, shapes (B,).
-
-    lprobs: (B, T, V) float log-probabilities; target: (B, T).  Token terms
-    are exactly fairseq's ``label_smoothed_nll_loss``, summed per row.
-    """
-    B, T = target.shape
-    ls, nll = label_smoothed_nll_loss(
-        lprobs.reshape(B * T, -1), target.reshape(-1), epsilon,
-        ignore_index=padding_idx, reduce=False,
-    )
-    return ls.view(B, T).sum(1), nll.view(B, T).sum(1)
-
-
 def word_kd_sentence_losses(student_logits, target, teacher, padding_idx, alpha, temperature,
-                            epsilon=0.0, lprobs=None):
+                            epsilon=0.0, chunk_tokens=DEFAULT_CHUNK_TOKENS):
     """:func:`word_kd_loss` per sentence: ``(loss, nll_loss, kd_loss)``, each (B,).
 
-    Their sums equal :func:`word_kd_loss`'s values (up to summation order).
-    ``teacher`` may be None when ``alpha`` is 0.
+    student_logits: (B, T, V); target: (B, T).  Their sums equal
+    :func:`word_kd_loss`'s values (up to summation order); the same fused
+    per-row function (:func:`word_kd_rows`), so no (B, T, V) log-probs are
+    kept.  ``teacher`` may be None when ``alpha`` is 0.
     """
-    if lprobs is None:
-        lprobs = F.log_softmax(_upcast(student_logits), dim=-1)
-    ls_loss, nll_loss = label_smoothed_sentence_nll(lprobs, target, epsilon, padding_idx)
-    if alpha == 0.0:
-        kd = torch.zeros_like(ls_loss)
+    B, T = target.shape
+    ls, nll, kd = word_kd_rows(
+        student_logits.reshape(B * T, -1), target.reshape(-1), teacher if alpha else None,
+        padding_idx, temperature, epsilon, chunk_tokens=chunk_tokens)
+    ls, nll, kd = (r.view(B, T).sum(1) for r in (ls, nll, kd))
+    return _mix_word_kd(ls, kd, alpha, temperature), nll, kd
+
+
+def hybrid_sentence_losses(student_logits, target, hyp_target, teacher, padding_idx, alpha,
+                           temperature, epsilon=0.0, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """hybrid_kd's per-sentence terms from one student pass: ``(tok, sent, nll, kd)``, each (B,).
+
+    student_logits: (2B, L, V), the student on gold prefixes (rows :B) and on
+    distilled prefixes (rows B:), right-padded to a common length L; target
+    (B, T) and hyp_target (B, T') with T, T' <= L.  ``hyp_target`` None: one
+    pass on gold only, (B, T, V) logits, and gold stands for y_hat.
+
+        tok_i  = (1 - alpha) * LS-NLL(target_i) + alpha * T^2 * KL   (word_kd on sentence i)
+        sent_i = LS-NLL(hyp_target_i)
+        nll_i, kd_i: the plain NLL and the KL inside tok_i
+
+    One call of the fused per-row function on all 2B x L rows (the teacher's
+    rows are mapped to the gold positions): no (2B, L, V) log-probs are kept,
+    and the backward pass writes one gradient for the whole logits tensor.
+    """
+    B, T = target.shape
+    R, L, V = student_logits.shape
+    if hyp_target is None:
+        targets = target
     else:
-        rows = kd_kl_rows(student_logits.reshape(-1, student_logits.size(-1)), teacher, temperature)
-        kd = (rows * target.reshape(-1).ne(padding_idx).to(rows.dtype)).view(target.shape).sum(1)
-    return _mix_word_kd(ls_loss, kd, alpha, temperature), nll_loss, kd
+        targets = torch.cat([F.pad(t, (0, L - t.size(1)), value=padding_idx)
+                             for t in (target, hyp_target)])
+    if targets.shape != (R, L):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} do not fit target "
+                         f"{tuple(target.shape)} and hyp_target "
+                         f"{None if hyp_target is None else tuple(hyp_target.shape)}")
+    teacher_rows = None
+    if teacher is not None and alpha and hyp_target is not None:  # gold position (i, j) is row i*L + j
+        teacher_rows = (torch.arange(B, device=target.device)[:, None] * L
+                        + torch.arange(T, device=target.device)).reshape(-1)
+    ls, nll, kd = word_kd_rows(
+        student_logits.reshape(-1, V), targets.reshape(-1), teacher if alpha else None,
+        padding_idx, temperature, epsilon, teacher_rows=teacher_rows, chunk_tokens=chunk_tokens)
+    ls, nll, kd = (r.view(R, L).sum(1) for r in (ls, nll, kd))
+    gold, hyp = slice(0, B), slice(B, 2 * B) if hyp_target is not None else slice(0, B)
+    tok = _mix_word_kd(ls[gold], kd[gold], alpha, temperature)
+    return tok, ls[hyp], nll[gold], kd[gold]
 
 
 def hybrid_mix(gate, tok_loss, sent_loss):

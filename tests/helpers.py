@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from itertools import pairwise
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,8 +168,7 @@ def ddp_gradients(rank, world_size, port, build_args, out_dir):
         torch.manual_seed(0)
         _, task, model, criterion = build_training(*build_args)
         sample = batches(task, world_size)[rank]
-        wrapped = fairseq_ddp_wrap(model)
-        crit = fairseq_ddp_wrap(criterion) if any(p.requires_grad for p in criterion.parameters()) else criterion
+        wrapped, crit = trainer_ddp_wrap(model, criterion)
         loss, _, _ = crit(wrapped, sample)
         loss.backward()
         torch.save(named_grads(model, criterion), Path(out_dir) / f"rank{rank}.pt")
@@ -184,6 +184,72 @@ def fairseq_ddp_wrap(module):
 
     return ModuleProxyWrapper(DistributedDataParallel(
         module, broadcast_buffers=False, find_unused_parameters=False))
+
+
+def trainer_ddp_wrap(model, criterion):
+    """(model, criterion) as fairseq's Trainer holds them under DDP (its ``model``
+    and ``criterion`` properties): the model always wrapped, the criterion only
+    when it has parameters (``fairseq.utils.has_parameters``)."""
+    from fairseq import utils
+
+    wrapped_criterion = fairseq_ddp_wrap(criterion) if utils.has_parameters(criterion) else criterion
+    return fairseq_ddp_wrap(model), wrapped_criterion
+
+
+def split_batch(task, parts, split="valid", max_tokens=1000):
+    """(whole, [part, ...]): :func:`first_batch` and its sentences cut into ``parts``
+    contiguous groups, each collated on its own (own padding) as a data-parallel
+    rank would receive it."""
+    whole = first_batch(task, split, max_tokens)
+    ids = whole["id"].tolist()
+    ds = task.dataset(split)
+    bounds = [len(ids) * k // parts for k in range(parts + 1)]
+    return whole, [ds.collater([ds[i] for i in ids[a:b]]) for a, b in pairwise(bounds)]
+
+
+def ddp_split_batch_step(rank, world_size, port, build_args, out_dir, steps=2):
+    """One gloo rank of a training step on part ``rank`` of :func:`split_batch`.
+
+    Model and criterion are wrapped as fairseq's Trainer wraps them
+    (:func:`trainer_ddp_wrap`).  The step runs ``steps`` times (gradients reset
+    in between, no update): DDP without unused-parameter search reports a
+    parameter that got no gradient only at the next forward.  Saves the last
+    step's gradients (DDP-averaged), logging output and sample size to
+    ``out_dir/rank{rank}.pt``; compare with :func:`whole_batch_step`.
+    """
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        _, task, model, criterion = build_training(*build_args)
+        _, parts = split_batch(task, world_size)
+        ddp_model, ddp_criterion = trainer_ddp_wrap(model, criterion)
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            criterion.zero_grad(set_to_none=True)
+            loss, sample_size, log = ddp_criterion(ddp_model, parts[rank])
+            loss.backward()
+        torch.save({"grads": named_grads(model, criterion), "log": log, "sample_size": sample_size},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def whole_batch_step(build_args, world_size):
+    """Single-process reference of :func:`ddp_split_batch_step`: the same step on the
+    whole batch; returns (gradients, logging output, sample size)."""
+    import torch
+
+    torch.manual_seed(0)
+    _, task, model, criterion = build_training(*build_args)
+    whole, _ = split_batch(task, world_size)
+    loss, sample_size, log = criterion(model, whole)
+    loss.backward()
+    return named_grads(model, criterion), log, sample_size
 
 
 def local_gradients(build_args, world_size):
@@ -209,6 +275,7 @@ def named_grads(model, criterion):
     grads.update({f"criterion.{n}": p.grad.clone() for n, p in criterion.named_parameters()
                   if p.grad is not None})
     return grads
+
 
 def teacher_translations(data_root, teacher, split="train"):
     """The teacher's greedy translation of every sentence of a split, in corpus order."""

@@ -192,9 +192,12 @@ def test_gate_does_not_follow_the_units_of_a_term(tiny_data, tiny_teacher, disti
             p.requires_grad_(False)
         model.eval()
         hybrid.train()
-        real = hybrid_module.label_smoothed_sentence_nll
-        monkeypatch.setattr(hybrid_module, "label_smoothed_sentence_nll",
-                            lambda *a, f=factor, **k: tuple(f * t for t in real(*a, **k)))
+        real = hybrid_module.hybrid_sentence_losses
+
+        def scaled(*a, f=factor, **k):  # (tok, sent, nll, kd): sent in other units
+            tok, sent, nll, kd = real(*a, **k)
+            return tok, f * sent, nll, kd
+        monkeypatch.setattr(hybrid_module, "hybrid_sentence_losses", scaled)
         sample = first_batch(task, "train", max_tokens=500)
         runs[factor] = train_gate_only(task, model, hybrid, sample, steps=15)
         monkeypatch.undo()

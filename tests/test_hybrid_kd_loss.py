@@ -4,17 +4,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 from fairseq_kd.losses import (
     TeacherDistribution,
     gate_objective,
+    hybrid_sentence_losses,
     kd_kl_divergence,
     kd_kl_rows,
     optimal_gate,
     word_kd_loss,
     word_kd_sentence_losses,
 )
-from test_word_kd_loss import PAD, brute_force_word_kd, random_batch
+from test_word_kd_loss import PAD, brute_force_token_terms, brute_force_word_kd, random_batch
 
 
 def test_kl_rows_match_formula_and_gradcheck():
@@ -46,6 +48,101 @@ def test_sentence_losses_sum_to_word_kd_loss_and_match_brute_force():
     # the unmasked KL rows of padding never leak in
     assert kd_kl_divergence(student.reshape(-1, student.size(-1)), dist, target.reshape(-1).ne(PAD),
                             2.0).item() == pytest.approx(kd_i.sum().item(), rel=1e-12)
+
+
+def hybrid_batch(seed, B=3, T=4, T_hyp=6, V=9):
+    """Student logits over gold and distilled prefixes stacked (2B, L, V), L = max(T, T_hyp)."""
+    g = torch.Generator().manual_seed(seed)
+    L = max(T, T_hyp)
+    logits = torch.randn(2 * B, L, V, generator=g, dtype=torch.float64) * 2
+    teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    target = torch.randint(2, V, (B, T), generator=g)
+    hyp = torch.randint(2, V, (B, T_hyp), generator=g)
+    target[0, 2:] = PAD
+    hyp[1, 3:] = PAD
+    hyp[B - 1, 1:] = PAD
+    return logits, teacher, target, hyp
+
+
+def reference_hybrid_terms(logits, teacher, target, hyp, alpha, T, eps):
+    """What hybrid_kd computed before the per-row fused function: autograd through full
+    log-probs (fairseq's label_smoothed_nll_loss) plus the per-row KL."""
+    B, Tg = target.shape
+    lprobs = F.log_softmax(logits, -1)
+
+    def ls_nll(lp, y):
+        ls, nll = label_smoothed_nll_loss(lp.reshape(-1, lp.size(-1)), y.reshape(-1), eps,
+                                          ignore_index=PAD, reduce=False)
+        return ls.view(y.shape).sum(1), nll.view(y.shape).sum(1)
+
+    gold_logits = logits[:B, :Tg]
+    ls, nll = ls_nll(lprobs[:B, :Tg], target)
+    kd = torch.zeros_like(ls)
+    if alpha:
+        rows = kd_kl_rows(gold_logits.reshape(-1, logits.size(-1)), teacher, T)
+        kd = (rows * target.reshape(-1).ne(PAD)).view(B, Tg).sum(1)
+    sent, _ = ls_nll(lprobs[B:, :hyp.size(1)], hyp)
+    return (1 - alpha) * ls + alpha * T * T * kd, sent, nll, kd
+
+
+@pytest.mark.parametrize("alpha,T,eps,topk,T_gold,T_hyp", [
+    (0.0, 1.0, 0.1, 0, 4, 6), (1.0, 2.0, 0.0, 0, 4, 6), (0.3, 2.0, 0.1, 3, 6, 4), (0.6, 1.5, 0.1, 0, 5, 5),
+])
+def test_hybrid_sentence_losses_match_brute_force_and_the_log_prob_version(
+        alpha, T, eps, topk, T_gold, T_hyp):
+    logits, teacher, target, hyp = hybrid_batch(seed=11, T=T_gold, T_hyp=T_hyp)
+    B, V = target.size(0), logits.size(-1)
+    dist = TeacherDistribution(teacher.reshape(-1, V)).topk(topk) if alpha else None
+    gates = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for chunk in (3, 256):  # chunks of 3 rows straddle sentences and the gold/distilled boundary
+        x = logits.clone().requires_grad_(True)
+        terms = hybrid_sentence_losses(x, target, hyp, dist, PAD, alpha, T, eps, chunk_tokens=chunk)
+        (gates * terms[0] + (1 - gates) * terms[1]).sum().backward()
+        results.append((terms, x.grad))
+    x = logits.clone().requires_grad_(True)
+    ref = reference_hybrid_terms(x, dist, target, hyp, alpha, T, eps)
+    (gates * ref[0] + (1 - gates) * ref[1]).sum().backward()
+    # brute force, token by token
+    ls, nll, kd = (t.sum(1) for t in brute_force_token_terms(
+        logits[:B, :T_gold], teacher, target, T, eps, topk))
+    sent = brute_force_token_terms(logits[B:, :T_hyp], teacher.new_zeros(B, T_hyp, V), hyp, T, eps)[0].sum(1)
+    kd = kd if alpha else torch.zeros_like(kd)
+    brute = ((1 - alpha) * ls + alpha * T * T * kd, sent, nll, kd)
+    for terms, grad in results:
+        for got, exp_ref, exp_brute in zip(terms, ref, brute):
+            assert got.shape == (B,)
+            assert torch.allclose(got, exp_ref.detach(), rtol=1e-12, atol=1e-12)
+            assert torch.allclose(got, exp_brute, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(grad, x.grad, rtol=1e-10, atol=1e-12)
+    # padding positions, and gold positions past the gold length, get no gradient
+    grad = results[0][1]
+    assert (grad[:B][F.pad(target, (0, logits.size(1) - T_gold), value=PAD).eq(PAD)] == 0).all()
+    assert (grad[B:][F.pad(hyp, (0, logits.size(1) - T_hyp), value=PAD).eq(PAD)] == 0).all()
+
+
+@pytest.mark.parametrize("alpha,topk", [(0.0, 0), (0.5, 0), (1.0, 3)])
+def test_hybrid_sentence_losses_gradcheck(alpha, topk):
+    """Tiny float64 case against finite differences, every output, gold shorter than y_hat."""
+    logits, teacher, target, hyp = hybrid_batch(seed=12, B=2, T=2, T_hyp=3, V=5)
+    dist = TeacherDistribution(teacher.reshape(-1, 5)).topk(topk) if alpha else None
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda z: hybrid_sentence_losses(z, target, hyp, dist, PAD, alpha, 1.7, 0.1, chunk_tokens=2), (x,))
+
+
+def test_hybrid_sentence_losses_without_distilled_targets():
+    """Validation: one pass on gold, gold stands for y_hat (sent = its LS-NLL)."""
+    student, teacher, target = random_batch(seed=13)
+    dist = TeacherDistribution(teacher.reshape(-1, teacher.size(-1)))
+    tok, sent, nll, kd = hybrid_sentence_losses(student, target, None, dist, PAD, 0.3, 2.0, 0.1)
+    exp = word_kd_sentence_losses(student, target, dist, PAD, 0.3, 2.0, 0.1)
+    for a, b in ((tok, exp[0]), (nll, exp[1]), (kd, exp[2])):
+        assert torch.equal(a, b)
+    ls0 = word_kd_sentence_losses(student, target, None, PAD, 0.0, 2.0, 0.1)[0]
+    assert torch.equal(sent, ls0)
+    with pytest.raises(ValueError, match="do not fit"):
+        hybrid_sentence_losses(student, target[:, :3], None, dist, PAD, 0.3, 2.0, 0.1)
 
 
 @pytest.mark.parametrize("r_tok,r_sent,prior,strength", [

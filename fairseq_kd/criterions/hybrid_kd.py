@@ -67,12 +67,7 @@ from fairseq_kd.criterions.kd_base import (
 )
 from fairseq_kd.errors import require
 from fairseq_kd.hidden_states import unwrap_model
-from fairseq_kd.losses import (
-    gate_objective,
-    hybrid_mix,
-    label_smoothed_sentence_nll,
-    word_kd_sentence_losses,
-)
+from fairseq_kd.losses import gate_objective, hybrid_mix, hybrid_sentence_losses
 
 GATE_CHOICES = ChoiceEnum(["sentence", "scalar", "fixed"])
 
@@ -252,30 +247,25 @@ class HybridKDCriterion(KDCriterionBase):
         net_output, hyp, pooled = self.student_forward(model, sample)
         batch_size, gold_len = sample["target"].shape
         logits, extra = net_output[0], net_output[1]
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        gold_output = (logits[:batch_size, :gold_len], extra)
-        if hyp is None:
-            hyp_target, hyp_lprobs = sample["target"], lprobs
-            hyp_ntokens = sample["ntokens"]
-        else:
-            hyp_target = hyp["target"]
-            hyp_lprobs = lprobs[batch_size:, :hyp_target.size(1)]
-            hyp_ntokens = hyp["ntokens"]
+        gold_output = (logits[:batch_size, :gold_len], extra)  # for --report-accuracy
+        # without distilled targets (validation) gold stands for y_hat
+        hyp_target = None if hyp is None else hyp["target"]
+        hyp_ntokens = sample["ntokens"] if hyp is None else hyp["ntokens"]
 
         teacher = (self.task.teacher_distribution(model, sample, topk=self.topk)
                    if self.uses_teacher else None)
-        tok, nll, kd = word_kd_sentence_losses(
-            gold_output[0], sample["target"], teacher, self.padding_idx,
+        # every term from the logits by one fused per-row function: no B x T x V log-probs kept
+        tok, sent, nll, kd = hybrid_sentence_losses(
+            logits, sample["target"], hyp_target, teacher, self.padding_idx,
             self.alpha if self.uses_teacher else 0.0, self.temperature, self.eps,
-            lprobs=lprobs[:batch_size, :gold_len],
         )
-        sent, _ = label_smoothed_sentence_nll(hyp_lprobs, hyp_target, self.eps, self.padding_idx)
 
         z = self.gate_logits(pooled, batch_size)
         gate = (torch.full_like(tok, self.gate_value) if z is None else torch.sigmoid(z))
         loss = hybrid_mix(gate.detach(), tok, sent)
         if z is not None and self.training:
-            j = self.gate_objective(z, tok, sent, sample["target"], hyp_target)
+            j = self.gate_objective(z, tok, sent, sample["target"],
+                                    sample["target"] if hyp is None else hyp_target)
             loss = loss + (j - j.detach())  # gradient for the gate only, adds 0 to the value
 
         sample_size = self.sample_size(sample)
