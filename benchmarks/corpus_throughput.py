@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 # What fairseq_kd.allocator sets with mallopt, as glibc's environment variables:
 # given to stock fairseq-generate by --allocator-baseline, to show how much of
 # the speed-up the allocator settings alone explain.
-GLIBC_ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "2147483647",
+GLIBC_ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "2147483647",
                        "MALLOC_TOP_PAD_": "268435456"}
 
 
@@ -104,6 +104,8 @@ def ours(args, data, work):
         cmd.append("--cpu")
     if args.workers:
         cmd += ["--workers", args.workers]
+    if args.chunk_size:
+        cmd += ["--chunk-size", args.chunk_size]
     seconds = timed(cmd)
     return seconds, (out / f"{args.split}.{args.target_lang}").read_text(encoding="utf-8").split("\n")[:-1]
 
@@ -137,6 +139,7 @@ def main():
                         "fairseq-kd corpus uses on CPU (given as environment variables)")
     p.add_argument("--max-lines", type=int, default=0)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=0, help="fairseq-kd corpus --chunk-size (default: its own)")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
