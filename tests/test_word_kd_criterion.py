@@ -110,3 +110,15 @@ def test_bad_prune_mask_is_one_line_error(tiny_data, tmp_path):
                                       r"fairseq-kd prune \(torch cannot read it: \w+\)$"):
         build_training(tiny_data / "bin", "--task", "translation_kd", "--prune-mask", junk,
                        *STUDENT_ARCH, "--criterion", "label_smoothed_cross_entropy")
+
+
+def test_adaptive_softmax_student_is_refused_by_kd_criterions(tiny_data, tiny_teacher):
+    """Its decoder returns hidden states, not the vocabulary logits the KD losses read."""
+    adaptive = ["--adaptive-softmax-cutoff", "10", "--criterion"]
+    with pytest.raises(KDError, match=r"--criterion word_kd does not support students with an "
+                                      r"adaptive softmax"):
+        build_training(tiny_data / "bin", "--task", "translation_kd", "--teacher-path", tiny_teacher,
+                       *STUDENT_ARCH, *adaptive, "word_kd")
+    # fairseq's own criterion for it is still accepted by the task
+    build_training(tiny_data / "bin", "--task", "translation_kd", "--ddp-backend", "legacy_ddp", *STUDENT_ARCH,
+                   *adaptive, "adaptive_loss")

@@ -144,13 +144,22 @@ class TranslationKDTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         self.student_cfg = cfg
+        self.student_has_adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None) is not None
         if getattr(self.cfg, "prune_mask", None):
             self._mask_keeper = load_mask_keeper(self.cfg.prune_mask)
             self._mask_keeper.attach(model)
         return model
 
     def build_criterion(self, cfg, from_checkpoint=False):
+        from fairseq_kd.criterions.kd_base import KDCriterionBase
+
         criterion = super().build_criterion(cfg, from_checkpoint)
+        # The KD losses read vocabulary logits from the decoder's output, which
+        # an adaptive-softmax decoder does not produce (it returns hidden states).
+        require(not (isinstance(criterion, KDCriterionBase)
+                     and getattr(self, "student_has_adaptive_softmax", False)),
+                f"--criterion {cfg._name} does not support students with an adaptive softmax "
+                "(--adaptive-softmax-cutoff): the KD losses need the full vocabulary logits")
         if getattr(criterion, "needs_teacher", False) and self.teacher_cache is None:
             # Load (and check) the teacher now rather than at the first step:
             # a bad teacher must stop fairseq-train before training starts,
