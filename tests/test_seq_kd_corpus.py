@@ -170,6 +170,13 @@ def test_worker_processes_merge_to_the_unsharded_output(unsharded, odd_lines_dat
         assert filecmp.cmp(tmp_path / name, ref / name, shallow=False), name
 
 
+def corpus_command(data, teacher, out, *args):
+    """A ``fairseq-kd corpus`` process translating one sentence per batch (slow enough to kill midway)."""
+    return [tool("fairseq-kd"), "corpus", data, "--path", teacher, "--out", out, "-s", "es", "-t", "en",
+            "--cpu", "--no-progress-bar", *DECODE, "--max-source-tokens", "200", "--batch-size", "1",
+            *map(str, args)]
+
+
 def kill_midway(cmd, work):
     """Start ``cmd``, SIGKILL it once 2 chunks are saved; the saved chunks' mtimes."""
     proc = subprocess.Popen([str(c) for c in cmd], env=helpers.env(), stdout=subprocess.DEVNULL,
@@ -184,9 +191,7 @@ def kill_midway(cmd, work):
 
 def test_resume_after_killed_run(unsharded, odd_lines_data, tiny_teacher, tmp_path):
     ref, _ = unsharded
-    cmd = [tool("fairseq-kd"), "corpus", odd_lines_data, "--path", tiny_teacher, "--out", tmp_path,
-           "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--chunk-size", "2",
-           "--max-source-tokens", "200", "--batch-size", "1", "--workers", "1"]
+    cmd = corpus_command(odd_lines_data, tiny_teacher, tmp_path, "--chunk-size", 2, "--workers", 1)
     work = tmp_path / "train.work"
     done = kill_midway(cmd, work)
     assert 2 <= len(done) < 15, "the run was not interrupted midway"
@@ -201,9 +206,7 @@ def test_resume_after_killed_run(unsharded, odd_lines_data, tiny_teacher, tmp_pa
 def test_killed_run_leaves_no_worker_behind(unsharded, odd_lines_data, tiny_teacher, tmp_path):
     """Workers die with the killed command instead of writing chunks beside the rerun."""
     ref, _ = unsharded
-    cmd = [tool("fairseq-kd"), "corpus", odd_lines_data, "--path", tiny_teacher, "--out", tmp_path,
-           "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--chunk-size", "1",
-           "--max-source-tokens", "200", "--batch-size", "1", "--workers", "2"]
+    cmd = corpus_command(odd_lines_data, tiny_teacher, tmp_path, "--chunk-size", 1, "--workers", 2)
     work = tmp_path / "train.work"
     done = kill_midway(cmd, work)
     assert 2 <= len(done) < 30, "the run was not interrupted midway"
