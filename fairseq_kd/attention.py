@@ -17,7 +17,7 @@ are differentiable with respect to the student's projections, and when no
 capture is active no hook exists (zero cost when ``a2d`` is off).
 
 Alignment (:class:`AttentionAlignment`).  Align-to-Distill's Attention
-Alignment Module (``../shared/METHODS.md`` section 5) is a pointwise (1x1) map
+Alignment Module (Jin et al. 2024) is a pointwise (1x1) map
 from the student's L_S*H_S head maps, stacked as channels, to the teacher's
 L_T*H_T channels.  Our choice: each output channel is a convex combination of
 the student's channels (mixing weights = softmax of learned logits over the

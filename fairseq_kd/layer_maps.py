@@ -3,7 +3,7 @@
 A *layer map* for an ``L_T``-layer teacher and an ``L_S``-layer student is a
 list of ``L_S`` groups; group ``i`` holds the teacher layers whose outputs are
 concatenated and matched against student layer ``i``
-(``../shared/METHODS.md`` section 4).  Layers are numbered from 0: layer 0
+(Wu et al. 2020; README, ``ckd``).  Layers are numbered from 0: layer 0
 is the output of the first transformer layer; the embedding output is never
 matched.  Named maps, with ``s = L_T // L_S``:
 
@@ -17,7 +17,7 @@ matched.  Named maps, with ``s = L_T // L_S``:
   first layer of the next block, so neighbouring groups share one layer.
 * ``cross``: interleaved layers, student layer ``i`` gets teacher layers
   ``i, i + L_S, i + 2 L_S, ...``; every group spans the teacher's depth
-  (not METHODS.md's example, see below).
+  (not the block reading ``1,3 | 4,6``, see below).
 * explicit: ``"0,1,2|3,4,5"``, groups separated by ``|``, layers by ``,``.
 
 Every named map needs ``L_T >= L_S``; an explicit map works for any depths.
@@ -30,13 +30,13 @@ Groups (teacher layers, 0-based) for the depths of the tests and the README
 | 6 -> 2 | {2} {5} | {0,1,2} {3,4,5} | {0,1,2,3} {3,4,5} | {0,2,4} {1,3,5} |
 | 12 -> 4 | {2} {5} {8} {11} | {0,1,2} {3,4,5} {6,7,8} {9,10,11} | {0,1,2,3} {3,4,5,6} {6,7,8,9} {9,10,11} | {0,4,8} {1,5,9} {2,6,10} {3,7,11} |
 
-``overlap`` is our reading of Wu et al. 2020 (METHODS.md does not fix how
-much blocks overlap).  ``cross`` differs from METHODS.md's example: section 4
-illustrates cross combination as ``1,3 | 4,6`` (1-based; 6-layer teacher,
-2-layer student), whereas ``cross`` here gives ``{0,2,4} {1,3,5}`` (1-based
-``1,3,5 | 2,4,6``), so that every group spans the teacher's depth.
-METHODS.md's example is the explicit map ``--layer-map '0,2|3,5'``; any other
-pattern can be given explicitly too.
+``overlap`` and ``cross`` are our reading of Wu et al. 2020, who describe
+them only as blocks overlapping by one layer or more and as interleaved
+layers.  The project's method spec illustrates cross combination as
+``1,3 | 4,6`` (1-based; 6-layer teacher, 2-layer student), whereas ``cross``
+here gives ``{0,2,4} {1,3,5}`` (1-based ``1,3,5 | 2,4,6``), so that every
+group spans the teacher's depth.  That example is the explicit map
+``--layer-map '0,2|3,5'``; any other pattern can be given explicitly too.
 """
 from typing import List, Sequence
 

@@ -3,7 +3,7 @@
 Pure functions on tensors, no fairseq state: each criterion calls these and a
 test can check them against a brute-force formula.
 
-Conventions (``../shared/METHODS.md`` section 1):
+Conventions (Kim & Rush 2016; Hinton et al. 2015):
 
 * A teacher distribution is given by *scores* ``s`` such that the teacher's
   distribution at temperature T is ``q_T = softmax(s / T)`` over its support.
@@ -362,7 +362,7 @@ def attention_kl(teacher_maps, student_maps, query_mask, key_mask):
     return kl.sum() / teacher_maps.size(1)
 
 
-# -- intermediate-layer KD (METHODS.md section 4) -----------------------------
+# -- intermediate-layer KD (Wu et al. 2020) -----------------------------------
 # Floor of the L2 norm in the normalisation: a zero vector stays zero instead
 # of becoming NaN (fairseq zeroes padded embeddings; padding is masked anyway).
 NORM_EPS = 1e-6
@@ -408,7 +408,7 @@ def layer_kd_loss(student_states, teacher_states, groups, projections, mask):
 
 
 # --------------------------------------------------------------------------
-# Per-sentence terms and the gate of hybrid_kd (METHODS.md section 3)
+# Per-sentence terms and the gate of hybrid_kd (Wei et al. 2024)
 
 def word_kd_sentence_losses(student_logits, target, teacher, padding_idx, alpha, temperature,
                             epsilon=0.0, chunk_tokens=DEFAULT_CHUNK_TOKENS):

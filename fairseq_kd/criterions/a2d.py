@@ -5,7 +5,7 @@
              sum over real query tokens of mean over teacher heads h of
              KL(teacher_h row || AAM_h(student head maps) row)
 
-``../shared/METHODS.md`` section 5.  The student's and the teacher's per-head
+See the README's ``a2d`` section.  The student's and the teacher's per-head
 attention maps (encoder self, decoder self, decoder cross) are captured
 during their normal forward passes (``fairseq_kd.attention``); a learned
 Attention Alignment Module per attention type maps the student's L_S*H_S

@@ -1,4 +1,4 @@
-"""``hybrid_kd``: gated token- and sentence-level KD (Wei et al. 2024; METHODS.md section 3).
+"""``hybrid_kd``: gated token- and sentence-level KD (Wei et al. 2024).
 
 For each sentence i of a batch, with gold target y, the teacher's translation
 y_hat (``--distilled-data``) and a gate g_i in [0, 1]:
@@ -18,7 +18,8 @@ If g were learned by minimising L itself, dL/dg_i = L_tok_i - L_sent_i: the
 gate would run to whichever term is numerically smaller (a KL that can reach
 0 versus an NLL that cannot), i.e. to the *units* of the two losses rather
 than to what suits the sentence; and because L is linear in g, always to 0
-or 1.  Our remedy combines the three options METHODS.md names:
+or 1.  Our remedy combines three options (normalised terms, a separate
+objective for the gate, a prior):
 
 1. the student is trained on L with g *detached*: the gate is not a way for
    the student to lower its loss;
