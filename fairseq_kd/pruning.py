@@ -20,7 +20,8 @@ gradient (weight decay on a nonzero state, resumed momenta).
 """
 import torch
 
-from fairseq_kd.errors import require
+from fairseq_kd.checkpoint import read_torch_file
+from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import unwrap_model
 
 EMBEDDING_KEYS = ("embed_tokens", "embed_positions", "output_projection")
@@ -96,7 +97,10 @@ class MaskKeeper:
         import os
 
         require(os.path.isfile(path), f"--prune-mask: file not found: {path}")
-        masks = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            masks = read_torch_file(path, what="mask file written by fairseq-kd prune")
+        except KDError as e:  # torch's own errors on a non-torch file are pages long
+            raise KDError(f"--prune-mask: {e}") from None
         require(isinstance(masks, dict) and all(torch.is_tensor(m) and m.dtype == torch.bool
                                                 for m in masks.values()),
                 f"--prune-mask: {path} is not a mask file written by fairseq-kd prune")

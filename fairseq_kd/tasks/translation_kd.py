@@ -39,9 +39,10 @@ from fairseq.data import indexed_dataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
-from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state, read_torch_file
-from fairseq_kd.errors import KDError, require
+from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
+from fairseq_kd.errors import require
 from fairseq_kd.losses import TeacherDistribution, ensemble_scores
+from fairseq_kd.pruning import MaskKeeper
 from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
 from fairseq_kd.teacher_cache import TeacherCache
 
@@ -95,18 +96,6 @@ def teacher_paths(spec):
     return [p for p in (spec or "").split(":") if p]
 
 
-def load_mask_keeper(path):
-    """``MaskKeeper.load``, with torch's errors on a file that is not a torch
-    file (pages long, or a bare ``KeyError``) as one line."""
-    from fairseq_kd.pruning import MaskKeeper
-
-    try:
-        read_torch_file(path, what="mask file written by fairseq-kd prune")
-    except KDError as e:
-        raise KDError(f"--prune-mask: {e}") from None
-    return MaskKeeper.load(path)
-
-
 @register_task("translation_kd", dataclass=TranslationKDConfig)
 class TranslationKDTask(TranslationTask):
     """Translation with a frozen teacher available to KD criterions."""
@@ -146,7 +135,7 @@ class TranslationKDTask(TranslationTask):
         self.student_cfg = cfg
         self.student_has_adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None) is not None
         if getattr(self.cfg, "prune_mask", None):
-            self._mask_keeper = load_mask_keeper(self.cfg.prune_mask)
+            self._mask_keeper = MaskKeeper.load(self.cfg.prune_mask)
             self._mask_keeper.attach(model)
         return model
 
