@@ -1,4 +1,4 @@
-"""Worker processes that do not outlive the command that started them."""
+"""Worker processes: the cores they may use, and not outliving the command that started them."""
 import ctypes
 import os
 import signal
@@ -22,3 +22,11 @@ def die_with_parent(parent_pid):
         return
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def usable_cores():
+    """The cores this process may run on (containers, taskset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

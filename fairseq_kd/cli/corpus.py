@@ -38,6 +38,7 @@ import time
 from fairseq_kd.allocator import keep_freed_memory
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.errors import require
+from fairseq_kd.processes import die_with_parent, usable_cores
 
 logger = logging.getLogger("fairseq_kd.corpus")
 
@@ -371,7 +372,6 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
 
 def _worker_main(args, shard_ids, num_shards, worker_index, parent_pid):
     from fairseq_kd.errors import install_excepthook
-    from fairseq_kd.processes import die_with_parent
 
     die_with_parent(parent_pid)
     install_excepthook()
@@ -488,13 +488,6 @@ def on_cpu(args):
     import torch
 
     return args.cpu or not torch.cuda.is_available()
-
-
-def usable_cores():
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may run on (containers, taskset)
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def default_workers(args):

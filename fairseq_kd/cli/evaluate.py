@@ -74,7 +74,9 @@ def decoding_device(args):
 
     if args.cpu or not torch.cuda.is_available():
         require(not args.fp16, "--fp16 needs a GPU (no --cpu, and CUDA available)")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        from fairseq_kd.processes import usable_cores
+
+        cores = usable_cores()
         threads = os.environ.get("OMP_NUM_THREADS")
         return f"CPU ({cores} cores" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
     return torch.cuda.get_device_name() + (" in fp16" if args.fp16 else "")
