@@ -59,7 +59,9 @@ resolve_devices() {
   fi
   if [ "$GPUS" = cpu ] || [ -z "$GPUS" ]; then
     GPUS=cpu NGPU=0 DEVICE_ARGS=(--cpu) FP16_ARGS=()
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    # the cores split between the jobs that run at once (students in parallel)
+    local cores; cores=$(nproc)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / STUDENT_JOBS > 0 ? cores / STUDENT_JOBS : 1 ))}
   else
     NGPU=$(tr ',' '\n' <<<"$GPUS" | grep -c .)
     DEVICE_ARGS=()
