@@ -170,8 +170,9 @@ def run_mode(mode, data_bin, teacher, cache, distilled, device, updates, warmup,
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if mode != "label_smoothed_cross_entropy" and task.cfg.teacher_path:
-        task.teachers  # load outside the timed region, like fairseq does once per run
-        task._place_teachers(next(model.parameters()))
+        # load and place outside the timed region, like fairseq does once per run
+        first = next(model.parameters())
+        task.teacher.load().place(first.device, first.dtype)
     sync()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

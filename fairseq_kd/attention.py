@@ -1,11 +1,11 @@
 """Per-head attention maps of fairseq transformers, and the learned alignment module.
 
-Capture (:class:`AttentionCapture`).  fairseq's ``MultiheadAttention`` is
-called with ``need_weights=False`` for encoder and decoder self-attention (a
+Capture (:mod:`fairseq_kd.capture`, ``CaptureSpec(attention=...)``).
+fairseq's ``MultiheadAttention`` is called with ``need_weights=False`` for encoder and decoder self-attention (a
 fused kernel that never materialises the probabilities), and asking it for
 per-head weights would switch it to another code path (other rounding, other
 dropout random stream).  So the capture leaves every call exactly as it is:
-a forward hook, registered only inside a ``with`` block, reads the module's
+a forward hook, registered only inside the capture's ``with`` block, reads the module's
 inputs (query, key, masks) and recomputes the attention probabilities from
 the module's own ``q_proj``/``k_proj``:
 
@@ -27,9 +27,8 @@ implementation applies a second softmax over already-normalised maps), keep
 exact zeros at padded and future keys, and the mixing weights read directly
 as "which student heads feed this teacher head".
 """
-import inspect
 import logging
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
@@ -134,63 +133,6 @@ def attention_probs(module, query, key, key_padding_mask=None, attn_mask=None):
     blocked = torch.isneginf(scores).all(-1, keepdim=True)
     probs = F.softmax(scores.masked_fill(blocked, 0.0), dim=-1)
     return probs.masked_fill(blocked, 0.0)
-
-
-_MHA_SIGNATURE = inspect.signature(MultiheadAttention.forward)
-
-
-class AttentionCapture:
-    """Records the per-head attention maps of a transformer during a forward pass.
-
-    Use::
-
-        with AttentionCapture(model, ["enc", "cross"]) as maps:
-            model(**net_input)
-        maps["enc"]  # list, one (B, H, T, T) tensor per encoder layer
-
-    Hooks exist only inside the ``with`` block and do not alter any output.
-    Each module must run once per capture (a full forward, no incremental
-    decoding).
-    """
-
-    def __init__(self, model, types: Sequence[str]):
-        self.modules = {t: attention_modules(model, t) for t in types}
-        self.maps: Dict[str, List[torch.Tensor]] = {}
-        self._handles = []
-
-    def _hook(self, attn_type, index):
-        def hook(module, args, kwargs, output):
-            call = _MHA_SIGNATURE.bind(module, *args, **kwargs).arguments
-            require(call.get("incremental_state") is None,
-                    "a2d: attention capture needs full forward passes, not incremental decoding")
-            layer_maps = self.maps[attn_type]
-            require(layer_maps[index] is None,
-                    f"a2d: {attn_type} attention of layer {index} ran twice in one capture")
-            layer_maps[index] = attention_probs(
-                module, call["query"], call.get("key"),
-                call.get("key_padding_mask"), call.get("attn_mask"),
-            )
-        return hook
-
-    def __enter__(self):
-        self.maps = {t: [None] * len(mods) for t, mods in self.modules.items()}
-        for t, mods in self.modules.items():
-            for i, m in enumerate(mods):
-                self._handles.append(m.register_forward_hook(self._hook(t, i), with_kwargs=True))
-        return self.maps
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        return False
-
-    def stacked(self, attn_type):
-        """The captured maps of one type as channels: (B, layers*heads, T_query, T_key)."""
-        maps = self.maps.get(attn_type) or []
-        require(maps and all(m is not None for m in maps),
-                f"a2d: no {attn_type} attention was captured (did the model run?)")
-        return torch.cat(maps, dim=1)
 
 
 class AttentionAlignment(nn.Module):

@@ -11,19 +11,15 @@ Which states (fairseq 0.12, ``models/transformer/transformer_{encoder,decoder}.p
 * fairseq_kd matches *layer outputs* only: layer ``j`` (0-based) is entry
   ``j + 1`` of those lists; the embedding output is never matched.
 
-The teacher runs inside the task (``task.teacher_forward``), which returns
-those lists.  The student runs through ``model(**net_input)`` (under DDP the
-model is a wrapper whose forward does the gradient-sync bookkeeping, so the
-criterion must not call ``model.encoder`` itself); its states are captured by
-:class:`LayerOutputRecorder`, forward hooks on the unwrapped model's layers
-that record the same tensors (layer outputs, T x B x C, in the autograd
-graph).  Only a criterion that needs them registers hooks, so a model trained
-with any other criterion runs exactly as in fairseq.
+Student and teacher states are recorded the same way, by forward hooks on
+the layers (:mod:`fairseq_kd.capture`, ``CaptureSpec(layers=...)``): the
+student runs through ``model(**net_input)`` (under DDP the model is a wrapper
+whose forward does the gradient-sync bookkeeping, so the criterion must not
+call ``model.encoder`` itself), the teacher through
+:meth:`fairseq_kd.teacher.Teacher.forward`.
 """
-from contextlib import contextmanager
 from typing import List
 
-import torch
 from torch import nn
 
 from fairseq_kd.errors import require
@@ -68,62 +64,3 @@ def transformer_layers(model, side) -> List[nn.Module]:
             f"intermediate-layer KD needs a fairseq transformer-like model whose {side} has "
             f"a .layers list; got {type(model).__name__}")
     return list(layers)
-
-
-def teacher_layer_states(output, side) -> List[torch.Tensor]:
-    """Layer outputs (T x B x C each, embedding output dropped) of one teacher pass.
-
-    ``output``: a ``TeacherOutput`` of ``task.teacher_forward(...,
-    return_all_hiddens=True)``.
-    """
-    if side == "encoder":
-        states = output.encoder_out.get("encoder_states") or []
-        require(states, "the teacher's encoder returned no encoder_states: run "
-                "task.teacher_forward with return_all_hiddens=True")
-    else:
-        states = output.extra.get("inner_states") or []
-        require(states, "the teacher's decoder returned no inner_states")
-    return list(states[1:])
-
-
-class LayerOutputRecorder:
-    """Records the outputs of some layers while :meth:`recording` is active.
-
-    Hooks stay registered (so they are added once, not per batch) but only
-    store outputs inside ``with recorder.recording() as states``; outside it
-    (e.g. beam search during validation) a hook is a single flag test.  A
-    plain object, not an ``nn.Module``, so the layers it references never
-    become submodules (or state-dict entries) of whoever holds it.
-    """
-
-    def __init__(self, layers):
-        self.layers = list(layers)
-        self._states = None
-        self._handles = [
-            layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)
-        ]
-
-    def _make_hook(self, index):
-        def hook(module, inputs, output):
-            if self._states is not None:
-                # encoder layers return x (or (x, fc_result)), decoder layers (x, attn, state)
-                self._states[index] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    def owns(self, layers):
-        return len(layers) == len(self.layers) and all(a is b for a, b in zip(layers, self.layers))
-
-    @contextmanager
-    def recording(self):
-        """Yield a list filled, during the block, with one output per layer."""
-        states = [None] * len(self.layers)
-        self._states = states
-        try:
-            yield states
-        finally:
-            self._states = None
-
-    def remove(self):
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

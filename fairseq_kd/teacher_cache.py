@@ -1,6 +1,6 @@
 """Offline teacher cache: the teacher's top-k distributions, computed once.
 
-``fairseq-kd cache-teacher`` runs the teacher (or ensemble) over binarized
+``fairseq-kd cache-teacher`` (:mod:`fairseq_kd.teacher_cache_build`) runs the teacher (or ensemble) over binarized
 splits on gold prefixes and stores, for every target token, its k most
 probable token ids and their **T=1 log-probabilities** (log of the ensemble's
 averaged probabilities), sorted best first.  ``translation_kd --teacher-cache
@@ -37,19 +37,16 @@ batch is computed with the same composition whatever the sharding, so a
 resumed build is byte-identical to an uninterrupted one (same device, dtype
 and thread count).
 """
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fairseq_kd.atomic_io import write_atomic
 from fairseq_kd.errors import require
-from fairseq_kd.losses import TeacherDistribution, ensemble_scores
+from fairseq_kd.losses import TeacherDistribution
+from fairseq_kd.teacher import TeacherSource
 
 
 FORMAT_VERSION = 1
@@ -101,20 +98,8 @@ def dictionary_checksum(d):
     return hashlib.sha256("\n".join(d.symbols).encode("utf-8")).hexdigest()
 
 
-def file_sha256(path, chunk=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def index_dtype(vocab_size):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-
-
-def bytes_per_token(k, vocab_size, score_dtype):
-    return k * (np.dtype(index_dtype(vocab_size)).itemsize + np.dtype(SCORE_DTYPES[score_dtype]).itemsize)
 
 
 def split_files(directory, split):
@@ -127,22 +112,6 @@ def read_meta(directory):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def write_meta(directory, meta):
-    """Atomic: a reader sees the old or the new file, never half of one."""
-    write_atomic(os.path.join(directory, META), json.dumps(meta, indent=1, sort_keys=True))
-
-
-@contextlib.contextmanager
-def directory_lock(directory):
-    """Exclusive lock, so that shards started together initialise the cache once."""
-    with open(os.path.join(directory, ".lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------------- reading
@@ -181,8 +150,18 @@ class _CachedSplit:
                 f"(first: sentence {i}, source or target tokens or length)")
 
 
-class TeacherCache:
-    """Read side of a cache directory, used by ``translation_kd --teacher-cache``."""
+_NEEDS_MODEL = ("this criterion needs the teacher model itself (its hidden states or "
+                "attention maps, or its outputs on other prefixes), but --teacher-cache "
+                "holds only its top-k distributions on gold prefixes: pass --teacher-path "
+                "instead")
+
+
+class TeacherCache(TeacherSource):
+    """Read side of a cache directory: ``translation_kd --teacher-cache``'s teacher.
+
+    Serves :meth:`distribution` as the online teacher does (on gold prefixes
+    only); :meth:`forward` and :meth:`model` are one-line errors.
+    """
 
     def __init__(self, directory):
         require(os.path.isdir(directory), f"--teacher-cache: no such directory: {directory}")
@@ -195,12 +174,14 @@ class TeacherCache:
         self.directory, self.meta, self.k = directory, meta, int(meta["k"])
         self._splits = {}
         self._last = None  # split that matched the previous batch: tried first
+        self._pads = None  # (source, target) padding indices, from check_dictionaries
 
     @property
     def splits(self):
         return sorted(self.meta["splits"])
 
     def check_dictionaries(self, src_dict, tgt_dict):
+        self._pads = (src_dict.pad(), tgt_dict.pad())
         for side, d in (("source", src_dict), ("target", tgt_dict)):
             rec = self.meta["dictionaries"][side]
             require(rec["sha256"] == dictionary_checksum(d),
@@ -244,9 +225,22 @@ class TeacherCache:
                 f"{'; '.join(reasons)}. The cache was built from other data or other "
                 f"data options (--truncate-source, ...): rebuild it")
 
-    def distribution(self, sample, topk, src_pad, tgt_pad) -> TeacherDistribution:
+    def forward(self, net_input, like=None, capture=None):
+        require(False, _NEEDS_MODEL)
+
+    def model(self, criterion, what):
+        require(False, _NEEDS_MODEL)
+
+    def distribution(self, sample, topk=0, net_input=None, like=None) -> TeacherDistribution:
         """The cached top-``topk`` teacher distribution for every target position
-        of ``sample`` (rows follow ``target.view(-1)``), on the target's device."""
+        of ``sample`` (rows follow ``target.view(-1)``), on the target's device, in
+        float32: ``scores`` are the teacher's T=1 log-probs of its top ``topk``
+        (``like`` is not used)."""
+        require(net_input is None or net_input is sample["net_input"],
+                "--teacher-cache holds the teacher on the gold prefixes only; this "
+                "criterion runs the teacher on other inputs: pass --teacher-path instead")
+        require(self._pads is not None, "TeacherCache.check_dictionaries must run first")
+        src_pad, tgt_pad = self._pads
         require(topk > 0, f"--kd-topk 0 asks for the teacher's full distribution, but the "
                 f"teacher cache holds its top {self.k}: pass --kd-topk {self.k} (or less)")
         require(topk <= self.k, f"--kd-topk {topk} is larger than the teacher cache's k = "
@@ -261,159 +255,3 @@ class TeacherCache:
         index = torch.from_numpy(split.index[rows, :topk].astype(np.int64))
         scores = torch.from_numpy(split.logprobs[rows, :topk].astype(np.float32))
         return TeacherDistribution(scores.to(target.device), index.to(target.device))
-
-
-# ---------------------------------------------------------------------- building
-def teacher_topk(task, sample, k):
-    """(B, L, k) T=1 log-probs and token ids of the teacher's k best tokens."""
-    # the first teacher stands in for the student: it fixes device and dtype
-    outputs = task.teacher_forward(task.teachers[0], sample["net_input"])
-    scores = ensemble_scores([o.logits for o in outputs]).float()
-    return F.log_softmax(scores, dim=-1).topk(k, dim=-1)
-
-
-def build_signature(task, k, score_dtype, max_tokens, batch_size):
-    """What a cache is built from; a resumed or extended build must match it."""
-    from fairseq_kd.tasks.translation_kd import teacher_paths
-
-    paths = teacher_paths(task.cfg.teacher_path)
-    return {
-        "format": FORMAT_VERSION,
-        "k": int(k),
-        "score_dtype": score_dtype,
-        "index_dtype": np.dtype(index_dtype(len(task.target_dictionary))).name,
-        "teachers": [{"path": os.path.abspath(p), "sha256": file_sha256(p)} for p in paths],
-        "dictionaries": {
-            side: {"lang": lang, "size": len(d), "sha256": dictionary_checksum(d)}
-            for side, lang, d in (("source", task.cfg.source_lang, task.source_dictionary),
-                                  ("target", task.cfg.target_lang, task.target_dictionary))
-        },
-        "batching": {"max_tokens": max_tokens, "batch_size": batch_size},
-        "data": os.path.abspath(task.cfg.data),
-    }
-
-
-def check_signature(directory, old, new):
-    for key in new:
-        if key == "data":
-            continue  # the data may have moved; its content is checked by the split sizes
-        if key == "teachers":
-            same = [t["sha256"] for t in old.get(key, [])] == [t["sha256"] for t in new[key]]
-        else:
-            same = old.get(key) == new[key]
-        require(same, f"{directory} holds a cache built with other settings ({key}: "
-                f"{old.get(key)} there, {new[key]} now); use another --out directory or "
-                f"delete this one")
-
-
-def split_batches(task, split, max_tokens, batch_size):
-    """fairseq's size-sorted batches (lists of dataset indices) of a split, unshuffled."""
-    from fairseq import utils
-
-    dataset = task.dataset(split)
-    max_positions = utils.resolve_max_positions(
-        task.max_positions(), *[t.max_positions() for t in task.teachers])
-    itr = task.get_batch_iterator(
-        dataset=dataset, max_tokens=max_tokens, max_sentences=batch_size,
-        max_positions=max_positions, ignore_invalid_inputs=True, seed=1,
-        disable_iterator_cache=True,
-    )
-    return [np.asarray(b, dtype=np.int64) for b in itr.frozen_batches]
-
-
-def batches_checksum(batches):
-    h = hashlib.sha256()
-    for b in batches:
-        h.update(b.tobytes())
-        h.update(b"|")
-    return h.hexdigest()
-
-
-def init_split(directory, split, signature, dataset, batches, vocab_size):
-    """Create the split's files (or check that existing ones are this build's)."""
-    k = signature["k"]
-    offsets = np.zeros(len(dataset) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(dataset.tgt_sizes, dtype=np.int64), out=offsets[1:])
-    info = {"sentences": len(dataset), "tokens": int(offsets[-1]), "batches": len(batches),
-            "batches_sha256": batches_checksum(batches),
-            "uncached_sentences": len(dataset) - int(sum(b.size for b in batches))}
-    with directory_lock(directory):
-        meta = read_meta(directory)
-        if meta is not None:
-            check_signature(directory, meta, signature)
-            if split in meta["splits"]:
-                old = meta["splits"][split]
-                require(old == info, f"{directory}: split '{split}' was started on other data "
-                        f"or batches ({old}) than now ({info}); use another --out directory")
-                return info
-        files = split_files(directory, split)
-        np.save(files["offsets"], offsets)
-        rows = info["tokens"]
-        open_memmap = np.lib.format.open_memmap
-        fp = open_memmap(files["fingerprints"], "w+", np.int64, (len(dataset), 2))
-        fp[:] = -1
-        fp.flush()
-        for name, dtype in (("index", index_dtype(vocab_size)),
-                            ("logprobs", SCORE_DTYPES[signature["score_dtype"]])):
-            open_memmap(files[name], "w+", dtype, (rows, k)).flush()  # zero-filled (sparse)
-        open_memmap(files["done"], "w+", np.uint8, (len(batches),)).flush()
-        meta = meta or dict(signature, splits={})
-        meta["splits"][split] = info
-        write_meta(directory, meta)  # written last: a split in meta.json has all its files
-    return info
-
-
-def build_split_shard(task, directory, split, batches, k, shard_id=0, num_shards=1,
-                      max_batches=None, progress=True):
-    """Compute and store this shard's batches that are not done yet; returns how many
-    batches this call computed."""
-    from fairseq import utils
-    from tqdm import tqdm
-
-    files = split_files(directory, split)
-    dataset = task.dataset(split)
-    offsets = np.load(files["offsets"])
-    fingerprints = np.load(files["fingerprints"], mmap_mode="r+")
-    index = np.load(files["index"], mmap_mode="r+")
-    logprobs = np.load(files["logprobs"], mmap_mode="r+")
-    done = np.load(files["done"], mmap_mode="r+")
-    mine = [b for b in range(shard_id, len(batches), num_shards)]
-    todo = [b for b in mine if not done[b]]
-    device = next(task.teachers[0].parameters()).device
-    src_pad, tgt_pad = task.source_dictionary.pad(), task.target_dictionary.pad()
-    computed = 0
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress,
-               desc=f"{split} shard {shard_id + 1}/{num_shards}", unit="batch", position=shard_id)
-    for b in todo:
-        if max_batches is not None and computed >= max_batches:
-            break
-        sample = dataset.collater([dataset[int(i)] for i in batches[b]])
-        if device.type == "cuda":
-            sample = utils.move_to_cuda(sample, device=device)
-        with torch.no_grad():
-            top_lp, top_idx = teacher_topk(task, sample, k)
-        mask = sample["target"].ne(tgt_pad).cpu().numpy()
-        ids = sample["id"].cpu().numpy().astype(np.int64)
-        rows = target_rows(offsets[ids], mask)[mask]
-        mask_t = torch.from_numpy(mask).to(top_lp.device)
-        index[rows] = top_idx[mask_t].cpu().numpy().astype(index.dtype)
-        logprobs[rows] = top_lp[mask_t].cpu().numpy().astype(logprobs.dtype)
-        fingerprints[ids] = batch_fingerprints(sample, src_pad, tgt_pad)
-        for a in (index, logprobs, fingerprints):
-            a.flush()
-        done[b] = 1  # only after its rows are on disk: a crash never leaves a false "done"
-        done.flush()
-        computed += 1
-        bar.update(1)
-    bar.close()
-    return computed
-
-
-def split_progress(directory, split):
-    done = np.load(split_files(directory, split)["done"], mmap_mode="r")
-    return int(done.sum()), int(done.size)
-
-
-def cache_size_bytes(directory):
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
-               if f.endswith((".npy", ".json")))

@@ -1,15 +1,15 @@
-"""Attention capture (fairseq_kd.attention) against fairseq's own attention outputs."""
+"""Attention capture (fairseq_kd.capture, fairseq_kd.attention) against fairseq's own attention outputs."""
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from fairseq_kd.attention import (
-    AttentionCapture,
     attention_layout,
     attention_layout_from_cfg,
     describe_alignment,
     parse_attention_types,
 )
+from fairseq_kd.capture import CaptureSpec, capture
 from fairseq_kd.errors import KDError
 from helpers import build_training, first_batch
 
@@ -25,16 +25,17 @@ def arch(layers, heads, dim=32):
             "--encoder-attention-heads", heads, "--decoder-attention-heads", heads]
 
 
-def random_model(tiny_data, layers, heads, seed=0, dim=32):
+def random_model(tiny_data, layers, heads, seed=0, dim=32, *extra):
     torch.manual_seed(seed)
     cfg, task, model, _ = build_training(tiny_data / "bin", "--task", "translation",
-                                         *arch(layers, heads, dim))
+                                         *arch(layers, heads, dim), *extra)
     return cfg, task, model
 
 
-def save_random_teacher(tiny_data, path, layers, heads, seed=0, dim=32):
-    """A randomly initialised teacher, saved as fairseq's trainer saves checkpoints."""
-    cfg, _, model = random_model(tiny_data, layers, heads, seed, dim)
+def save_random_teacher(tiny_data, path, layers, heads, seed=0, dim=32, *extra):
+    """A randomly initialised teacher, saved as fairseq's trainer saves checkpoints
+    (``extra``: more model options)."""
+    cfg, _, model = random_model(tiny_data, layers, heads, seed, dim, *extra)
     torch.save({
         "args": None, "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "model": model.state_dict(),
@@ -62,11 +63,11 @@ def test_capture_leaves_outputs_unchanged_and_removes_hooks(student, training):
     torch.manual_seed(1)
     plain = model(**sample["net_input"])[0]
     assert all_hooks(model) == 0
-    capture = AttentionCapture(model, TYPES)
     torch.manual_seed(1)
-    with capture as maps:
+    with capture(model, CaptureSpec(attention=tuple(TYPES))) as seen:
         assert all_hooks(model) == 9  # 3 layers x 3 attention types
         captured = model(**sample["net_input"])[0]
+    maps = seen.attention
     assert all_hooks(model) == 0
     assert torch.equal(plain, captured)
     B, S = sample["net_input"]["src_tokens"].shape
@@ -74,7 +75,7 @@ def test_capture_leaves_outputs_unchanged_and_removes_hooks(student, training):
     shapes = {"enc": (B, 4, S, S), "dec": (B, 4, T, T), "cross": (B, 4, T, S)}
     for t in TYPES:
         assert [tuple(m.shape) for m in maps[t]] == [shapes[t]] * 3
-        assert capture.stacked(t).shape == (shapes[t][0], 12) + shapes[t][2:]
+        assert seen.stacked_attention(t).shape == (shapes[t][0], 12) + shapes[t][2:]
     model.eval()
 
 
@@ -82,8 +83,9 @@ def test_cross_attention_equals_fairseq_head_weights(student):
     """fairseq returns per-head cross-attention of its alignment layer: compare layer by layer."""
     model, sample = student
     net_input = sample["net_input"]
-    with torch.no_grad(), AttentionCapture(model, ["cross"]) as maps:
+    with torch.no_grad(), capture(model, CaptureSpec(attention=("cross",))) as seen:
         model(**net_input)
+    maps = seen.attention
     for layer in range(3):
         seen = {}
         hook = model.decoder.layers[layer].encoder_attn.register_forward_hook(
@@ -106,8 +108,9 @@ def test_self_attention_equals_fairseq_weights(student, attn_type):
     modules = attention_modules(model, attn_type)
     hooks = [m.register_forward_hook(lambda m, a, kw, o: calls.append((m, kw)), with_kwargs=True)
              for m in modules]
-    with torch.no_grad(), AttentionCapture(model, [attn_type]) as maps:
+    with torch.no_grad(), capture(model, CaptureSpec(attention=(attn_type,))) as seen:
         model(**sample["net_input"])
+    maps = seen.attention
     for h in hooks:
         h.remove()
     assert len(calls) == 3
@@ -131,8 +134,9 @@ def test_self_attention_equals_fairseq_weights(student, attn_type):
 def test_captured_maps_carry_gradients_to_the_projections(student):
     model, sample = student
     model.zero_grad()
-    with AttentionCapture(model, ["enc"]) as maps:
+    with capture(model, CaptureSpec(attention=("enc",))) as seen:
         model(**sample["net_input"])
+    maps = seen.attention
     (maps["enc"][1][:, :, :, 0].sum()).backward()
     assert model.encoder.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.encoder.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0

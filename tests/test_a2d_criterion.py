@@ -151,3 +151,22 @@ def test_bad_configurations_are_kd_errors(tiny_data, teacher_6x4, args, message)
         build_training(tiny_data / "bin", "--task", "translation_kd", *args, *arch(2, 2),
                        "--criterion", "a2d")
     assert message in str(err.value)
+
+
+def test_beta_zero_with_an_ensemble_is_word_kd(tiny_data, tmp_path):
+    """README: --a2d-beta 0 is word_kd, also with an ensemble (no attention is needed);
+    accepted when built and at every step, like ckd --ckd-beta 0."""
+    ensemble = ":".join(str(save_random_teacher(tiny_data, tmp_path / f"t{i}.pt", 2, 2, seed=i))
+                        for i in (1, 2))
+    opts = ["--kd-alpha", "0.4", "--kd-temperature", "2", "--kd-topk", "5", "--label-smoothing", "0.1"]
+    task, model, a2d, sample = a2d_setup(tiny_data, ensemble, (2, 2), *opts, "--a2d-beta", "0")
+    _, word_task, _, word_kd = build_training(
+        tiny_data / "bin", "--task", "translation_kd", "--teacher-path", ensemble, *arch(2, 2),
+        "--criterion", "word_kd", *opts)
+    loss, size, log = a2d(model, sample)
+    w_loss, w_size, w_log = word_kd(model, sample)
+    assert len(task.teachers) == 2 and size == w_size
+    assert w_log["kd_loss"].item() > 0
+    assert torch.equal(loss, w_loss)
+    assert torch.equal(log["kd_loss"], w_log["kd_loss"])
+    assert "attn_loss" not in log

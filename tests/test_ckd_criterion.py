@@ -10,7 +10,7 @@ from fairseq.logging import metrics
 from fairseq.distributed import ModuleProxyWrapper
 
 from fairseq_kd.errors import KDError
-from fairseq_kd.hidden_states import teacher_layer_states
+from fairseq_kd.capture import CaptureSpec, capture
 from helpers import STUDENT_ARCH, build_training, first_batch
 from test_word_kd_loss import brute_force_word_kd
 
@@ -56,38 +56,40 @@ def test_recorded_student_states_equal_a_plain_forward(tiny_data, tiny_teacher):
     assert layer_hooks(model) == 0  # nothing until the criterion runs
     # through a DDP-like wrapper, as fairseq's trainer calls the criterion
     wrapped = ModuleProxyWrapper(FakeDDP(model))
-    with ckd._record_student(wrapped) as states:
+    with capture(wrapped, ckd.student_spec) as seen:
         logits = wrapped(**net_input)[0]
-    assert layer_hooks(model) == 4
+        assert layer_hooks(model) == 4
+    assert layer_hooks(model) == 0
     assert torch.equal(logits, plain_logits)  # the hooks change nothing
+    states = {side: seen.layer_states(side) for side in ("encoder", "decoder")}
     assert len(states["encoder"]) == len(enc_states) == 2
     assert len(states["decoder"]) == len(dec_states) == 2
     for got, want in zip(states["encoder"] + states["decoder"], enc_states + dec_states):
         assert torch.equal(got, want)
-    # outside a criterion forward nothing is recorded; hooks are registered once
+    assert torch.equal(seen.source_mask, net_input["src_tokens"].ne(task.source_dictionary.pad()))
+    assert torch.equal(seen.target_mask, net_input["prev_output_tokens"].ne(task.target_dictionary.pad()))
+    # hooks exist only while the criterion's forward runs
     ckd(wrapped, sample)
     ckd(wrapped, sample)
-    assert layer_hooks(model) == 4
-    with torch.no_grad():
-        model(**net_input)
-    assert all(r._states is None for r in ckd._recorders.values())
+    assert layer_hooks(model) == 0
 
 
 def test_teacher_states_are_the_checkpoint_teachers_layer_outputs(tiny_data, tiny_teacher):
     task, model, ckd, sample = ckd_setup(tiny_data, tiny_teacher)
-    [out] = task.teacher_forward(model, sample["net_input"], return_all_hiddens=True)
+    both = CaptureSpec(layers=("encoder", "decoder"))
+    [out] = task.teacher.forward(sample["net_input"], like=model, capture=both)
     [teacher], _ = checkpoint_utils.load_model_ensemble([str(tiny_teacher)], task=task)
     teacher.eval()
     with torch.no_grad():
         enc_states, dec_states, _ = plain_states(teacher, sample["net_input"])
-    got_enc, got_dec = teacher_layer_states(out, "encoder"), teacher_layer_states(out, "decoder")
+    got_enc, got_dec = out.layer_states("encoder"), out.layer_states("decoder")
     assert len(got_enc) == len(got_dec) == 4  # embedding output dropped
     for got, want in zip(got_enc + got_dec, enc_states + dec_states):
         assert torch.allclose(got, want, atol=1e-6)
-    # without return_all_hiddens fairseq's encoder returns no states: a clear error
-    [bare] = task.teacher_forward(model, sample["net_input"])
-    with pytest.raises(KDError, match="return_all_hiddens=True"):
-        teacher_layer_states(bare, "encoder")
+    # states that were not asked for are a clear error, not an empty list
+    [bare] = task.teacher.forward(sample["net_input"], like=model)
+    with pytest.raises(KDError, match=r"no encoder layer states were captured"):
+        bare.layer_states("encoder")
 
 
 def brute_force_layer_term(student_states, teacher_states, groups, projections, mask):

@@ -72,7 +72,7 @@ def test_fixed_gate_is_exactly_word_kd_seq_kd_and_their_mix(tiny_data, tiny_teac
     model0.double().eval()
     loss0, _, _ = hybrid0(model0, first_batch(task0, "train"))
     assert loss0.item() == pytest.approx(seq(model0, distilled_as_gold(sample))[0].item(), rel=1e-6)
-    assert task0._teachers is None
+    assert not task0.teacher.loaded
 
 
 def test_sentence_gate_weighs_each_sentence(tiny_data, tiny_teacher, distilled_dir):
@@ -256,10 +256,10 @@ def test_update_freq_accumulates_exactly(tiny_data, tiny_teacher, distilled_dir)
         assert one[key] == pytest.approx(two[key], rel=1e-6, abs=1e-6), key
     assert one["gate_std"] > 0
     before = {k: v.clone() for k, v in hybrid.state_dict().items()}
-    hybrid.update_running_stats([log])
+    hybrid.on_update([log])
     scales_one = hybrid.loss_scales.clone()
     hybrid.load_state_dict(before)
-    hybrid.update_running_stats(logs)
+    hybrid.on_update(logs)
     assert torch.allclose(scales_one, hybrid.loss_scales, rtol=1e-10)
     assert not torch.allclose(scales_one, before["loss_scales"])
     assert int(hybrid.scale_updates) == 4

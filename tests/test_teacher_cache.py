@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from helpers import STUDENT_ARCH, build_training, fairseq_train, first_batch, run, tool
 from fairseq_kd.errors import KDError
-from fairseq_kd.teacher_cache import split_files
+from fairseq_kd.teacher_cache import TeacherCache, split_files
 
 WORD_KD = ["--criterion", "word_kd", "--kd-alpha", "0.5", "--label-smoothing", "0.1"]
 BUILD = ["--splits", "train,valid", "--topk", "8", "--max-tokens", "1000", "--no-progress-bar"]
@@ -89,7 +89,7 @@ def test_cached_loss_equals_online_topk(tiny_data, tiny_teacher, cache32, topk, 
         crit(model, sample)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-    assert cached._teachers is None  # the cache never loads a teacher
+    assert isinstance(cached.teacher, TeacherCache)  # the cache never loads a teacher
 
 
 def test_shuffled_epochs_and_other_batching_read_the_right_rows(tiny_data, tiny_teacher, cache32):
@@ -106,8 +106,8 @@ def test_shuffled_epochs_and_other_batching_read_the_right_rows(tiny_data, tiny_
         itr = cached.get_batch_iterator(dataset=dataset, max_tokens=max_tokens, seed=3,
                                         epoch=epoch, disable_iterator_cache=True)
         for sample in itr.next_epoch_itr(shuffle=True):
-            dist = cached.teacher_distribution(model, sample, topk=8)
-            [out] = online.teacher_forward(model, sample["net_input"])
+            dist = cached.teacher.distribution(sample, 8, like=model)
+            [out] = online.teacher.forward(sample["net_input"], like=model)
             lp = F.log_softmax(out.logits.float(), -1).reshape(-1, out.logits.size(-1))
             real = sample["target"].reshape(-1).ne(pad)
             torch.testing.assert_close(dist.scores[real], lp[real].gather(-1, dist.index[real]),
@@ -218,19 +218,24 @@ def test_topk_the_cache_cannot_serve_is_an_error(tiny_data, cache32, topk, messa
         criterion(model, first_batch(task))
 
 
-def test_ckd_without_layer_term_reads_the_cache(tiny_data, tiny_teacher, cache32):
-    """ckd --ckd-beta 0 (= word_kd) needs only distributions: the cache serves them."""
+@pytest.mark.parametrize("criterion,kd_term", [
+    (["--criterion", "ckd", "--ckd-beta", "0"], "word_loss"),
+    (["--criterion", "a2d", "--a2d-beta", "0"], "kd_loss"),
+])
+def test_criterions_without_their_extra_term_read_the_cache(tiny_data, tiny_teacher, cache32,
+                                                            criterion, kd_term):
+    """ckd --ckd-beta 0 and a2d --a2d-beta 0 (= word_kd) need only distributions: the
+    cache serves them."""
     args = ["--kd-alpha", "0.5", "--label-smoothing", "0.1", "--kd-topk", "8"]
-    online, cached, model, word_online, ckd_cached = online_and_cached(
+    online, cached, model, word_online, _ = online_and_cached(
         tiny_data, tiny_teacher, cache32[0], "--criterion", "word_kd", *args)
-    _, cached, _, ckd_cached = cached_training(tiny_data, cache32[0], "--criterion", "ckd",
-                                               "--ckd-beta", "0", *args)
+    _, cached, _, kd_cached = cached_training(tiny_data, cache32[0], *criterion, *args)
     loss_o, _, log_o = word_online(model, first_batch(online))
-    loss_c, _, log_c = ckd_cached(model, first_batch(cached))
+    loss_c, _, log_c = kd_cached(model, first_batch(cached))
     assert log_o["kd_loss"] > 0
     assert loss_c.item() == pytest.approx(loss_o.item(), rel=1e-5)
-    assert log_c["word_loss"].item() == pytest.approx(log_o["kd_loss"].item(), rel=1e-5)
-    assert cached._teachers is None
+    assert log_c[kd_term].item() == pytest.approx(log_o["kd_loss"].item(), rel=1e-5)
+    assert isinstance(cached.teacher, TeacherCache)
 
 
 def test_criterions_needing_the_teacher_model_are_errors(tiny_data, tiny_teacher, cache32):
@@ -252,15 +257,13 @@ def test_missing_cache_dir_is_a_one_line_error(tiny_data, tmp_path):
 
 def build_batches(tiny_data, teacher, split="train"):
     """The build's batches (lists of dataset indices), as cache-teacher computes them."""
-    from types import SimpleNamespace
+    from fairseq_kd.teacher import Teacher
+    from fairseq_kd.teacher_cache_build import BuildSpec, data_task, split_batches
 
-    from fairseq_kd.cli.cache_teacher import build_task
-    from fairseq_kd.teacher_cache import split_batches
-
-    task = build_task(SimpleNamespace(data=str(tiny_data / "bin"), source_lang=None,
-                                      target_lang=None, teacher_path=str(teacher)))
+    task = data_task(BuildSpec(data=str(tiny_data / "bin"), teacher_path=str(teacher), out="",
+                               splits=[split]))
     task.load_dataset(split, combine=True)
-    return split_batches(task, split, 1000, None)
+    return split_batches(task, Teacher([str(teacher)], task), split, 1000, None)
 
 
 def test_interrupted_build_resumes_to_a_byte_identical_cache(tiny_data, tiny_teacher, cache32, tmp_path):

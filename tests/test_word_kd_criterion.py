@@ -29,7 +29,7 @@ def test_alpha_zero_is_label_smoothed_cross_entropy(tiny_data, tiny_teacher):
     assert torch.equal(loss_kd, loss_ce)
     assert torch.equal(log_kd["nll_loss"], log_ce["nll_loss"])
     assert size_kd == size_ce
-    assert task._teachers is None  # alpha = 0 never loads the teacher
+    assert not task.teacher.loaded  # alpha = 0 never loads the teacher
 
 
 def test_criterion_uses_the_checkpoint_teacher(tiny_data, tiny_teacher):
@@ -64,7 +64,7 @@ def test_ensemble_teacher_averages_member_probabilities(tiny_data, tiny_teacher,
     torch.save(state, other)
     task, model, _, sample = kd_setup(
         tiny_data, f"{tiny_teacher}:{other}", "--criterion", "word_kd", "--kd-alpha", "0.5")
-    dist = task.teacher_distribution(model, sample)
+    dist = task.teacher.distribution(sample, like=model)
     members = []
     for path in (tiny_teacher, other):
         [t], _ = checkpoint_utils.load_model_ensemble([str(path)], task=task)
@@ -100,7 +100,7 @@ def test_topk_equal_to_the_vocabulary_is_the_full_distribution(tiny_data, tiny_t
 def test_teacher_is_loaded_when_the_criterion_is_built(tiny_data, tiny_teacher):
     *_, word_kd = build_training(tiny_data / "bin", "--task", "translation_kd", "--teacher-path",
                                  tiny_teacher, *STUDENT_ARCH, "--criterion", "word_kd")
-    assert word_kd.task._teachers is not None  # checked before fairseq-train's first step
+    assert word_kd.task.teacher.loaded  # checked before fairseq-train's first step
 
 
 def test_bad_prune_mask_is_one_line_error(tiny_data, tmp_path):
@@ -122,3 +122,47 @@ def test_adaptive_softmax_student_is_refused_by_kd_criterions(tiny_data, tiny_te
     # fairseq's own criterion for it is still accepted by the task
     build_training(tiny_data / "bin", "--task", "translation_kd", "--ddp-backend", "legacy_ddp", *STUDENT_ARCH,
                    *adaptive, "adaptive_loss")
+
+
+def test_batches_are_filtered_by_a_teacher_with_fewer_positions(tiny_data, tmp_path):
+    """A teacher with learned positions for 40 tokens and a student for 1024: the
+    training batches fairseq's trainer builds keep exactly the sentences both accept,
+    so the teacher never sees a sentence it cannot embed."""
+    from fairseq import utils
+
+    from test_a2d_attention import save_random_teacher
+
+    short = save_random_teacher(tiny_data, tmp_path / "short.pt", 2, 2, 0, 32,
+                                "--encoder-learned-pos", "--decoder-learned-pos",
+                                "--max-source-positions", "40", "--max-target-positions", "40")
+    cfg, task, model, word_kd = build_training(
+        tiny_data / "bin", "--task", "translation_kd", "--teacher-path", short, *STUDENT_ARCH,
+        "--criterion", "word_kd", "--max-tokens", "2000")
+    assert model.max_positions() == (1024, 1024) and task.max_positions() == (40, 40)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    # as fairseq's Trainer.get_train_iterator
+    max_positions = utils.resolve_max_positions(task.max_positions(), model.max_positions(),
+                                                cfg.dataset.max_tokens)
+    itr = task.get_batch_iterator(dataset=ds, max_tokens=2000, max_positions=max_positions,
+                                  ignore_invalid_inputs=True, seed=1)
+    kept = sorted(int(i) for batch in itr.frozen_batches for i in batch)
+    fits = [i for i in range(len(ds)) if ds.src_sizes[i] <= 40 and ds.tgt_sizes[i] <= 40]
+    assert kept == fits and 0 < len(fits) < len(ds)
+    # the sentences left out really are too long for the teacher ...
+    too_long = ds.collater([ds[next(i for i in range(len(ds)) if ds.src_sizes[i] > 40)]])
+    with pytest.raises((IndexError, RuntimeError)):
+        task.teacher.forward(too_long["net_input"])
+    # ... and the longest batch kept trains
+    longest = max(itr.frozen_batches, key=lambda b: max(ds.src_sizes[i] for i in b))
+    loss, _, log = word_kd(model, ds.collater([ds[int(i)] for i in longest]))
+    assert torch.isfinite(loss) and log["kd_loss"] > 0
+
+
+def test_student_limits_stand_while_the_teacher_is_not_loaded(tiny_data, tiny_teacher):
+    """fairseq-generate --task translation_kd builds no criterion: the teacher is never
+    loaded and the task's limits are the student's options."""
+    _, task, _, _ = build_training(tiny_data / "bin", "--task", "translation_kd", "--teacher-path",
+                                   tiny_teacher, *STUDENT_ARCH, "--max-source-positions", "50",
+                                   "--criterion", "label_smoothed_cross_entropy")
+    assert task.max_positions() == (50, 1024) and not task.teacher.loaded

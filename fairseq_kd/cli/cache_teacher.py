@@ -11,6 +11,7 @@ Train with them instead of a teacher:
 
 Resumable (rerun the same command), shardable (--workers N on one machine,
 or --num-shards/--shard-id for separate jobs on a shared file system).
+The build itself is :mod:`fairseq_kd.teacher_cache_build`.
 """
 import argparse
 import functools
@@ -54,20 +55,6 @@ def add_arguments(p):
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
 
 
-def build_task(args):
-    """A translation_kd task on DATA with the teacher loaded, as fairseq-train would build it."""
-    from omegaconf import OmegaConf
-
-    from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
-
-    cfg = OmegaConf.structured(TranslationKDConfig(
-        data=args.data, source_lang=args.source_lang, target_lang=args.target_lang,
-        teacher_path=args.teacher_path, train_subset="train", dataset_impl=None,
-        required_seq_len_multiple=1,
-    ))
-    return TranslationKDTask.setup_task(cfg)
-
-
 def device_and_dtype(args):
     import torch
 
@@ -76,6 +63,15 @@ def device_and_dtype(args):
         return torch.device("cpu"), torch.float32
     return torch.device("cuda", torch.cuda.current_device()), (
         torch.float16 if args.fp16 else torch.float32)
+
+
+def build_spec(args):
+    from fairseq_kd.teacher_cache_build import BuildSpec
+
+    return BuildSpec(data=args.data, teacher_path=args.teacher_path, out=args.out,
+                     splits=[s for s in args.splits.split(",") if s], k=args.topk,
+                     score_dtype=args.dtype, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                     source_lang=args.source_lang, target_lang=args.target_lang)
 
 
 def check_args(args):
@@ -104,43 +100,14 @@ def check_dictionaries(args):
         require(os.path.isfile(path), f"missing dictionary {path}")
 
 
-def prepare(args, place_teacher=True):
-    """Load task, teacher and splits; create (or check) the cache's files."""
-    import torch
-
-    from fairseq_kd import teacher_cache as tc
-
-    task = build_task(args)
-    vocab = len(task.target_dictionary)
-    require(args.topk <= vocab, f"--topk {args.topk} exceeds the vocabulary ({vocab})")
-    device, dtype = device_and_dtype(args)
-    if place_teacher:
-        task._place_teachers(torch.empty(0, device=device, dtype=dtype))
-    os.makedirs(args.out, exist_ok=True)
-    signature = tc.build_signature(task, args.topk, args.dtype, args.max_tokens, args.batch_size)
-    splits = [s for s in args.splits.split(",") if s]
-    require(splits, "--splits is empty")
-    plan = {}
-    for split in splits:
-        try:
-            task.load_dataset(split, combine=split == "train")
-        except FileNotFoundError as e:
-            require(False, f"split '{split}' not found in {args.data}: {e}")
-        batches = tc.split_batches(task, split, args.max_tokens, args.batch_size)
-        tc.init_split(args.out, split, signature, task.dataset(split), batches, vocab)
-        plan[split] = batches
-    return task, plan
-
-
 def run_shards(args, shard_id, num_shards):
-    from fairseq_kd import teacher_cache as tc
+    from fairseq_kd.teacher_cache_build import build_shard, prepare
 
-    task, plan = prepare(args)
-    for split, batches in plan.items():
-        n = tc.build_split_shard(task, args.out, split, batches, args.topk, shard_id, num_shards,
-                                 args.max_batches, progress=not args.no_progress_bar)
+    build = prepare(build_spec(args), *device_and_dtype(args))
+    computed = build_shard(build, shard_id, num_shards, args.max_batches,
+                           progress=not args.no_progress_bar)
+    for split, n in computed.items():
         logger.info(f"{split} shard {shard_id + 1}/{num_shards}: computed {n} batches")
-    return plan
 
 
 def spawn_workers(args):
@@ -178,35 +145,15 @@ def shard_command(args, shard_id, num_shards):
     return cmd
 
 
-def report(args, splits):
-    from fairseq_kd import teacher_cache as tc
-
-    meta = tc.read_meta(args.out)
-    complete = True
-    for split in splits:
-        info = meta["splits"][split]
-        done, total = tc.split_progress(args.out, split)
-        complete &= done == total
-        files = tc.split_files(args.out, split).values()
-        size = sum(os.path.getsize(f) for f in files)
-        print(f"{split}: {info['sentences']:,} sentences, {info['tokens']:,} target tokens, "
-              f"{done}/{total} batches done, {size:,} bytes "
-              f"({size / max(info['tokens'], 1):.1f} bytes per target token; top-{meta['k']} "
-              f"{meta['index_dtype']} ids + {meta['score_dtype']} log-probs)"
-              + (f", {info['uncached_sentences']} sentences too long for the teacher, not cached"
-                 if info["uncached_sentences"] else ""))
-    total = tc.cache_size_bytes(args.out)
-    state = "complete" if complete else "INCOMPLETE: rerun the same command to resume"
-    print(f"teacher cache {args.out}: {total:,} bytes ({total / 2**20:.1f} MiB), {state}")
-
-
 def run(args):
+    from fairseq_kd.teacher_cache_build import prepare, report_lines
+
     check_args(args)
-    splits = [s for s in args.splits.split(",") if s]
+    spec = build_spec(args)
     if args.workers > 1:
-        prepare(args, place_teacher=False)  # create the files once, before the children write
+        prepare(spec)  # create the files once, before the children write
         spawn_workers(args)
     else:
         run_shards(args, args.shard_id, args.num_shards)
     if not args.no_report:
-        report(args, splits)
+        print("\n".join(report_lines(spec.out, spec.splits)))

@@ -7,7 +7,7 @@
 
 See the README's ``a2d`` section.  The student's and the teacher's per-head
 attention maps (encoder self, decoder self, decoder cross) are captured
-during their normal forward passes (``fairseq_kd.attention``); a learned
+during their normal forward passes (``fairseq_kd.capture``); a learned
 Attention Alignment Module per attention type maps the student's L_S*H_S
 maps to the teacher's L_T*H_T maps.  The modules are parameters of this
 criterion: fairseq trains them with the student, saves them in the
@@ -15,8 +15,10 @@ checkpoint's "criterion" entry and restores them on resume; the student
 stays a plain ``transformer``.  Padded queries and keys are masked, the
 maps are not re-softmaxed, and the term is sum-reduced per query token like
 the NLL, so its weight is independent of the batch size.  The epoch comes
-from the task (``translation_kd`` records it at every epoch start, also
-after a resume).
+from the task (``task.epoch``, ``fairseq_kd.contract``).  With beta = 0 no
+attention is captured and the teacher's distribution comes from
+``task.teacher.distribution`` as in ``word_kd``, so ensembles and
+``--teacher-cache`` work.
 """
 import logging
 from dataclasses import dataclass, field
@@ -28,12 +30,12 @@ from fairseq.criterions import register_criterion
 from fairseq_kd.attention import (
     ATTENTION_TYPES,
     AttentionAlignment,
-    AttentionCapture,
     attention_layout,
     attention_layout_from_cfg,
     describe_alignment,
     parse_attention_types,
 )
+from fairseq_kd.capture import CaptureSpec, capture
 from fairseq_kd.criterions.kd_base import (
     KDCriterionBase,
     WordKDOptions,
@@ -43,6 +45,7 @@ from fairseq_kd.criterions.kd_base import (
 from fairseq_kd.errors import require
 from fairseq_kd.hidden_states import require_every_layer_runs
 from fairseq_kd.losses import attention_kl
+from fairseq_kd.teacher import distribution_of
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,9 @@ class A2DCriterion(KDCriterionBase):
         self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
         self.beta, self.decay, self.log_alignment = a2d_beta, a2d_decay, a2d_log_alignment
         self.types = parse_attention_types(attn_types) if a2d_beta > 0 else []
+        # the same maps of student and teacher, and which tokens were real
+        self.student_spec = CaptureSpec(attention=tuple(self.types), masks=bool(self.types))
+        self.teacher_spec = CaptureSpec(attention=tuple(self.types))
         self.alignment = nn.ModuleDict(self._build_alignment() if self.types else {})
         self._logged_epoch = None
 
@@ -100,7 +106,8 @@ class A2DCriterion(KDCriterionBase):
         for side in sorted({ATTENTION_TYPES[t][0] for t in self.types}):
             require_every_layer_runs(student_cfg, side, "a2d", "attention maps")
         self.student_layout = attention_layout_from_cfg(student_cfg, self.types)
-        self.teacher_layout = attention_layout(self.task.single_teacher("a2d", "attention maps to distil"), self.types)
+        self.teacher_layout = attention_layout(
+            self.task.teacher.model("a2d", "attention maps to distil"), self.types)
         modules = {}
         for t in self.types:
             (ls, hs), (lt, ht) = self.student_layout[t], self.teacher_layout[t]
@@ -109,27 +116,27 @@ class A2DCriterion(KDCriterionBase):
         return modules
 
     def attn_weight(self):
-        """beta * decay^(epoch-1), epoch as recorded by the task (1 if it keeps none)."""
-        epoch = getattr(self.task, "epoch", 1) or 1
-        return self.beta * self.decay ** (epoch - 1)
+        """beta * decay^(epoch-1), epoch as recorded by the task."""
+        return self.beta * self.decay ** (self.task.epoch - 1)
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
-        student_capture = AttentionCapture(model, self.types)
-        with student_capture:
+        with capture(model, self.student_spec) as student:
             net_output = model(**net_input)
-        teacher, teacher_capture = None, None
-        if self.alpha > 0 or self.types:
-            teacher_model = self.task.single_teacher("a2d", "attention maps to distil")
-            teacher_capture = AttentionCapture(teacher_model, self.types)
-            with teacher_capture:
-                teacher = self.task.teacher_distribution(model, sample, topk=self.topk)
+        teacher, teacher_seen = None, None
+        if self.types:
+            # one pass of the single teacher serves both terms
+            [teacher_seen] = self.task.teacher.forward(net_input, like=model, capture=self.teacher_spec)
+            teacher = distribution_of([teacher_seen], self.topk) if self.alpha > 0 else None
+        elif self.alpha > 0:
+            # no attention needed: the task's distribution, as word_kd (ensembles, cache)
+            teacher = self.task.teacher.distribution(sample, self.topk, like=model)
         loss, nll_loss, kd_loss = self.word_kd_losses(
             model, net_output, sample, teacher, self.alpha, self.temperature)
         terms = {"kd_loss": kd_loss}
         stats = {}
         if self.types:
-            attn_terms = self.attention_terms(net_input, student_capture, teacher_capture)
+            attn_terms = self.attention_terms(student, teacher_seen)
             attn_loss = sum(attn_terms.values())
             weight = self.attn_weight()
             loss = loss + weight * attn_loss
@@ -144,16 +151,16 @@ class A2DCriterion(KDCriterionBase):
         self.add_accuracy(logging_output, model, net_output, sample)
         return loss, sample_size, logging_output
 
-    def attention_terms(self, net_input, student_capture, teacher_capture):
-        """{"attn_<type>": L_attn of that type} on a batch (sums over query tokens)."""
-        src_real = net_input["src_tokens"].ne(self.task.source_dictionary.pad())
-        tgt_real = net_input["prev_output_tokens"].ne(self.padding_idx)
+    def attention_terms(self, student, teacher):
+        """{"attn_<type>": L_attn of that type} on a batch (sums over query tokens),
+        from the captures of one student and one teacher pass."""
+        src_real, tgt_real = student.source_mask, student.target_mask
         query_key = {"enc": (src_real, src_real), "dec": (tgt_real, tgt_real),
                      "cross": (tgt_real, src_real)}
         terms = {}
         for t in self.types:
-            aligned = self.alignment[t](student_capture.stacked(t))
-            terms[f"attn_{t}"] = attention_kl(teacher_capture.stacked(t), aligned, *query_key[t])
+            aligned = self.alignment[t](student.stacked_attention(t))
+            terms[f"attn_{t}"] = attention_kl(teacher.stacked_attention(t), aligned, *query_key[t])
         return terms
 
     def alignment_report(self):
@@ -165,7 +172,7 @@ class A2DCriterion(KDCriterionBase):
         return lines
 
     def _maybe_log_alignment(self):
-        epoch = getattr(self.task, "epoch", 1)
+        epoch = self.task.epoch
         if not self.log_alignment or not self.training or epoch == self._logged_epoch:
             return
         self._logged_epoch = epoch

@@ -27,12 +27,12 @@ them with the student, saves them under the checkpoint's "criterion" entry
 (never "model") and restores them on resume; the student checkpoint stays a
 plain ``transformer``.  They are sized from ``task.student_cfg`` and the
 teacher's modules, so the teacher is loaded when the criterion is built.
+Student and teacher states are captured alike (``fairseq_kd.capture``).
 An ensemble teacher has no single set of hidden states and is refused when
 beta > 0; with beta = 0 (no layer term) the teacher's distribution comes from
-``task.teacher_distribution`` as in ``word_kd``, so ensembles and
+``task.teacher.distribution`` as in ``word_kd``, so ensembles and
 ``--teacher-cache`` work.
 """
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,6 +40,7 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 from torch import nn
 
+from fairseq_kd.capture import CaptureSpec, capture
 from fairseq_kd.criterions.kd_base import (
     KDCriterionBase,
     WordKDOptions,
@@ -48,16 +49,14 @@ from fairseq_kd.criterions.kd_base import (
 )
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import (
-    LayerOutputRecorder,
     model_cfg_value,
     require_every_layer_runs,
-    teacher_layer_states,
     transformer_layers,
     unwrap_model,
 )
 from fairseq_kd.layer_maps import NAMED_MAPS, build_layer_map
 from fairseq_kd.losses import layer_kd_loss
-from fairseq_kd.tasks.translation_kd import TranslationKDTask
+from fairseq_kd.teacher import distribution_of
 
 CKD_SIDES = ChoiceEnum(["encoder", "decoder", "both"])
 
@@ -128,13 +127,15 @@ class CKDCriterion(KDCriterionBase):
             self.sides = ()  # plain word-KD: no hooks, no projections, no hidden states
         self.groups = {}
         self.projections = nn.ModuleDict()
-        self._recorders = {}
+        # the layer states of both models, and which tokens were real
+        self.student_spec = CaptureSpec(layers=self.sides, masks=bool(self.sides))
+        self.teacher_spec = CaptureSpec(layers=self.sides)
         if self.sides:
             self._build_projections(task, {"encoder": layer_map,
                                            "decoder": decoder_layer_map or layer_map})
 
     def _build_projections(self, task, maps):
-        teacher = task.single_teacher("ckd", "hidden states to match")
+        teacher = task.teacher.model("ckd", "hidden states to match")
         require(task.student_cfg is not None,
                 "ckd sizes its projections from the student's config: the task must build "
                 "the model before the criterion (as fairseq-train does)")
@@ -151,65 +152,47 @@ class CKDCriterion(KDCriterionBase):
             self.projections[side] = nn.ModuleList(
                 nn.Linear(s_dim, len(group) * t_dim) for group in groups)
 
-    # -- student states ------------------------------------------------------
-    def _recorder(self, model, side):
-        layers = transformer_layers(model, side)
-        require(len(layers) == len(self.groups[side]),
-                f"ckd was built for a {len(self.groups[side])}-layer student {side} (from "
-                f"the model config) but the model has {len(layers)} layers")
-        recorder = self._recorders.get(side)
-        if recorder is None or not recorder.owns(layers):
-            if recorder is not None:
-                recorder.remove()
-            recorder = self._recorders[side] = LayerOutputRecorder(layers)
-        return recorder
-
-    @contextmanager
-    def _record_student(self, model):
-        """Yield {side: per-layer outputs}, filled by the forward pass run inside."""
-        inner = unwrap_model(model)
-        with ExitStack() as stack:
-            yield {side: stack.enter_context(self._recorder(inner, side).recording())
-                   for side in self.sides}
+    def check_student(self, model):
+        """The model the criterion runs must be the one its projections were sized for."""
+        for side in self.sides:
+            layers = transformer_layers(model, side)
+            require(len(layers) == len(self.groups[side]),
+                    f"ckd was built for a {len(self.groups[side])}-layer student {side} (from "
+                    f"the model config) but the model has {len(layers)} layers")
 
     # -- loss ----------------------------------------------------------------
-    def layer_term(self, student_states, teacher_output, net_input):
-        """{side: L_layer of that side (a 0-dim tensor)} for the matched sides."""
+    def layer_term(self, student, teacher):
+        """{side: L_layer of that side (a 0-dim tensor)} for the matched sides, from the
+        captures of one student and one teacher pass."""
         terms = {}
         for side in self.sides:
-            states = student_states[side]
-            missing = [i for i, s in enumerate(states) if s is None]
-            require(not missing, f"ckd: student {side} layers {missing} produced no output "
-                    f"during the forward pass (LayerDrop or a custom forward?)")
-            if side == "encoder":
-                mask = net_input["src_tokens"].ne(self.task.source_dictionary.pad())
-            else:
-                mask = net_input["prev_output_tokens"].ne(self.padding_idx)
+            mask = student.source_mask if side == "encoder" else student.target_mask
             terms[side] = layer_kd_loss(
-                states, teacher_layer_states(teacher_output, side), self.groups[side],
+                student.layer_states(side), teacher.layer_states(side), self.groups[side],
                 self.projections[side], mask.t(),  # states are T x B x C
             )
         return terms
 
     def forward(self, model, sample, reduce=True):
         net_input = sample["net_input"]
-        with self._record_student(model) as student_states:
+        if self.sides:
+            self.check_student(unwrap_model(model))
+        with capture(model, self.student_spec) as student:
             net_output = model(**net_input)
         ls_loss, nll_loss, _ = self.nll_terms(model, net_output, sample)
         word_loss = layer_loss = ls_loss.new_zeros(())
         side_terms = {}
         if self.sides:
             # one pass of the single teacher serves both terms
-            [teacher] = self.task.teacher_forward(
-                model, net_input, return_all_hiddens="encoder" in self.sides)
-            per_side = self.layer_term(student_states, teacher, net_input)
+            [teacher] = self.task.teacher.forward(net_input, like=model, capture=self.teacher_spec)
+            per_side = self.layer_term(student, teacher)
             layer_loss = sum(per_side.values())
             if len(per_side) > 1:  # --ckd-side both: which side the total comes from
                 side_terms = {f"layer_loss_{side[:3]}": v for side, v in per_side.items()}
             if self.alpha > 0:
                 word_loss = self.word_kd_term(
                     model, net_output, sample, self.temperature, self.topk,
-                    teacher=TranslationKDTask.distribution_from_outputs([teacher], self.topk))
+                    teacher=distribution_of([teacher], self.topk))
         elif self.alpha > 0:
             # no hidden states needed: the task's distribution, as word_kd (ensembles, cache)
             word_loss = self.word_kd_term(model, net_output, sample, self.temperature, self.topk)

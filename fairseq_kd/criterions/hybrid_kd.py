@@ -38,7 +38,7 @@ objective for the gate, a prior):
 The running means are float32 buffers of this criterion (also under
 --fp16/--bf16, see ``_apply``), updated once per update
 from the logging outputs fairseq has summed over micro-batches and ranks
-(``translation_kd.reduce_metrics``), hence identical on every rank, exact
+(``on_update``, see ``fairseq_kd.contract``), hence identical on every rank, exact
 under ``--update-freq``, saved in checkpoints and restored on resume.  Until
 the first update has set them the gate objective is zero (the gate waits one
 update).  The gate objective adds zero to the reported loss (it enters as
@@ -60,6 +60,8 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 
+from fairseq_kd.capture import CaptureSpec, capture
+from fairseq_kd.contract import require_kd_task
 from fairseq_kd.criterions.kd_base import (
     KDCriterionBase,
     WordKDOptions,
@@ -67,7 +69,6 @@ from fairseq_kd.criterions.kd_base import (
     check_word_kd_options,
 )
 from fairseq_kd.errors import require
-from fairseq_kd.hidden_states import unwrap_model
 from fairseq_kd.losses import gate_objective, hybrid_mix, hybrid_sentence_losses
 
 GATE_CHOICES = ChoiceEnum(["sentence", "scalar", "fixed"])
@@ -183,7 +184,8 @@ class HybridKDCriterion(KDCriterionBase):
         uses_tok = not (gate == "fixed" and gate_value == 0.0)
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy,
                          needs_teacher=uses_tok and kd_alpha > 0)
-        require(getattr(task.cfg, "distilled_data", None),
+        require_kd_task(task, "hybrid_kd", needs_teacher=False)
+        require(task.distilled_data,
                 "hybrid_kd needs the teacher's translations of the training sources: pass "
                 "--distilled-data DIR (a corpus built by fairseq-kd corpus)")
         self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
@@ -230,15 +232,10 @@ class HybridKDCriterion(KDCriterionBase):
             net_input = stacked_net_input(net_input, hyp["prev_output_tokens"], self.padding_idx)
         if self.gate_kind != "sentence":
             return model(**net_input), hyp, None
-        captured = {}
-        handle = unwrap_model(model).encoder.register_forward_hook(
-            lambda module, args, out: captured.__setitem__("out", out))
-        try:
+        with capture(model, CaptureSpec(encoder_out=True)) as seen:
             net_output = model(**net_input)
-        finally:
-            handle.remove()
         # the gate reads the encoder but must not train it
-        pooled = mean_pooled_encoder_states(captured["out"], sample["target"].size(0)).detach()
+        pooled = mean_pooled_encoder_states(seen.encoder_out, sample["target"].size(0)).detach()
         return net_output, hyp, pooled
 
     def gate_logits(self, pooled, batch_size):
@@ -253,7 +250,7 @@ class HybridKDCriterion(KDCriterionBase):
         hyp_target = None if hyp is None else hyp["target"]
         hyp_ntokens = sample["ntokens"] if hyp is None else hyp["ntokens"]
 
-        teacher = (self.task.teacher_distribution(model, sample, topk=self.topk)
+        teacher = (self.task.teacher.distribution(sample, self.topk, like=model)
                    if self.uses_teacher else None)
         # every term from the logits by one fused per-row function: no B x T x V log-probs kept
         tok, sent, nll, kd = hybrid_sentence_losses(
@@ -303,11 +300,11 @@ class HybridKDCriterion(KDCriterionBase):
         return ready * (weights * per_sentence).sum()
 
     @torch.no_grad()
-    def update_running_stats(self, logging_outputs):
+    def on_update(self, logging_outputs):
         """Fold one update's per-token L_tok and L_sent into the running means.
 
-        Called by ``translation_kd.reduce_metrics`` with the logging outputs of
-        a whole update (all micro-batches, all ranks).
+        The contract's per-update hook (``fairseq_kd.contract``): called with
+        the logging outputs of a whole update (all micro-batches, all ranks).
         """
         if self.gate is None:
             return

@@ -2,7 +2,8 @@
 
 Criterions subclass :class:`KDCriterionBase`, which is fairseq's
 ``label_smoothed_cross_entropy`` (same NLL, accuracy and ``loss``/``nll_loss``
-/``ppl`` metrics) plus the teacher plumbing of ``translation_kd``.  A subclass
+/``ppl`` metrics) plus the KD side of :mod:`fairseq_kd.contract` (what a
+criterion may ask of the ``translation_kd`` task, checked here).  A subclass
 lists its extra loss components in ``LOSS_TERMS``; each is summed over
 workers and logged per ``sample_size`` in bits, like ``loss``.
 """
@@ -15,6 +16,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
+from fairseq_kd.contract import KDCriterion, require_kd_task
 from fairseq_kd.errors import require
 from fairseq_kd.losses import kd_kl_divergence, label_smoothed_nll_loss, word_kd_loss
 
@@ -50,7 +52,7 @@ def check_word_kd_options(alpha, temperature, topk, alpha_flag="--kd-alpha"):
     require(topk >= 0, f"--kd-topk must be >= 0 (0 = full vocabulary), got {topk}")
 
 
-class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
+class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
     """Label-smoothed cross-entropy plus access to the task's teacher."""
 
     LOSS_TERMS = ()  # extra logged components, e.g. ("kd_loss",)
@@ -62,12 +64,7 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
         require(ignore_prefix_size == 0, "--ignore-prefix-size is not supported by KD criterions")
         self.needs_teacher = needs_teacher  # translation_kd loads the teacher at build time then
         if needs_teacher:
-            require(
-                hasattr(task, "teacher_distribution"),
-                f"{type(self).__name__} needs a teacher: use --task translation_kd "
-                f"(got --task {getattr(task.cfg, '_name', type(task).__name__)})",
-            )
-            require(task.has_teacher, f"{type(self).__name__} needs a teacher: pass --teacher-path")
+            require_kd_task(task, type(self).__name__)
 
     @property
     def topk(self):
@@ -103,7 +100,7 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion):
         teacher is not run again and ``topk`` is not reapplied).
         """
         if teacher is None:
-            teacher = self.task.teacher_distribution(model, sample, net_input=net_input, topk=topk)
+            teacher = self.task.teacher.distribution(sample, topk, net_input=net_input, like=model)
         logits = net_output[0]
         target = model.get_targets(sample, net_output)
         return kd_kl_divergence(

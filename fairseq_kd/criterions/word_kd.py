@@ -32,7 +32,7 @@ class WordKDCriterion(KDCriterionBase):
 
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
-        teacher = (self.task.teacher_distribution(model, sample, topk=self.topk)
+        teacher = (self.task.teacher.distribution(sample, self.topk, like=model)
                    if self.alpha > 0 else None)
         loss, nll_loss, kd_loss = self.word_kd_losses(
             model, net_output, sample, teacher, self.alpha, self.temperature)

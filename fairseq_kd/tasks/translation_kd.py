@@ -1,49 +1,42 @@
-"""``translation_kd``: fairseq's ``translation`` task plus a teacher.
+"""``translation_kd``: fairseq's ``translation`` task plus what KD criterions need.
 
-The teacher (one checkpoint, or several joined by ``:`` for an ensemble whose
-probabilities are averaged) belongs to the task, not to the model or the
-criterion, so that it is
+The task owns, and delegates to:
 
-* never part of the student's state dict, hence never saved in a student
-  checkpoint and never handed to the optimizer (the trainer optimises
-  ``model.parameters()`` and ``criterion.parameters()`` only);
-* loaded and checked when the criterion is built, if it needs a teacher
-  (before training, so a bad teacher stops ``fairseq-train`` before it has
-  written anything), or else on first use; ``fairseq-generate --task
-  translation_kd`` builds no criterion and never reads it;
-* moved to the student's device and dtype at its first use (the trainer
-  casts the student to fp16 under ``--fp16`` after the task is set up), and
-  kept in eval mode under ``torch.no_grad``;
-* loaded by every process: under fairseq's DDP each rank builds its own task,
-  so each rank has its own teacher on its own GPU.
+* the teacher (``--teacher-path``): a :class:`fairseq_kd.teacher.Teacher`,
+  where loading, checks, placement and the forward pass live; or, instead,
+  ``--teacher-cache DIR``: a :class:`fairseq_kd.teacher_cache.TeacherCache`
+  serving precomputed top-k distributions through the same ``distribution``
+  (no teacher is loaded then).  Either is ``task.teacher``.  The teacher
+  belongs to the task, not to the model or the criterion, so it is never in
+  the student's state dict or checkpoint, never handed to the optimizer,
+  and never read by ``fairseq-generate --task translation_kd`` (which builds
+  no criterion).  Under DDP every rank builds its own task and teacher;
+* ``--distilled-data DIR``: the teacher's translations of the training
+  sources batched with the gold targets (:mod:`fairseq_kd.tasks.distilled_data`);
+* ``--prune-mask``: pruned student weights kept at zero
+  (:class:`fairseq_kd.pruning.MaskKeeper`).
 
-``--distilled-data DIR`` adds the teacher's translations of the training
-sources (a second binarized corpus, line-aligned with the training data) to
-every batch, for criterions that train on gold and distilled targets at once
-(``hybrid_kd``); see :mod:`fairseq_kd.tasks.distilled_data`.
-
-Instead of a teacher, ``--teacher-cache DIR`` serves precomputed top-k
-distributions (``fairseq-kd cache-teacher``, :mod:`fairseq_kd.teacher_cache`)
-through :meth:`TranslationKDTask.teacher_distribution`; no teacher is loaded
-then, and criterions that need the teacher model itself (hidden states,
-attention maps) get a clear error.
+What a criterion may ask of it, and what it does for a criterion in return
+(build-time checks, a per-update hook), is :mod:`fairseq_kd.contract`.
+Batches are filtered by the smaller of the student's and the loaded
+teacher's maximum positions, so a long sentence never reaches a teacher
+that cannot embed it.
 """
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, NamedTuple, Optional
+from typing import Optional
 
-import torch
 from fairseq import utils
 from fairseq.data import indexed_dataset
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
-from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
+from fairseq_kd.contract import KDTask, after_update, check_criterion
 from fairseq_kd.errors import require
-from fairseq_kd.losses import TeacherDistribution, ensemble_scores
 from fairseq_kd.pruning import MaskKeeper
 from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
+from fairseq_kd.teacher import Teacher, TeacherSource, teacher_paths
 from fairseq_kd.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -84,36 +77,31 @@ class TranslationKDConfig(TranslationConfig):
     )
 
 
-class TeacherOutput(NamedTuple):
-    """One teacher member's forward pass on a batch (tensors are B x T x ...)."""
-
-    logits: torch.Tensor
-    extra: dict  # decoder extras: "attn", "inner_states" (decoder layer outputs)
-    encoder_out: dict  # fairseq encoder output; "encoder_states" holds every layer
-
-
-def teacher_paths(spec):
-    return [p for p in (spec or "").split(":") if p]
-
-
 @register_task("translation_kd", dataclass=TranslationKDConfig)
-class TranslationKDTask(TranslationTask):
+class TranslationKDTask(TranslationTask, KDTask):
     """Translation with a frozen teacher available to KD criterions."""
 
     cfg: TranslationKDConfig
 
     def __init__(self, cfg, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
-        self._teachers: Optional[List[torch.nn.Module]] = None
-        self.teacher_cache: Optional[TeacherCache] = None  # set by setup_task
-        self.student_cfg = None  # set by build_model; criterions size projections from it
-        self.epoch = 1  # current training epoch, for criterions with per-epoch schedules
+        paths = teacher_paths(cfg.teacher_path)
+        # the teacher or the cache (set by setup_task); see fairseq_kd.contract
+        self.teacher: Optional[TeacherSource] = Teacher(paths, self) if paths else None
+        self.student_cfg = None  # set by build_model
+        self.student_logits = True  # the student's decoder returns vocabulary logits
+        self.epoch = 1
+        self.distilled_data = getattr(cfg, "distilled_data", None)
         self._mask_keeper = None
+
+    @property
+    def teachers(self):
+        """The teacher's member models (``fairseq-kd corpus`` translates with them)."""
+        require(isinstance(self.teacher, Teacher), "this needs a teacher model: pass --teacher-path")
+        return self.teacher.models
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        for path in teacher_paths(cfg.teacher_path):
-            require(os.path.isfile(path), f"--teacher-path: teacher checkpoint not found: {path}")
         cache = None
         if cfg.teacher_cache:
             require(not teacher_paths(cfg.teacher_path),
@@ -125,7 +113,7 @@ class TranslationKDTask(TranslationTask):
         task = super().setup_task(cfg, **kwargs)
         if cache is not None:
             cache.check_dictionaries(task.src_dict, task.tgt_dict)
-            task.teacher_cache = cache
+            task.teacher = cache
         if cfg.distilled_data:
             task._check_distilled_data_dir()
         return task
@@ -133,28 +121,24 @@ class TranslationKDTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         self.student_cfg = cfg
-        self.student_has_adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None) is not None
+        self.student_logits = getattr(model.decoder, "adaptive_softmax", None) is None
         if getattr(self.cfg, "prune_mask", None):
             self._mask_keeper = MaskKeeper.load(self.cfg.prune_mask)
             self._mask_keeper.attach(model)
         return model
 
     def build_criterion(self, cfg, from_checkpoint=False):
-        from fairseq_kd.criterions.kd_base import KDCriterionBase
-
         criterion = super().build_criterion(cfg, from_checkpoint)
-        # The KD losses read vocabulary logits from the decoder's output, which
-        # an adaptive-softmax decoder does not produce (it returns hidden states).
-        require(not (isinstance(criterion, KDCriterionBase)
-                     and getattr(self, "student_has_adaptive_softmax", False)),
-                f"--criterion {cfg._name} does not support students with an adaptive softmax "
-                "(--adaptive-softmax-cutoff): the KD losses need the full vocabulary logits")
-        if getattr(criterion, "needs_teacher", False) and self.teacher_cache is None:
-            # Load (and check) the teacher now rather than at the first step:
-            # a bad teacher must stop fairseq-train before training starts,
-            # not after fairseq has written a crash checkpoint of the student.
-            self.teachers
+        check_criterion(self, criterion, cfg._name, self.student_logits)
         return criterion
+
+    def max_positions(self):
+        """The student's limits, and the teacher's once it is loaded (for training):
+        fairseq filters batches by these, so no sentence is too long for the teacher."""
+        limits = super().max_positions()
+        if isinstance(self.teacher, Teacher) and self.teacher.loaded:
+            limits = utils.resolve_max_positions(limits, self.teacher.max_positions())
+        return limits
 
     def begin_epoch(self, epoch, model):
         """fairseq's trainer calls this at the start of every training epoch,
@@ -201,8 +185,8 @@ class TranslationKDTask(TranslationTask):
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        if self.teacher_cache is not None:  # the cache indexes the gold split
-            self.teacher_cache.check_dataset(split, self.datasets[split])
+        if isinstance(self.teacher, TeacherCache):  # the cache indexes the gold split
+            self.teacher.check_dataset(split, self.datasets[split])
         ddir = self.cfg.distilled_data
         if not ddir:
             return
@@ -222,149 +206,13 @@ class TranslationKDTask(TranslationTask):
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
-        # Criterions with running statistics (hybrid_kd's loss scales) update
-        # them here, once per update, from the logging outputs the trainer
-        # has already summed over --update-freq micro-batches and DDP ranks:
-        # every rank then holds the same statistics, equal to a single
-        # process training on the union of the batches.
-        update = getattr(criterion, "update_running_stats", None)
-        if update is not None and criterion.training:
-            update(logging_outputs)
+        # fairseq calls this once per update with the logging outputs it has
+        # summed over --update-freq micro-batches and DDP ranks: every rank
+        # then updates the same running statistics, equal to a single process
+        # training on the union of the batches.
+        after_update(criterion, logging_outputs)
 
     def optimizer_step(self, optimizer, model, update_num):
         super().optimizer_step(optimizer, model, update_num)
         if self._mask_keeper is not None:  # --prune-mask: zero after every update
             self._mask_keeper.apply(model)
-
-    # ------------------------------------------------------------------ teacher
-    @property
-    def has_teacher(self):
-        """A teacher's distributions are available (a teacher model or a cache)."""
-        return bool(teacher_paths(self.cfg.teacher_path)) or self.teacher_cache is not None
-
-    @property
-    def teachers(self) -> List[torch.nn.Module]:
-        """The teacher models (loaded on first access, on CPU, in eval mode)."""
-        if self._teachers is None:
-            require(self.teacher_cache is None,
-                    "this criterion needs the teacher model itself (its hidden states or "
-                    "attention maps, or its outputs on other prefixes), but --teacher-cache "
-                    "holds only its top-k distributions on gold prefixes: pass --teacher-path "
-                    "instead")
-            require(self.has_teacher, "this criterion needs a teacher: pass --teacher-path")
-            self._teachers = [self._load_teacher(p) for p in teacher_paths(self.cfg.teacher_path)]
-        return self._teachers
-
-    def single_teacher(self, criterion, what):
-        """The one teacher model, for criterions that distil its internals; an
-        ensemble has no single set of ``what`` (hidden states, attention maps)."""
-        n = len(self.teachers)
-        require(n == 1, f"{criterion} needs a single teacher: an ensemble of {n} "
-                        f"(--teacher-path with ':') has no single set of {what}")
-        return self.teachers[0]
-
-    def _load_teacher(self, path):
-        from fairseq import models as fairseq_models
-
-        # The user named this file as a teacher, so full unpickling is allowed.
-        state = load_checkpoint_state(path, trusted=True)
-        cfg = checkpoint_cfg(state)
-        self._check_teacher_dictionaries(path, state, cfg)
-        teacher = fairseq_models.build_model(cfg.model, self, from_checkpoint=True)
-        teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        n_params = sum(p.numel() for p in teacher.parameters())
-        logger.info(f"loaded teacher {path}: {type(teacher).__name__}, {n_params:,} parameters")
-        return teacher
-
-    def _check_teacher_dictionaries(self, path, state, cfg):
-        """Teacher and student must index the same vocabularies.
-
-        A fairseq checkpoint stores embedding sizes, not dictionaries: the
-        sizes are always compared; when the teacher's own data directory is
-        still on disk its dictionary files are compared word by word too.
-        """
-        sizes = {
-            "source": ("encoder.embed_tokens.weight", self.src_dict),
-            "target": ("decoder.embed_tokens.weight", self.tgt_dict),
-        }
-        for side, (key, student_dict) in sizes.items():
-            weight = state["model"].get(key)
-            require(weight is not None, f"teacher {path} has no {key}: not a fairseq encoder-decoder")
-            require(
-                weight.size(0) == len(student_dict),
-                f"teacher/student dictionary mismatch: teacher {path} has a {side} "
-                f"vocabulary of {weight.size(0)} entries, the student's data has "
-                f"{len(student_dict)}; binarize the student data with the teacher's "
-                f"dictionaries (fairseq-preprocess --srcdict/--tgtdict)",
-            )
-        teacher_data = getattr(cfg.task, "data", None)
-        if not teacher_data:
-            return
-        for lang, student_dict in ((self.cfg.source_lang, self.src_dict), (self.cfg.target_lang, self.tgt_dict)):
-            dict_file = os.path.join(teacher_data.split(":")[0], f"dict.{lang}.txt")
-            if os.path.isfile(dict_file):
-                teacher_dict = self.load_dictionary(dict_file)
-                require(
-                    teacher_dict.symbols == student_dict.symbols,
-                    f"teacher/student dictionary mismatch: {dict_file} (teacher's) differs "
-                    f"from the student's dict.{lang}.txt",
-                )
-
-    def _place_teachers(self, like):
-        """Move teachers to the device and float dtype of tensor ``like``."""
-        for t in self.teachers:
-            p = next(t.parameters())
-            if p.device != like.device or p.dtype != like.dtype:
-                t.to(device=like.device, dtype=like.dtype)
-
-    @torch.no_grad()
-    def teacher_forward(self, model, net_input, return_all_hiddens=False) -> List[TeacherOutput]:
-        """Each teacher member's outputs on ``net_input`` (a batch's net_input).
-
-        ``model`` is the student: its first parameter fixes device and dtype.
-        """
-        self._place_teachers(next(model.parameters()))
-        outputs = []
-        for t in self.teachers:
-            t.eval()
-            encoder_out = t.encoder(
-                net_input["src_tokens"], src_lengths=net_input["src_lengths"],
-                return_all_hiddens=return_all_hiddens,
-            )
-            logits, extra = t.decoder(
-                net_input["prev_output_tokens"], encoder_out=encoder_out,
-                src_lengths=net_input["src_lengths"],
-            )
-            outputs.append(TeacherOutput(logits, extra, encoder_out))
-        return outputs
-
-    def teacher_distribution(self, model, sample, net_input=None, topk=0) -> TeacherDistribution:
-        """The teacher's distribution over every target position of ``sample``.
-
-        ``net_input`` defaults to the sample's (gold prefixes); rows follow
-        ``target.view(-1)``.  ``topk > 0`` keeps the k best tokens per row.
-        With ``--teacher-cache`` the rows are read from the cache (``scores``:
-        the teacher's T=1 log-probs of its top ``topk``; ``topk`` must be in
-        1..k of the cache); they land on the target's device, in float32
-        (``model`` is not used).
-        """
-        if self.teacher_cache is not None:
-            require(net_input is None or net_input is sample["net_input"],
-                    "--teacher-cache holds the teacher on the gold prefixes only; this "
-                    "criterion runs the teacher on other inputs: pass --teacher-path instead")
-            return self.teacher_cache.distribution(
-                sample, topk, self.src_dict.pad(), self.tgt_dict.pad())
-        outputs = self.teacher_forward(model, net_input or sample["net_input"])
-        return self.distribution_from_outputs(outputs, topk)
-
-    @staticmethod
-    def distribution_from_outputs(outputs: List[TeacherOutput], topk=0) -> TeacherDistribution:
-        """:meth:`teacher_distribution` from outputs :meth:`teacher_forward` already gave
-        (a criterion that also needs the teacher's hidden states runs it once)."""
-        scores = ensemble_scores([o.logits for o in outputs])
-        dist = TeacherDistribution(scores.reshape(-1, scores.size(-1)))
-        return dist.topk(topk)
-
