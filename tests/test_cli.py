@@ -144,6 +144,30 @@ def test_spm_missing_train_split(capsys, parallel_text, tmp_path):
     assert not (tmp_path / "pieces").exists()  # checked before anything is written
 
 
+def test_spm_model_encodes_with_an_existing_model_as_training_did(capsys, parallel_text, tmp_path):
+    """Encoding with --model (a shipped teacher's vocabulary) gives the pieces
+    of the run that trained that model, and trains nothing."""
+    assert cli.main([str(a) for a in spm_args(parallel_text, tmp_path, "--vocab-size", "25")]) == 0
+    trained = tmp_path / "pieces"
+    again = tmp_path / "again"
+    args = ["spm", "--input-dir", parallel_text, "--src", "es", "--tgt", "en", "--splits", "test",
+            "--model", trained / "spm.model", "--vocab-size", "999999", "--out", again]
+    assert cli.main([str(a) for a in args]) == 0
+    assert "(vocab 25)" in capsys.readouterr().out.splitlines()[-1]
+    for lang in ("es", "en"):
+        assert (again / f"test.sp.{lang}").read_text() == (trained / f"test.sp.{lang}").read_text()
+    assert (again / "spm.model").read_bytes() == (trained / "spm.model").read_bytes()
+    assert not (again / "train.sp.es").exists()
+
+
+def test_spm_model_that_is_not_sentencepiece_is_one_line(capsys, parallel_text, tmp_path):
+    (tmp_path / "bad.model").write_text("not a model")
+    msg = cli_error(capsys, *spm_args(parallel_text, tmp_path, "--model", tmp_path / "bad.model"))
+    assert f"--model {tmp_path / 'bad.model'} is not a SentencePiece model" in msg
+    msg = cli_error(capsys, *spm_args(parallel_text, tmp_path, "--model", tmp_path / "none.model"))
+    assert msg.endswith(f"--model {tmp_path / 'none.model'}: no such file")
+
+
 # ------------------------------------------------------- checkpoints: prune, export
 def bad_checkpoints(tmp_path):
     files = {"random bytes": bytes(range(256)) * 4, "text": b"hello\n", "empty": b""}

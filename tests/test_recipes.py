@@ -1,5 +1,6 @@
 """The recipes (recipes/*/run.sh): every script parses, every option they pass
-exists, and (slow) both run end to end on a tiny Bible slice on CPU, and a
+exists (both profiles), and (slow) they run end to end on a tiny Bible slice
+on CPU, the custom recipe on a corpus with made-up language codes, and a
 rerun skips finished work while a removed result or stamp is redone."""
 import json
 import os
@@ -13,7 +14,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from helpers import BIN, REPO, env
 
-RECIPES = ["bible_es_en", "wmt14_en_de"]
+RECIPES = ["bible_es_en", "wmt14_en_de", "custom"]
 METHODS = ["baseline", "word_kd", "seq_kd", "seq_inter", "hybrid_kd", "ckd", "a2d"]
 STUDENTS = METHODS + ["pruned_seq_kd"]
 
@@ -57,7 +58,10 @@ def test_every_script_parses():
 
 
 def dry_run_commands(recipe, tmp_path, **extra):
-    out = run_recipe(recipe, {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path / recipe), **extra}).stdout
+    settings = {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path / recipe)}
+    if recipe == "custom":  # its data folder is only read by the prepare step, not in a dry run
+        settings.update(DATA_DIR=str(tmp_path), SRC="de", TGT="en")
+    out = run_recipe(recipe, {**settings, **extra}).stdout
     return [shlex.split(line[4:]) for line in out.splitlines() if line.startswith("RUN:")]
 
 
@@ -82,7 +86,8 @@ def check_options(cmd):
 def test_recipe_commands_use_existing_options(recipe, tmp_path):
     cmds = dry_run_commands(recipe, tmp_path)
     trained = [check_options(c) for c in cmds if c[0] == "fairseq-train"]
-    teacher_arch = {"bible_es_en": "transformer_iwslt_de_en", "wmt14_en_de": "transformer_vaswani_wmt_en_de_big"}
+    teacher_arch = {"bible_es_en": "transformer_iwslt_de_en", "wmt14_en_de": "transformer_vaswani_wmt_en_de_big",
+                    "custom": "transformer_iwslt_de_en"}
     assert trained[0] == (teacher_arch[recipe], "label_smoothed_cross_entropy")
     assert [c for _, c in trained[1:]] == ["label_smoothed_cross_entropy", "word_kd", "seq_kd", "seq_kd",
                                            "hybrid_kd", "ckd", "a2d", "seq_kd"]  # + pruned retraining
@@ -97,6 +102,58 @@ def test_recipe_commands_use_existing_options(recipe, tmp_path):
                   for c in cmds if c[0] == "fairseq-train"}
     assert train_data["student_seq_kd"] == "distilled" and train_data["student_seq_inter"] == "distilled_inter"
     assert train_data["student_baseline"] == train_data["student_hybrid_kd"] == "bin"
+
+
+def train_option(cmd, option):
+    return cmd[cmd.index(option) + 1]
+
+
+@pytest.mark.parametrize("recipe", ["bible_es_en", "custom"])
+def test_cpu_profile_sizes_teacher_and_students_for_cpu(recipe, tmp_path):
+    cmds = dry_run_commands(recipe, tmp_path, PROFILE="cpu", GPUS="")  # GPUS from the profile
+    trained = [c for c in cmds if c[0] == "fairseq-train"]
+    assert all("--cpu" in c and "--fp16" not in c for c in trained)
+    assert train_option(trained[0], "--arch") == "transformer_student_small"
+    assert {train_option(c, "--arch") for c in trained[1:]} == {"transformer_student_tiny"}
+    # students: the same number of updates for every method (the time limit is only a safety net)
+    assert {train_option(c, "--max-update") for c in trained[1:-1]} == {"2600"}
+    for cmd in cmds:
+        check_options(cmd)
+
+
+def test_unknown_profile_is_one_line_error(tmp_path):
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "WORK": str(tmp_path), "PROFILE": "tpu"}, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "bible_es_en: PROFILE must be gpu or cpu, not 'tpu'"
+
+
+def test_custom_recipe_refuses_missing_or_misaligned_data(tmp_path):
+    proc = run_recipe("custom", {"DRY_RUN": "1", "SRC": "de"}, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("custom: set DATA_DIR TGT (e.g.")
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.xx").write_text("a\nb\n")
+        (data / f"{split}.yy").write_text("a\nb\n" if split != "valid" else "a\n")
+    proc = run_recipe("custom", {"DATA_DIR": str(data), "SRC": "xx", "TGT": "yy", "WORK": str(tmp_path / "w")},
+                      "prepare", check=False)
+    assert proc.returncode != 0 and f"custom: {data}/valid.xx has 2 lines but valid.yy has 1" in proc.stderr
+
+
+def test_report_replaces_only_its_own_section_of_the_results_page(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\nHand-written introduction.\n")
+
+    def report(key, text):
+        subprocess.run(["bash", "-c", f'source "{REPO}/recipes/common/pipeline.sh"; replace_section "$0" "$1"',
+                        page, key], input=text, text=True, check=True)
+
+    report("bible_es_en cpu", "## CPU\nfirst run")
+    report("bible_es_en gpu", "## GPU\nnot run")
+    report("bible_es_en cpu", "## CPU\nsecond run")
+    assert page.read_text() == (
+        "# Results\n\nHand-written introduction.\n\n"
+        "<!-- results bible_es_en cpu -->\n## CPU\nsecond run\n<!-- /results bible_es_en cpu -->\n\n"
+        "<!-- results bible_es_en gpu -->\n## GPU\nnot run\n<!-- /results bible_es_en gpu -->\n")
 
 
 def test_dry_run_check_catches_a_misspelt_option(tmp_path):
@@ -124,7 +181,7 @@ def zero_fraction_of_linear_weights(checkpoint):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", ["bible_es_en", "wmt14_en_de"])
 def test_recipe_end_to_end_then_resume(recipe, tmp_path):
     work, docs = tmp_path / "work", tmp_path / "docs"
     settings = {**TINY, "WORK": str(work), "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}
@@ -185,6 +242,39 @@ def test_recipe_end_to_end_then_resume(recipe, tmp_path):
     assert train_log.count("Loaded checkpoint") == 1 and "(epoch 2 @" in train_log.split("Loaded checkpoint")[1][:300]
     names = [s["name"] for s in json.loads((work / "results.json").read_text())["systems"]]
     assert sorted(names) == sorted(["teacher", *STUDENTS])
+
+
+@pytest.mark.slow
+def test_custom_recipe_end_to_end_on_made_up_language_codes(tmp_path):
+    """Any folder of {train,valid,test}.{SRC,TGT} is a study: here the Bible
+    slice renamed to xx -> yy, with three methods and no pruning."""
+    import tarfile
+
+    from helpers import BIBLE_ARCHIVE
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    with tarfile.open(BIBLE_ARCHIVE) as tar:
+        for split, n in (("train", 300), ("valid", 20), ("test", 15)):
+            for lang, code in (("es", "xx"), ("en", "yy")):
+                lines = tar.extractfile(f"bible.es-en/{split}.{lang}").read().decode().splitlines()
+                (data / f"{split}.{code}").write_text("\n".join(lines[:n]) + "\n")
+    work = tmp_path / "work"
+    settings = {**TINY, "DATA_DIR": str(data), "SRC": "xx", "TGT": "yy", "WORK": str(work),
+                "TRAIN_LINES": "0", "VALID_LINES": "0", "TEST_LINES": "0",
+                "METHODS": "baseline word_kd seq_kd", "PRUNE_FROM": ""}
+    run_recipe("custom", settings)
+    assert (work / "bin" / "train.xx-yy.yy.bin").exists() and (work / "distilled" / "train.xx-yy.yy.bin").exists()
+    results = json.loads((work / "results.json").read_text())
+    assert [s["name"] for s in results["systems"]] == ["teacher", "baseline", "word_kd", "seq_kd"]
+    refs = (data / "test.yy").read_text().splitlines()
+    for name in ("teacher", "seq_kd"):
+        hyps = (work / f"results.{name}.beam.txt").read_text().splitlines()
+        assert len(hyps) == len(refs) == 15
+        assert results["systems"][[s["name"] for s in results["systems"]].index(name)]["beam"]["bleu"] == \
+            round(BLEU().corpus_score(hyps, [refs]).score, 2)
+    page = (work / "results.md").read_text()
+    assert "<!-- results custom gpu -->" in page and "| seq_kd |" in page and "xx -> yy" in page
 
 
 def test_table_compares_with_the_baseline():

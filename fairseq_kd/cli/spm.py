@@ -2,7 +2,9 @@
 
 Reads PREFIX.SRC / PREFIX.TGT for each --split, writes OUT/SPLIT.sp.SRC and
 OUT/SPLIT.sp.TGT (space-separated pieces, ready for fairseq-preprocess) and
-OUT/spm.model.  Decode system output with
+OUT/spm.model.  With --model, the splits are encoded with an existing model
+(e.g. a shipped teacher's, so students share its vocabulary) and none is
+trained.  Decode system output with
 ``fairseq-generate ... --post-process sentencepiece``.
 """
 import os
@@ -24,6 +26,9 @@ def add_arguments(p):
     p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
     p.add_argument("--input-sentence-size", type=int, default=2_000_000,
                    help="sentences sampled for training the model (bounds memory on large corpora)")
+    p.add_argument("--model", default=None,
+                   help="encode with this SentencePiece model (copied to OUT/spm.model) instead of "
+                        "training one; --vocab-size, --model-type and --train-split are then unused")
     p.add_argument("--out", required=True, help="output folder")
 
 
@@ -58,6 +63,21 @@ def train_model(args, train_files, prefix):
         raise KDError(trainer_error(args, str(e))) from None
 
 
+def copy_model(model, dest):
+    """Copy an existing SentencePiece model to DEST after checking that it loads."""
+    import shutil
+
+    import sentencepiece as spm
+
+    require(os.path.isfile(model), f"--model {model}: no such file")
+    try:
+        spm.SentencePieceProcessor(model_file=model)
+    except (RuntimeError, OSError) as e:
+        raise KDError(f"--model {model} is not a SentencePiece model ({str(e).strip() or type(e).__name__})") from None
+    if os.path.abspath(model) != os.path.abspath(dest):
+        shutil.copyfile(model, dest)
+
+
 def trainer_error(args, message):
     too_high = TOO_HIGH.search(message)
     if too_high:  # the limit is only known once sentencepiece has read the data
@@ -75,10 +95,14 @@ def run(args):
     splits = [s for s in args.splits.split(",") if s]
     require(splits, "--splits is empty")
     # the training split need not be one of the encoded splits
-    paths = {split: check_split(args, split) for split in dict.fromkeys([args.train_split, *splits])}
+    needed = splits if args.model else [args.train_split, *splits]
+    paths = {split: check_split(args, split) for split in dict.fromkeys(needed)}
     os.makedirs(args.out, exist_ok=True)
     prefix = os.path.join(args.out, "spm")
-    train_model(args, paths[args.train_split], prefix)
+    if args.model:
+        copy_model(args.model, prefix + ".model")
+    else:
+        train_model(args, paths[args.train_split], prefix)
     sp = spm.SentencePieceProcessor(model_file=prefix + ".model")
     for split in splits:
         for lang in (args.src, args.tgt):
@@ -87,4 +111,4 @@ def run(args):
                     open(os.path.join(args.out, f"{split}.sp.{lang}"), "w", encoding="utf-8") as fout:
                 for line in fin:
                     fout.write(" ".join(sp.encode(line.strip(), out_type=str)) + "\n")
-    print(f"wrote {prefix}.model (vocab {args.vocab_size}) and {len(splits)} encoded splits to {args.out}")
+    print(f"wrote {prefix}.model (vocab {sp.get_piece_size()}) and {len(splits)} encoded splits to {args.out}")

@@ -3,6 +3,6 @@
 # (shipped in examples/data, or $BIBLE_DIR) -> $WORK/raw/{train,valid,test}.{es,en}.
 set -euo pipefail
 source "$(dirname "$0")/config.sh"
-source "$REPO/recipes/common/bible_data.sh"
+source "$REPO/recipes/common/data.sh"
 bible_slice "$WORK/raw"
 wc -l "$WORK"/raw/*.es

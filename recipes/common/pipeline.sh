@@ -279,15 +279,37 @@ step_evaluate() {
 }
 
 step_report() {
-  log "report -> $RESULTS_MD, $PLOT_DIR/$RECIPE.{speed,params}.png"
+  log "report -> $RESULTS_MD (section $RECIPE, PROFILE=$PROFILE), $PLOT_DIR/$(plot_name).{speed,params}.png"
   run_cmd mkdir -p "$PLOT_DIR" "$(dirname "$RESULTS_MD")"
-  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x speed --decoding greedy --out "$PLOT_DIR/$RECIPE.speed.png" \
-    --title "$RECIPE: BLEU vs greedy speed"
-  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x params --decoding beam --out "$PLOT_DIR/$RECIPE.params.png" \
-    --title "$RECIPE: BLEU (beam $BEAM) vs parameters"
+  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x speed --decoding greedy --out "$PLOT_DIR/$(plot_name).speed.png" \
+    --title "$RECIPE ($PROFILE): BLEU vs greedy speed"
+  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x params --decoding beam --out "$PLOT_DIR/$(plot_name).params.png" \
+    --title "$RECIPE ($PROFILE): BLEU (beam $BEAM) vs parameters"
   if [ -n "$DRY_RUN" ]; then run_cmd fairseq-kd table "$RESULTS" --baseline baseline; return; fi
-  write_results_md > "$RESULTS_MD.tmp" && mv "$RESULTS_MD.tmp" "$RESULTS_MD"
+  write_results_md | replace_section "$RESULTS_MD" "$RECIPE $PROFILE"
   cat "$RESULTS_MD"
+}
+
+# The plots' file name: one pair per recipe and profile.
+plot_name() { echo "$RECIPE$( [ "$PROFILE" = gpu ] || echo "_$PROFILE")"; }
+
+# replace_section FILE KEY: standard input becomes the section of FILE between
+# the markers <!-- results KEY --> and <!-- /results KEY --> (appended when FILE
+# has none), so one page holds a section per recipe and profile and a rerun
+# replaces only its own.
+replace_section() {
+  python3 -c '
+import os, re, sys
+path, key = sys.argv[1], sys.argv[2]
+begin, end = f"<!-- results {key} -->", f"<!-- /results {key} -->"
+section = f"{begin}\n{sys.stdin.read().strip()}\n{end}"
+page = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Results\n"
+pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+page = pattern.sub(lambda _: section, page) if pattern.search(page) else page.rstrip() + "\n\n" + section + "\n"
+with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(page)
+os.replace(path + ".tmp", path)
+' "$1" "$2"
 }
 
 # The device fairseq-kd evaluate timed the systems on (one per results file),
@@ -305,7 +327,7 @@ write_results_md() {
   [ "$rel" = . ] && rel= || rel=$rel/
   local baseline=(); has_result baseline && baseline=(--baseline baseline)
   cat <<MD
-# Results: $RECIPE
+## $RECIPE, PROFILE=$PROFILE
 
 Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
 Test set: \`$WORK/raw/test.$TGT\` ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
@@ -315,10 +337,10 @@ Students are evaluated from their \`fairseq-kd export\` files with stock fairseq
 
 $(fairseq-kd table "$RESULTS" "${baseline[@]}")
 
-![BLEU vs speed](${rel}$RECIPE.speed.png)
-![BLEU vs parameters](${rel}$RECIPE.params.png)
+![BLEU vs speed](${rel}$(plot_name).speed.png)
+![BLEU vs parameters](${rel}$(plot_name).params.png)
 
-## Settings
+### Settings
 
 | | |
 |---|---|

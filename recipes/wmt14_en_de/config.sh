@@ -45,6 +45,5 @@ PRUNE_RATIO=${PRUNE_RATIO:-0.5}
 PRUNE_TRAIN=${PRUNE_TRAIN:---max-update 20000 --patience 5 --save-interval-updates 2000 --keep-interval-updates 1}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
 
-# --- report
-RESULTS_MD=${RESULTS_MD:-$WORK/results.md}
-PLOT_DIR=${PLOT_DIR:-$WORK}
+# --- everything else: the pipeline's defaults (report in $WORK/results.md)
+source "$REPO/recipes/common/settings.sh"

@@ -10,7 +10,7 @@ set -euo pipefail
 source "$(dirname "$0")/config.sh"
 
 if [ "$DATA_SOURCE" = bible ]; then
-  source "$REPO/recipes/common/bible_data.sh"
+  source "$REPO/recipes/common/data.sh"
   bible_slice "$WORK/raw"
   exit 0
 fi

@@ -1,0 +1,72 @@
+# Default settings of the KD pipeline, sourced by a recipe's config.sh after it
+# has set what differs (RECIPE, SRC, TGT and anything else).  Every variable
+# can also be set from the environment; what is set already is kept.
+#
+# The defaults suit a corpus of some 10k-1M sentence pairs (the Bible's 27k,
+# IWSLT's 160k) with two profiles:
+#   PROFILE=gpu (default)  IWSLT-size teacher (6+6, 512), 256-dim 3+3 students,
+#                          all trained at once on one GPU
+#   PROFILE=cpu            a 256-dim 3+3 teacher trained to a plateau of valid
+#                          loss (~2 h for the Bible on 2 cores), 128-dim 3+3
+#                          students one at a time with every core, corpora and
+#                          deployable rows through CTranslate2
+PROFILE=${PROFILE:-gpu}
+case $PROFILE in
+  gpu | cpu) ;;
+  *) echo "$RECIPE: PROFILE must be gpu or cpu, not '$PROFILE'" >&2; exit 2 ;;
+esac
+# profile_value GPU_VALUE CPU_VALUE: the value of the active profile
+profile_value() { if [ "$PROFILE" = cpu ]; then echo "$2"; else echo "$1"; fi; }
+
+# --- where and on what
+WORK=${WORK:-$REPO/work/$RECIPE$(profile_value "" _cpu)}  # everything the recipe writes, but the report
+GPUS=${GPUS:-$(profile_value auto cpu)}       # CUDA ids "0,1", "auto" (all) or "cpu"
+FP16=${FP16:-1}                               # fp16 training and decoding on GPU
+STUDENT_JOBS=${STUDENT_JOBS:-$(profile_value 8 1)}  # students trained at the same time (sharing the devices)
+SEED=${SEED:-1}
+
+# --- data: first TRAIN_LINES / VALID_LINES / TEST_LINES pairs of each split (0 = all)
+TRAIN_LINES=${TRAIN_LINES:-0} VALID_LINES=${VALID_LINES:-0} TEST_LINES=${TEST_LINES:-0}
+VOCAB=${VOCAB:-8000}                          # joint SentencePiece vocabulary
+PREPROCESS_WORKERS=${PREPROCESS_WORKERS:-$(profile_value 8 2)}
+
+# --- training (fairseq-train options; strings are split on spaces)
+OPTIM_ARGS=${OPTIM_ARGS:---optimizer adam --adam-betas (0.9,0.98) --lr 1e-3 --lr-scheduler inverse_sqrt --warmup-updates 1000 --clip-norm 1.0 --weight-decay 0.0001}
+MAX_TOKENS=${MAX_TOKENS:-4096}
+LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}
+# Teacher: to convergence (early stopping on valid loss), as an undertrained
+# teacher makes KD look useless.  gpu: stock fairseq reached sacreBLEU ~42-44
+# (beam 5) on the Bible with this model after 5-8 minutes on one H100 (old
+# corpus copy).  cpu: ~6 minutes a Bible epoch on 2 cores; valid nll was still
+# falling after 54 minutes, so the clock is only a safety net behind --patience.
+TEACHER_ARGS=${TEACHER_ARGS:-$(profile_value \
+  "--arch transformer_iwslt_de_en --share-all-embeddings --dropout 0.3" \
+  "--arch transformer_student_small --share-all-embeddings --dropout 0.1")}
+TEACHER_TRAIN=${TEACHER_TRAIN:-$(profile_value \
+  "--max-epoch 60 --patience 8 --stop-time-hours 0.16" \
+  "--max-epoch 40 --patience 3 --stop-time-hours 4")}
+# Students: gpu 3+3 layers 256-dim (7.6M parameters with an 8k vocabulary);
+# cpu 3+3 layers 128-dim, every method with the same number of updates.
+STUDENT_ARGS=${STUDENT_ARGS:-$(profile_value \
+  "--arch transformer_student_small --share-all-embeddings --dropout 0.1" \
+  "--arch transformer_student_tiny --share-all-embeddings --dropout 0.1")}
+STUDENT_TRAIN=${STUDENT_TRAIN:-$(profile_value \
+  "--max-epoch 40 --patience 5 --stop-time-hours 0.12" \
+  "--max-update 2600 --stop-time-hours 0.5")}
+METHODS=${METHODS:-baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d}
+
+# --- distilled corpora, pruning, evaluation
+BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
+SEQ_INTER_N=${SEQ_INTER_N:-$(profile_value 35 8)}  # Seq-Inter n-best size (Kim & Rush: 35)
+CORPUS_MAX_TOKENS=${CORPUS_MAX_TOKENS:-12000}
+MAX_LEN_A=${MAX_LEN_A:-1.5} MAX_LEN_B=${MAX_LEN_B:-10}
+PRUNE_FROM=${PRUNE_FROM-seq_kd}               # student pruned and retrained ("" = no pruning)
+PRUNE_RATIO=${PRUNE_RATIO:-0.5}
+PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
+  "--max-epoch 15 --patience 5 --stop-time-hours 0.05" \
+  "--max-update 800 --stop-time-hours 0.2")}
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
+
+# --- report
+RESULTS_MD=${RESULTS_MD:-$WORK/results.md}
+PLOT_DIR=${PLOT_DIR:-$WORK}
