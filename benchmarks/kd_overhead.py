@@ -47,7 +47,7 @@ MODES = {
                         "--kd-topk", "8"],
     "word_kd (cached top-8)": ["--criterion", "word_kd", "--kd-alpha", "0.5", "--kd-temperature", "2",
                                "--kd-topk", "8", "--teacher-cache", CACHE],
-    "hybrid_kd (full vocab)": ["--criterion", "hybrid_kd", "--gate", "sentence", "--kd-temperature", "2",
+    "hybrid_kd (full vocab)": ["--criterion", "hybrid_kd", "--gate", "relative_loss", "--kd-temperature", "2",
                                "--distilled-data", DISTILLED],
 }
 TEACHER_ARCH = ["--arch", "transformer_iwslt_de_en", "--share-all-embeddings"]

@@ -499,3 +499,47 @@ def gate_objective(gate_logits, rel_tok, rel_sent, prior, strength):
 def optimal_gate(rel_tok, rel_sent, prior, strength):
     """argmin_g of :func:`gate_objective`: sigmoid(logit(prior) + (r_sent - r_tok) / strength)."""
     return torch.sigmoid(math.log(prior / (1.0 - prior)) + (rel_sent - rel_tok) / strength)
+
+
+# -- hybrid_kd's complexity gate ----------------------------------------------
+
+def teacher_entropy_rows(teacher, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """Entropy in nats of the teacher's T = 1 distribution at every row, (N,), no gradient.
+
+    A top-k teacher's entropy is that of its renormalised k best tokens.
+    Computed chunk by chunk, so the temporaries stay CHUNK x V.
+    """
+    scores = teacher.scores.detach()
+    rows = torch.empty(scores.size(0), dtype=_upcast(scores).dtype, device=scores.device)
+    with torch.no_grad():
+        for start in range(0, scores.size(0), chunk_tokens):
+            sl = slice(start, start + chunk_tokens)
+            rows[sl] = torch.special.entr(F.softmax(_upcast(scores[sl]), dim=-1)).sum(-1)
+    return rows
+
+
+def sentence_means(rows, mask):
+    """Mean of ``rows`` (B, T) over each sentence's ``mask`` (B, T) positions, (B,)."""
+    mask = mask.to(rows.dtype)
+    return (rows * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def standardized(values, mean, mean_sq, eps=1e-6):
+    """(values - mean) / std with std from a mean and a mean of squares (running statistics).
+
+    The variance gets a floor of ``eps * (1 + mean^2)``: a spread below about
+    1e-3 of the mean (float32 rounding of ``E[c^2] - E[c]^2``) counts as none,
+    so nearly equal complexities give nearly equal gates instead of noise.
+    """
+    var = (mean_sq - mean * mean).clamp(min=0)
+    return (values - mean) / torch.sqrt(var + eps * (1 + mean * mean))
+
+
+def complexity_offsets(z, spread):
+    """Logit offsets of the complexity gate: ``-spread * tanh(z)`` (z: standardized complexity).
+
+    Negative for sentences more complex than average (less token-level KD,
+    more sentence-level KD, Wei et al.'s hypothesis), positive for simpler
+    ones; tanh bounds the offset to +-spread logits whatever the outlier.
+    """
+    return -spread * torch.tanh(z)

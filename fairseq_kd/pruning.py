@@ -8,7 +8,13 @@ measured sparsity is the requested one up to 1/n.
 
 Selected tensors: the weights of linear layers (2-D ``*.weight`` tensors that
 are not embeddings), optionally the embeddings too.  Tied tensors (shared
-embeddings / output projection) are pruned once.
+embeddings / output projection) are pruned once, under the name
+``named_parameters()`` gives them (the first in the state dict), and every
+copy in the checkpoint gets the same pruning.  Ties are read from the model's
+own structure, the config's ``share_*`` flags (:func:`canonical_names`), not
+from shared storage alone: a checkpoint saved from a GPU or fp16 run holds one
+separate tensor per key, since fairseq moves the state to CPU tensor by
+tensor.
 
 Retraining keeps the pruned weights at zero with :class:`MaskKeeper` (the
 ``--prune-mask`` option of ``translation_kd``): gradient hooks zero their
@@ -31,18 +37,72 @@ def is_embedding(name):
     return any(k in name for k in EMBEDDING_KEYS)
 
 
-def prunable_weights(state_dict, include_embeddings=False):
-    """{name: tensor} of the weights to prune, one name per tied tensor."""
-    selected, seen = {}, set()
+def _cfg_flag(model_cfg, name):
+    if model_cfg is None:
+        return False
+    value = model_cfg.get(name) if hasattr(model_cfg, "get") else getattr(model_cfg, name, None)
+    return bool(value)
+
+
+def config_ties(model_cfg):
+    """{copy: original} of the parameters a fairseq transformer shares, from its config.
+
+    ``--share-all-embeddings``: the decoder's embeddings are the encoder's;
+    ``--share-all-embeddings`` or ``--share-decoder-input-output-embed``: the
+    output projection is the decoder's embedding matrix.
+    """
+    ties = {}
+    if _cfg_flag(model_cfg, "share_all_embeddings"):
+        ties["decoder.embed_tokens.weight"] = "encoder.embed_tokens.weight"
+    if (_cfg_flag(model_cfg, "share_all_embeddings")
+            or _cfg_flag(model_cfg, "share_decoder_input_output_embed")):
+        ties["decoder.output_projection.weight"] = "decoder.embed_tokens.weight"
+    return ties
+
+
+def canonical_names(state_dict, model_cfg=None):
+    """{key: the name of its parameter in ``named_parameters()``} for every key.
+
+    Ties come from the config (:func:`config_ties`) and, for architectures it
+    does not cover, from storage shared inside this state dict.  The name kept
+    is the first of its group in state-dict order, which is module
+    registration order, as ``named_parameters()`` keeps it.
+    """
+    parent = {}
+
+    def find(name):
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    def union(a, b):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb, key=order.__getitem__)] = min(ra, rb, key=order.__getitem__)
+
+    order = {name: i for i, name in enumerate(state_dict)}
+    for copy, original in config_ties(model_cfg).items():
+        if (copy in state_dict and original in state_dict
+                and state_dict[copy].shape == state_dict[original].shape):
+            union(copy, original)
+    by_storage = {}
     for name, w in state_dict.items():
+        if torch.is_tensor(w) and w.numel():
+            union(name, by_storage.setdefault((w.data_ptr(), tuple(w.shape), w.dtype), name))
+    return {name: find(name) for name in state_dict}
+
+
+def prunable_weights(state_dict, include_embeddings=False, model_cfg=None):
+    """{name: tensor} of the weights to prune, one name per tied tensor (see module doc)."""
+    canonical = canonical_names(state_dict, model_cfg)
+    selected = {}
+    for name, w in state_dict.items():
+        if canonical[name] != name:  # a copy of a tensor selected under its first name
+            continue
         if not (name.endswith(".weight") and w.dim() == 2 and w.is_floating_point()):
             continue
         if is_embedding(name) and not include_embeddings:
             continue
-        key = (w.data_ptr(), tuple(w.shape))
-        if key in seen:  # tied to a tensor already selected
-            continue
-        seen.add(key)
         selected[name] = w
     return selected
 
@@ -71,10 +131,20 @@ def magnitude_masks(weights, ratio, per_layer=False):
     return masks
 
 
-def apply_masks(weights, masks):
+def apply_masks(weights, masks, model_cfg=None):
+    """Zero the pruned entries of every tensor in ``weights`` whose parameter has a mask.
+
+    ``weights``: a state dict (tied copies included) or the selection of
+    :func:`prunable_weights`.  Every copy of a tied tensor is masked: fairseq
+    loads each key of a checkpoint into the shared parameter in turn, so one
+    unmasked copy would bring the pruned weights back.
+    """
+    canonical = canonical_names(weights, model_cfg)
     with torch.no_grad():
-        for name, mask in masks.items():
-            weights[name].mul_(mask.to(device=weights[name].device, dtype=weights[name].dtype))
+        for name, w in weights.items():
+            mask = masks.get(canonical[name])
+            if mask is not None:
+                w.mul_(mask.to(device=w.device, dtype=w.dtype))
 
 
 def sparsity_report(weights):

@@ -77,7 +77,7 @@ def test_fixed_gate_is_exactly_word_kd_seq_kd_and_their_mix(tiny_data, tiny_teac
 
 def test_sentence_gate_weighs_each_sentence(tiny_data, tiny_teacher, distilled_dir):
     """L = sum_i g_i L_tok_i + (1 - g_i) L_sent_i, g_i from the pooled encoder, recomputed by hand."""
-    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence",
+    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "relative_loss",
                                        "--kd-temperature", "2")
     model.double().eval()
     hybrid.double()
@@ -128,7 +128,7 @@ def grads(module):
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("gate", ["scalar", "sentence"])
+@pytest.mark.parametrize("gate", ["scalar", "relative_loss", "complexity"])
 def test_learned_gate_gets_gradients_and_the_student_does_not_see_them(
         tiny_data, tiny_teacher, distilled_dir, gate):
     task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", gate)
@@ -154,6 +154,8 @@ def test_learned_gate_gets_gradients_and_the_student_does_not_see_them(
     fixed(model, sample)[0].backward()
     for name, g in grads(model).items():
         assert torch.allclose(g, student_grads_learned[name], rtol=1e-9, atol=1e-12), name
+    if gate == "complexity":  # with statistics set its gates differ from 0.5 (tested below)
+        return
     model.zero_grad()
     hybrid(model, sample)[0].backward()
     for name, g in grads(model).items():
@@ -181,7 +183,7 @@ def train_gate_only(task, model, hybrid, sample, steps):
     return torch.tensor(trajectory), log
 
 
-@pytest.mark.parametrize("gate", ["scalar", "sentence"])
+@pytest.mark.parametrize("gate", ["scalar", "relative_loss", "complexity"])
 def test_gate_does_not_follow_the_units_of_a_term(tiny_data, tiny_teacher, distilled_dir, gate,
                                                   monkeypatch):
     """Sentence-level loss x100 (a change of units): same gate trajectory, inside (0, 1)."""
@@ -207,14 +209,14 @@ def test_gate_does_not_follow_the_units_of_a_term(tiny_data, tiny_teacher, disti
     n = log1["gate_n"]
     mean = log1["gate_sum"].item() / n
     assert 0.1 < mean < 0.9
-    if gate == "sentence":  # per-sentence gates differ, and stay off the boundaries
+    if gate == "relative_loss":  # per-sentence gates differ, and stay off the boundaries
         std = (log1["gate_sqsum"].item() / n - mean ** 2) ** 0.5
         assert 0.005 < std < 0.25
 
 
 def test_update_freq_accumulates_exactly(tiny_data, tiny_teacher, distilled_dir):
     """Two micro-batches (--update-freq 2) = one batch: gradients, metrics, loss scales."""
-    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "relative_loss")
     model.double().train()
     hybrid.double().train()
     torch.nn.init.normal_(hybrid.gate.proj.weight, std=0.5)
@@ -268,7 +270,7 @@ def test_update_freq_accumulates_exactly(tiny_data, tiny_teacher, distilled_dir)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_student(tiny_data, tiny_teacher, distilled_dir, dtype):
     """As under --fp16/--bf16: student and criterion cast by the trainer, gate maths in float32."""
-    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "relative_loss")
     model.eval()
     sample = first_batch(task, "train", max_tokens=300)
     hybrid.loss_scales.copy_(torch.tensor([1.0, 4.0]))
@@ -294,7 +296,7 @@ def test_running_means_move_as_in_float32_under_half_precision(
         tiny_data, tiny_teacher, distilled_dir, cast):
     """The trainer casts the whole criterion (--fp16: .half(), --bf16: .to(bfloat16)); the
     running means must still follow the float32 EMA (in bfloat16 a 1% step rounds away)."""
-    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    task, model, hybrid = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "relative_loss")
     model.eval()
     hybrid.train()
     with torch.no_grad():
@@ -316,7 +318,7 @@ def test_running_means_move_as_in_float32_under_half_precision(
     # saved and restored exactly, as on resume
     state = hybrid.state_dict()
     assert state["loss_scales"].dtype == torch.float32
-    _, _, fresh = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "sentence")
+    _, _, fresh = hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "relative_loss")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.loss_scales, hybrid.loss_scales)
 
@@ -329,3 +331,128 @@ def test_bad_options_are_clear_errors(tiny_data, tiny_teacher, distilled_dir):
         hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "fixed", "--gate-value", "1.5")
     with pytest.raises(KDError, match=r"--gate-prior must be in \(0, 1\)"):
         hybrid_setup(tiny_data, tiny_teacher, distilled_dir, "--gate-prior", "1")
+
+
+# -- each learned gate moves in its documented direction ------------------------------------
+
+def sentence_gates(task, model, hybrid, ids):
+    """{id: g_i}, each sentence on its own (the gate of a sentence does not depend on its batch)."""
+    dataset = task.dataset("train")
+    with torch.no_grad():
+        return {i: hybrid(model, dataset.collater([dataset[i]]))[2]["gate_sum"].item() for i in ids}
+
+
+def frozen_setup(tiny_data, teacher, distilled, *args):
+    task, model, hybrid = hybrid_setup(tiny_data, teacher, distilled, *args)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    hybrid.train()
+    task.load_dataset("train")
+    return task, model, hybrid
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("measure", ["teacher_entropy", "source_length"])
+def test_complexity_gate_gives_complex_sentences_more_sentence_level_kd(
+        tiny_data, tiny_teacher, distilled_dir, measure, monkeypatch):
+    """Half the sentences simple, half complex by the measure: the complex half gets the lower
+    gate (more sentence-level KD), each g_i is the documented formula, all inside the bounds."""
+    task, model, hybrid = frozen_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "complexity",
+                                       "--gate-complexity", measure)
+    dataset = task.dataset("train")
+    ids = list(range(40))
+    if measure == "teacher_entropy":  # odd ids: a flat teacher (complex), even: a peaked one
+        complex_ids = set(ids[1::2])
+        real = task.teacher_distribution
+
+        def constructed(model, sample, **kw):
+            dist = real(model, sample, **kw)
+            B = sample["target"].size(0)
+            scale = torch.tensor([0.1 if int(i) in complex_ids else 10.0 for i in sample["id"]])
+            scores = dist.scores.view(B, -1, dist.scores.size(-1)) * scale[:, None, None]
+            return type(dist)(scores.reshape(dist.scores.shape))
+        monkeypatch.setattr(task, "teacher_distribution", constructed)
+    else:  # the longer half of the sources
+        src_len = {i: dataset[i]["source"].numel() for i in ids}
+        by_length = sorted(ids, key=src_len.get)
+        complex_ids = set(by_length[len(ids) // 2:])
+    sample = dataset.collater([dataset[i] for i in ids])
+    train_gate_only(task, model, hybrid, sample, steps=10)  # statistics set, level trained
+
+    gates = sentence_gates(task, model, hybrid, ids)
+    simple = [gates[i] for i in ids if i not in complex_ids]
+    hard = [gates[i] for i in complex_ids]
+    assert max(hard) < min(simple) if measure == "teacher_entropy" else sum(hard) < sum(simple)
+    # the formula, from the logged complexities and the criterion's statistics
+    level = hybrid.gate.level().item()
+    mean, mean_sq = hybrid.complexity_stats.tolist()
+    std = math.sqrt(mean_sq - mean * mean)
+    for i in ids:
+        with torch.no_grad():
+            log = hybrid(model, dataset.collater([dataset[i]]))[2]
+        z = (log["complexity_sum"].item() - mean) / std
+        assert gates[i] == pytest.approx(1 / (1 + math.exp(-(level - math.tanh(z)))), abs=1e-4)
+    lo, hi = (1 / (1 + math.exp(-x)) for x in (logit(0.5) - 2, logit(0.5) + 2))  # range 1 + spread 1
+    assert all(lo < g < hi for g in gates.values())
+    if measure == "source_length":  # monotone: a longer source never gets a higher gate
+        order = sorted(ids, key=lambda i: (src_len[i], -gates[i]))
+        assert all(gates[a] >= gates[b] - 1e-6 for a, b in zip(order, order[1:]))
+
+
+@pytest.mark.parametrize("harder", ["tok", "sent"])
+def test_scalar_gate_leaves_its_prior_when_one_term_is_consistently_harder(
+        tiny_data, tiny_teacher, distilled_dir, harder, monkeypatch):
+    """After the first update, the other term falls to 30% of its start and the harder one stays:
+    the gate shifts weight to the term that fell (as minimising the mixed loss on one scale
+    does), stays inside its bounds, and follows the closed-form optimum's side."""
+    # decay 0: a gate dividing each term by its own running mean would see r = 1 from the
+    # third update on and stay at the prior; the references of this gate do not decay
+    task, model, hybrid = frozen_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "scalar",
+                                       "--gate-scale-decay", "0")
+    real = hybrid_module.hybrid_sentence_losses
+    calls = []
+
+    def progressing(*a, **k):  # the student is frozen: the losses are made to move
+        tok, sent, nll, kd = real(*a, **k)
+        f = 1.0 if not calls else 0.3
+        calls.append(1)
+        return (tok, f * sent, nll, kd) if harder == "tok" else (f * tok, sent, nll, kd)
+    monkeypatch.setattr(hybrid_module, "hybrid_sentence_losses", progressing)
+    sample = first_batch(task, "train", max_tokens=500)
+    trajectory, _ = train_gate_only(task, model, hybrid, sample, steps=40)
+    g = trajectory[-1].item()
+    bound = 1 / (1 + math.exp(-1.0))  # --gate-level-range 1 around logit(0.5)
+    # J's optimum: logit(prior) + (r_sent - r_tok) / lambda = -+0.7 / 0.5, beyond the range
+    if harder == "tok":  # the sentence-level term fell: more sentence-level KD
+        assert 1 - bound < g < 0.35
+    else:
+        assert 0.65 < g < bound
+    assert abs(trajectory[0].item() - 0.5) < 1e-6  # started at the prior
+
+
+def test_relative_loss_gate_gives_relatively_harder_sentence_level_more_token_kd(
+        tiny_data, tiny_teacher, distilled_dir, monkeypatch):
+    """The diagnostic gate's documented direction: sentences whose L_sent is relatively high
+    (x3 for even ids) get a higher g (more token-level KD), without reaching 0 or 1."""
+    task, model, hybrid = frozen_setup(tiny_data, tiny_teacher, distilled_dir, "--gate", "relative_loss")
+    dataset = task.dataset("train")
+    ids = list(range(24))
+    sample = dataset.collater([dataset[i] for i in ids])
+    harder = (sample["id"] % 2 == 0).double()
+    real = hybrid_module.hybrid_sentence_losses
+
+    def sent_harder_for_even(*a, **k):
+        tok, sent, nll, kd = real(*a, **k)
+        return tok, sent * (1 + 2 * harder.to(sent.dtype)), nll, kd
+    monkeypatch.setattr(hybrid_module, "hybrid_sentence_losses", sent_harder_for_even)
+    train_gate_only(task, model, hybrid, sample, steps=30)
+    monkeypatch.undo()
+    gates = sentence_gates(task, model, hybrid, ids)
+    even = sum(gates[i] for i in ids[::2]) / 12
+    odd = sum(gates[i] for i in ids[1::2]) / 12
+    assert even > odd + 0.1, (even, odd)
+    assert all(0.02 < g < 0.98 for g in gates.values())

@@ -21,7 +21,7 @@ def build(data, teacher, distilled):
     _, task, model, criterion = build_training(
         data / "bin", "--task", "translation_kd", "--teacher-path", teacher,
         "--distilled-data", distilled, *STUDENT_ARCH, "--dropout", "0",
-        "--criterion", "hybrid_kd", "--gate", "sentence", "--kd-temperature", "2")
+        "--criterion", "hybrid_kd", "--gate", "relative_loss", "--kd-temperature", "2")
     model.double().train()
     criterion.double().train()
     torch.manual_seed(1)

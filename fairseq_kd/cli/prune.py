@@ -64,10 +64,11 @@ def run(args):
 
     check_output_paths(args)
     state = load_checkpoint_state(args.path)
-    weights = prunable_weights(state["model"], args.include_embeddings)
+    model_cfg = state["cfg"].get("model") if state.get("cfg") is not None else None
+    weights = prunable_weights(state["model"], args.include_embeddings, model_cfg)
     require(weights, f"{args.path}: no linear weights found to prune")
     masks = magnitude_masks(weights, args.ratio, args.per_layer)
-    apply_masks(weights, masks)
+    apply_masks(state["model"], masks, model_cfg)
     # A pruned model is retrained from a fresh optimizer: old moments would move pruned weights.
     state.pop("last_optimizer_state", None)
     # fairseq restores the training time even with --reset-*: without this, a retraining

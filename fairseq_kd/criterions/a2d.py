@@ -14,7 +14,13 @@ criterion: fairseq trains them with the student, saves them in the
 checkpoint's "criterion" entry and restores them on resume; the student
 stays a plain ``transformer``.  Padded queries and keys are masked, the
 maps are not re-softmaxed, and the term is sum-reduced per query token like
-the NLL, so its weight is independent of the batch size.  The epoch comes
+the NLL, so its weight is independent of the batch size.  Query tokens are
+source tokens for ``enc`` and target tokens for ``dec`` and ``cross``; the
+trainer divides every term by ``sample_size``, the gold target tokens, so per
+source token ``enc`` weighs ``beta * target/source`` tokens of the batch:
+relative to ``dec``/``cross`` it grows with the source/target length ratio.
+Kept as a sum on purpose (one divisor for every term keeps --update-freq and
+multi-GPU accumulation exact).  The epoch comes
 from the task (``task.epoch``, ``fairseq_kd.contract``).  With beta = 0 no
 attention is captured and the teacher's distribution comes from
 ``task.teacher.distribution`` as in ``word_kd``, so ensembles and
@@ -60,7 +66,9 @@ class A2DConfig(WordKDOptions):
     a2d_beta: float = field(
         default=1.0,
         metadata={"help": "weight beta of the attention term (>= 0; 0 = word_kd, "
-                  "no attention captured)"},
+                  "no attention captured). The term is summed over query tokens (source "
+                  "tokens for enc, target tokens for dec and cross) and divided, like every "
+                  "term, by the gold target tokens (sample_size)"},
     )
     a2d_decay: float = field(
         default=0.9,

@@ -12,7 +12,11 @@ layers (``fairseq_kd.layer_maps``: ``skip`` = PKD, ``regular``, ``overlap``,
 
 with ``norm(v) = v / |v|``, summed over non-padding tokens (source tokens for
 the encoder, target tokens for the decoder) like every fairseq_kd term, and
-divided by ``sample_size`` by the trainer.  Matched states are layer outputs
+divided by ``sample_size`` (gold target tokens) by the trainer: per source
+token the encoder term weighs ``beta * target/source`` tokens of the batch,
+so its effective weight moves with the length ratio.  Kept so on purpose:
+one divisor for every term keeps --update-freq and multi-GPU accumulation
+exact.  Matched states are layer outputs
 before any final LayerNorm (``fairseq_kd.hidden_states``).
 
 Projection side: ``W_i`` maps the *student* state (C_S) to the size of the
@@ -66,7 +70,9 @@ class CKDConfig(WordKDOptions):
     ckd_beta: float = field(
         default=0.2,
         metadata={"help": "weight beta of the intermediate-layer term; the label-smoothed "
-                  "NLL gets 1 - alpha - beta (alpha = --kd-alpha, the word-KD weight)"},
+                  "NLL gets 1 - alpha - beta (alpha = --kd-alpha, the word-KD weight). The "
+                  "term is summed over source tokens (encoder) and target tokens (decoder) "
+                  "and divided, like every term, by the gold target tokens (sample_size)"},
     )
     layer_map: str = field(
         default="regular",

@@ -8,41 +8,93 @@ y_hat (``--distilled-data``) and a gate g_i in [0, 1]:
     L        = sum_i g_i * L_tok_i + (1 - g_i) * L_sent_i
 
 (alpha defaults to 1: pure word-level KD; label smoothing defaults to 0, so
-L_sent is the plain NLL of y_hat).  Gates: ``fixed`` (g = --gate-value),
-``scalar`` (g = sigmoid(w), one learned parameter) and ``sentence``
-(g_i = sigmoid(a . mean-pooled encoder states of x_i + b)).
+L_sent is the plain NLL of y_hat).  Both terms are sums over their own
+target tokens (L_tok over gold tokens, L_sent over distilled tokens) and the
+trainer divides L by ``sample_size``, the number of *gold* target tokens (or
+sentences with --sentence-avg): per distilled token, L_sent weighs
+``(1 - g) * |y_hat| / |y|``, so a teacher that translates shorter than the
+references gives the sentence-level term a little less weight.  Kept so on
+purpose: every fairseq_kd term is a sum divided by one ``sample_size``,
+which keeps --update-freq and multi-GPU accumulation exact; a per-batch
+division by the distilled token count would weigh micro-batches unequally.
+The logged ``sent_loss`` is per gold token like ``loss``.
 
-Why the gate has its own objective
-----------------------------------
+Gates (``--gate``)
+------------------
+``complexity`` (default): Wei et al.'s hypothesis, per sentence.  Token-level
+KD suits simple cases, sentence-level KD complex ones, so
+
+    g_i = sigmoid(level - spread * tanh(z_i)),   z_i = (c_i - mean c) / std c
+
+where c_i is the sentence's complexity (``--gate-complexity``), standardized
+by running statistics over training sentences, ``spread`` is
+``--gate-complexity-spread`` and ``level`` the learned level of the scalar
+gate below.  A sentence more complex than average gets less token-level and
+more sentence-level KD.  Complexity measures (both available at training
+time, both computed without gradient):
+
+* ``teacher_entropy`` (default): the mean entropy of the teacher's T = 1
+  distribution over the gold target's positions.  A high entropy says the
+  teacher finds several continuations plausible: word-level KD then hands
+  the student a blend of modes at every position, while the teacher's
+  translation commits to one mode, which is the case sequence-level KD is
+  argued for (Kim & Rush 2016; a multi-modal target is "harder text" in Wei
+  et al.'s sense).  It needs the teacher, which word-level KD runs anyway.
+* ``source_length``: the number of source tokens; longer sentences are harder
+  to translate and to decode (Wei et al.'s "harder decoding"), and the
+  measure needs no teacher.  fairseq batches sentences of similar lengths, so
+  the standardization uses running statistics over updates, never the batch.
+
+``scalar``: one learned g = sigmoid(level), the paper's learnable parameter.
+``relative_loss``: g_i = sigmoid(a . mean-pooled encoder states of x_i + b),
+learned from each sentence's losses relative to their running means (see
+below): it gives a sentence more token-level KD when it is relatively harder
+at sentence level, the *opposite* of Wei et al.'s hypothesis; a diagnostic.
+``fixed``: g = --gate-value (0.5: both terms equally; 1 = word_kd; 0 = seq-KD).
+
+Why the learned gates have their own objective
+----------------------------------------------
 If g were learned by minimising L itself, dL/dg_i = L_tok_i - L_sent_i: the
 gate would run to whichever term is numerically smaller (a KL that can reach
 0 versus an NLL that cannot), i.e. to the *units* of the two losses rather
 than to what suits the sentence; and because L is linear in g, always to 0
-or 1.  Our remedy combines three options (normalised terms, a separate
-objective for the gate, a prior):
+or 1.  Instead:
 
 1. the student is trained on L with g *detached*: the gate is not a way for
    the student to lower its loss;
-2. the gate minimises a separate objective on *unit-free* losses: each
-   sentence's per-token loss divided by the running mean of that term's
-   per-token loss, r_tok_i and r_sent_i (both about 1 on average), so
-   multiplying either term by any constant changes nothing for the gate;
-3. a prior KL(Bern(g_i) || Bern(--gate-prior)) weighted by
-   --gate-prior-weight lambda makes the objective strictly convex, with
-   minimiser g_i* = sigmoid(logit(prior) + (r_sent_i - r_tok_i) / lambda):
-   a sentence gets more token-level KD when it is relatively harder to fit
-   at sentence level than at token level, and vice versa, never all-or-nothing.
-   This is the opposite of Wei et al.'s hypothesis (complex cases suit
-   sentence-level KD): the gate is a diagnostic, not their method.
+2. the gate minimises the mixed loss with both terms on one, unit-free scale,
+   plus a prior:
 
-The running means are float32 buffers of this criterion (also under
---fp16/--bf16, see ``_apply``), updated once per update
-from the logging outputs fairseq has summed over micro-batches and ranks
-(``on_update``, see ``fairseq_kd.contract``), hence identical on every rank, exact
-under ``--update-freq``, saved in checkpoints and restored on resume.  Until
-the first update has set them the gate objective is zero (the gate waits one
-update).  The gate objective adds zero to the reported loss (it enters as
-``J - J.detach()``): ``loss`` is L.
+       J_i = g_i * r_tok_i + (1 - g_i) * r_sent_i + lambda * KL(Bern(g_i) || Bern(--gate-prior))
+
+   where r is the sentence's per-token loss divided by a reference of that
+   term, so multiplying either term by any constant changes nothing for the
+   gate.  J is strictly convex in the gate's logit, with minimiser
+   sigmoid(logit(prior) + (r_sent_i - r_tok_i) / lambda): more weight on the
+   term that is lower *on its own scale*, never all-or-nothing;
+3. the scale.  ``scalar`` and ``complexity``: the reference is the term's
+   per-token value at the first update (the untrained student), frozen, so
+   r is the fraction of that term still left: a term that falls faster than
+   the other ("the other is consistently harder") draws weight to itself.
+   (Dividing each term by its own *running* mean, as this gate once did,
+   makes both r about 1 on average: a scalar gate then cannot leave the
+   prior.)  ``relative_loss``: the reference is the running mean of each
+   term, so the gate sees only which sentences are relatively harder for
+   which term;
+4. bounds.  The learned level is ``logit(prior) + --gate-level-range *
+   tanh(w)``, the complexity offset is within +-spread: with the defaults
+   (prior 0.5, range 1, spread 1) every g_i of the complexity gate lies in
+   [0.119, 0.881] and the scalar gate in [0.269, 0.731].
+
+The references, running means and complexity statistics are float32 buffers
+of this criterion (also under --fp16/--bf16, see ``_apply``), updated once
+per update from the logging outputs fairseq has summed over micro-batches and
+ranks (``on_update``, see ``fairseq_kd.contract``), hence identical on every rank,
+exact under ``--update-freq``, saved in checkpoints (every learned gate has a
+parameter, so fairseq's trainer saves the criterion's state) and restored on
+resume.  Until the first update has set them the gate objective is zero and
+the complexity offsets are 0 (the gate waits one update).  The gate objective
+adds zero to the reported loss (it enters as ``J - J.detach()``): ``loss`` is L.
 
 DDP: the student runs once, on gold and distilled targets stacked along the
 batch dimension (``model(**net_input)`` with 2B rows; causal self-attention
@@ -69,9 +121,21 @@ from fairseq_kd.criterions.kd_base import (
     check_word_kd_options,
 )
 from fairseq_kd.errors import require
-from fairseq_kd.losses import gate_objective, hybrid_mix, hybrid_sentence_losses
+from fairseq_kd.hidden_states import unwrap_model
+from fairseq_kd.losses import (
+    complexity_offsets,
+    gate_objective,
+    hybrid_mix,
+    hybrid_sentence_losses,
+    sentence_means,
+    standardized,
+    teacher_entropy_rows,
+)
 
-GATE_CHOICES = ChoiceEnum(["sentence", "scalar", "fixed"])
+GATE_CHOICES = ChoiceEnum(["complexity", "scalar", "relative_loss", "fixed"])
+COMPLEXITY_CHOICES = ChoiceEnum(["teacher_entropy", "source_length"])
+# gates with a learned level trained against frozen first-update references
+LEVEL_GATES = ("scalar", "complexity")
 
 
 @dataclass
@@ -82,13 +146,32 @@ class HybridKDConfig(WordKDOptions):
                   "label-smoothed NLL gets 1 - alpha); 1 = pure word-level KD"},
     )
     gate: GATE_CHOICES = field(
-        default="sentence",
-        metadata={"help": "sentence: g per sentence from a linear layer on the mean-pooled "
-                  "student encoder states; scalar: one learned g = sigmoid(w); "
-                  "fixed: g = --gate-value"},
+        default="complexity",
+        metadata={"help": "complexity: g_i per sentence, lower (more sentence-level KD) the "
+                  "more complex the sentence (--gate-complexity), around a learned level; "
+                  "scalar: one learned g; relative_loss: g_i from the pooled encoder, learned "
+                  "from relative losses (a diagnostic, against Wei et al.'s hypothesis); "
+                  "fixed: g = --gate-value. L_tok is summed over gold tokens, L_sent over "
+                  "distilled tokens, both divided by the gold token count (sample_size)"},
     )
     gate_value: float = field(
         default=0.5, metadata={"help": "g of --gate fixed, in [0, 1] (1 = word_kd, 0 = seq-KD)"},
+    )
+    gate_complexity: COMPLEXITY_CHOICES = field(
+        default="teacher_entropy",
+        metadata={"help": "complexity of a sentence for --gate complexity: teacher_entropy "
+                  "(mean entropy of the teacher on the gold target's positions) or "
+                  "source_length (source tokens)"},
+    )
+    gate_complexity_spread: float = field(
+        default=1.0,
+        metadata={"help": "--gate complexity: logits a sentence's gate moves with its "
+                  "complexity, at most, each way (spread * tanh(standardized complexity))"},
+    )
+    gate_level_range: float = field(
+        default=1.0,
+        metadata={"help": "logits the learned level of --gate scalar/complexity may move "
+                  "away from logit(--gate-prior), at most (range * tanh(w))"},
     )
     gate_prior: float = field(
         default=0.5,
@@ -97,12 +180,12 @@ class HybridKDConfig(WordKDOptions):
     gate_prior_weight: float = field(
         default=0.5,
         metadata={"help": "weight lambda > 0 of the prior KL in the gate's objective: a "
-                  "relative loss difference d moves the gate's logit by d / lambda"},
+                  "difference d of the two unit-free losses moves the gate's logit by d / lambda"},
     )
     gate_scale_decay: float = field(
         default=0.99,
-        metadata={"help": "decay of the running means of the per-token losses that make "
-                  "the gate's inputs unit-free, in [0, 1)"},
+        metadata={"help": "decay of the running statistics of the learned gates (relative_loss: "
+                  "the loss means; complexity: the complexity mean and spread), in [0, 1)"},
     )
 
 
@@ -133,15 +216,20 @@ def mean_pooled_encoder_states(encoder_out, batch_size):
     return (states * keep).sum(0) / keep.sum(0).clamp(min=1)
 
 
-class ScalarGate(nn.Module):
-    """g = sigmoid(w), the same for every sentence."""
+class LevelGate(nn.Module):
+    """Gate logits ``logit(prior) + range * tanh(w) + offsets``: one learned, bounded level."""
 
-    def __init__(self, init_logit):
+    def __init__(self, init_logit, level_range):
         super().__init__()
-        self.logit = nn.Parameter(torch.tensor(float(init_logit)))
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.init_logit, self.level_range = float(init_logit), float(level_range)
 
-    def forward(self, pooled, batch_size):
-        return self.logit.float().expand(batch_size)
+    def level(self):
+        # gate maths in float32 whatever the criterion's dtype (fp16 params are upcast)
+        return self.init_logit + self.level_range * torch.tanh(self.weight.float())
+
+    def forward(self, offsets):
+        return self.level() + offsets
 
 
 class SentenceGate(nn.Module):
@@ -153,8 +241,7 @@ class SentenceGate(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.constant_(self.proj.bias, float(init_logit))
 
-    def forward(self, pooled, batch_size):
-        # gate maths in float32 whatever the student's dtype (fp16 params are upcast)
+    def forward(self, pooled):
         return F.linear(pooled.float(), self.proj.weight.float(), self.proj.bias.float()).squeeze(-1)
 
 
@@ -162,17 +249,20 @@ def student_encoder_dim(cfg):
     dim = getattr(cfg, "encoder_embed_dim", None)
     if dim is None and getattr(cfg, "encoder", None) is not None:
         dim = getattr(cfg.encoder, "embed_dim", None)
-    require(dim is not None, "--gate sentence: cannot find the student's encoder_embed_dim")
+    require(dim is not None, "--gate relative_loss: cannot find the student's encoder_embed_dim")
     return int(dim)
 
 
 @register_criterion("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(KDCriterionBase):
     LOSS_TERMS = ("tok_loss", "sent_loss", "kd_loss")  # kd_loss: the KL inside L_tok, as word_kd's
-    MEAN_STATS = ("tok_scale", "sent_scale")  # the running means the gate divides by
+    # tok_scale/sent_scale: what the gate divides each term by; complexity_*: its running statistics
+    MEAN_STATS = ("gate_level", "tok_scale", "sent_scale", "complexity_mean", "complexity_std")
+    FLOAT32_BUFFERS = ("loss_scales", "complexity_stats")
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
-                 gate, gate_value, gate_prior, gate_prior_weight, gate_scale_decay,
+                 gate, gate_value, gate_complexity, gate_complexity_spread, gate_level_range,
+                 gate_prior, gate_prior_weight, gate_scale_decay,
                  ignore_prefix_size=0, report_accuracy=False):
         check_word_kd_options(kd_alpha, kd_temperature, kd_topk)
         check_unit_interval("--gate-value", gate_value)
@@ -180,43 +270,52 @@ class HybridKDCriterion(KDCriterionBase):
         require(gate_prior_weight > 0, f"--gate-prior-weight must be > 0, got {gate_prior_weight}")
         require(0.0 <= gate_scale_decay < 1.0,
                 f"--gate-scale-decay must be in [0, 1), got {gate_scale_decay}")
-        gate = str(gate)
+        require(gate_complexity_spread >= 0,
+                f"--gate-complexity-spread must be >= 0, got {gate_complexity_spread}")
+        require(gate_level_range >= 0, f"--gate-level-range must be >= 0, got {gate_level_range}")
+        gate, gate_complexity = str(gate), str(gate_complexity)
         uses_tok = not (gate == "fixed" and gate_value == 0.0)
+        kd_in_tok = uses_tok and kd_alpha > 0
+        entropy_gate = gate == "complexity" and gate_complexity == "teacher_entropy"
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy,
-                         needs_teacher=uses_tok and kd_alpha > 0)
+                         needs_teacher=kd_in_tok or entropy_gate)
         require_kd_task(task, "hybrid_kd", needs_teacher=False)
         require(task.distilled_data,
                 "hybrid_kd needs the teacher's translations of the training sources: pass "
                 "--distilled-data DIR (a corpus built by fairseq-kd corpus)")
         self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
         self.gate_kind, self.gate_value = gate, gate_value
+        self.complexity_kind, self.complexity_spread = gate_complexity, gate_complexity_spread
         self.prior, self.prior_weight, self.scale_decay = gate_prior, gate_prior_weight, gate_scale_decay
-        self.uses_teacher = uses_tok and kd_alpha > 0
+        self.kd_in_tok = kd_in_tok  # the KL term of L_tok is computed (the teacher may run for the gate only)
+        self.uses_teacher = kd_in_tok or entropy_gate
         init_logit = math.log(gate_prior / (1.0 - gate_prior))
-        if gate == "scalar":
-            self.gate = ScalarGate(init_logit)
-        elif gate == "sentence":
+        if gate in LEVEL_GATES:
+            self.gate = LevelGate(init_logit, gate_level_range)
+        elif gate == "relative_loss":
             self.gate = SentenceGate(student_encoder_dim(task.student_cfg), init_logit)
         else:
             self.gate = None
         if self.gate is not None:
-            # running means of the per-token L_tok and L_sent (see module docstring)
+            # per-token references of L_tok and L_sent (see module docstring, 3.)
             self.register_buffer("loss_scales", torch.zeros(2))
             self.register_buffer("scale_updates", torch.zeros((), dtype=torch.long))
+        if gate == "complexity":
+            # running mean and mean of squares of the sentences' complexity
+            self.register_buffer("complexity_stats", torch.zeros(2))
 
     def _apply(self, fn, *args, **kwargs):
-        """Module casts move ``loss_scales`` but keep it float32.
+        """Module casts move the running statistics but keep them float32.
 
         fairseq's trainer casts the whole criterion under --fp16/--bf16; the
         running means are updated by ``(1 - decay) * (current - mean)``, about
         1% of the mean, which is below half a bfloat16 step (and close to a
         float16 one): cast, they would stop moving.
         """
-        scales = self._buffers.get("loss_scales")
+        kept = {k: self._buffers[k] for k in self.FLOAT32_BUFFERS if self._buffers.get(k) is not None}
         super()._apply(fn, *args, **kwargs)
-        if scales is not None:
-            moved = self._buffers["loss_scales"]
-            self._buffers["loss_scales"] = scales.to(device=moved.device, dtype=torch.float32)
+        for key, value in kept.items():
+            self._buffers[key] = value.to(device=self._buffers[key].device, dtype=torch.float32)
         return self
 
     # -- the student's single forward pass ---------------------------------
@@ -230,7 +329,7 @@ class HybridKDCriterion(KDCriterionBase):
                     "check that --distilled-data holds the training split")
         else:
             net_input = stacked_net_input(net_input, hyp["prev_output_tokens"], self.padding_idx)
-        if self.gate_kind != "sentence":
+        if self.gate_kind != "relative_loss":
             return model(**net_input), hyp, None
         with capture(model, CaptureSpec(encoder_out=True)) as seen:
             net_output = model(**net_input)
@@ -238,8 +337,32 @@ class HybridKDCriterion(KDCriterionBase):
         pooled = mean_pooled_encoder_states(seen.encoder_out, sample["target"].size(0)).detach()
         return net_output, hyp, pooled
 
-    def gate_logits(self, pooled, batch_size):
-        return None if self.gate is None else self.gate(pooled, batch_size)
+    # -- the gate --------------------------------------------------------------
+    def sentence_complexity(self, sample, teacher):
+        """c_i of every sentence (``--gate-complexity``), float32, (B,), no gradient."""
+        if self.complexity_kind == "source_length":
+            src = sample["net_input"]["src_tokens"]
+            return src.ne(self.padding_idx).sum(1).float()
+        target = sample["target"]
+        entropy = teacher_entropy_rows(teacher).float().view(target.shape)
+        return sentence_means(entropy, target.ne(self.padding_idx))
+
+    def complexity_z(self, complexity):
+        """Standardized complexity by the running statistics; 0 until they exist."""
+        if int(self.scale_updates) == 0:
+            return torch.zeros_like(complexity)
+        mean, mean_sq = self.complexity_stats.float().to(complexity.device)
+        return standardized(complexity, mean, mean_sq)
+
+    def gate_logits(self, pooled, complexity, batch_size, device):
+        """Logits of the learned gate per sentence, (B,) float32; None for --gate fixed."""
+        if self.gate_kind == "relative_loss":
+            return self.gate(pooled)
+        if self.gate_kind == "scalar":
+            return self.gate(torch.zeros(batch_size, device=device))
+        if self.gate_kind == "complexity":
+            return self.gate(complexity_offsets(self.complexity_z(complexity), self.complexity_spread))
+        return None
 
     def forward(self, model, sample, reduce=True):
         net_output, hyp, pooled = self.student_forward(model, sample)
@@ -254,11 +377,13 @@ class HybridKDCriterion(KDCriterionBase):
                    if self.uses_teacher else None)
         # every term from the logits by one fused per-row function: no B x T x V log-probs kept
         tok, sent, nll, kd = hybrid_sentence_losses(
-            logits, sample["target"], hyp_target, teacher, self.padding_idx,
-            self.alpha if self.uses_teacher else 0.0, self.temperature, self.eps,
+            logits, sample["target"], hyp_target, teacher if self.kd_in_tok else None,
+            self.padding_idx, self.alpha if self.kd_in_tok else 0.0, self.temperature, self.eps,
         )
 
-        z = self.gate_logits(pooled, batch_size)
+        complexity = (self.sentence_complexity(sample, teacher)
+                      if self.gate_kind == "complexity" else None)
+        z = self.gate_logits(pooled, complexity, batch_size, tok.device)
         gate = (torch.full_like(tok, self.gate_value) if z is None else torch.sigmoid(z))
         loss = hybrid_mix(gate.detach(), tok, sent)
         if z is not None and self.training:
@@ -268,18 +393,30 @@ class HybridKDCriterion(KDCriterionBase):
 
         sample_size = self.sample_size(sample)
         g = gate.detach()
-        terms = {"kd_loss": kd.sum()} if self.uses_teacher else {}
+        terms = {"kd_loss": kd.sum()} if self.kd_in_tok else {}
+        if complexity is not None:
+            c = complexity.double()
+            terms.update(complexity_sum=c.sum(), complexity_sqsum=(c * c).sum())
         logging_output = self.make_logging_output(
             sample, loss, nll.sum(), sample_size, tok_loss=tok.sum(), sent_loss=sent.sum(),
             hyp_ntokens=hyp_ntokens, gate_n=batch_size, gate_sum=g.sum(), gate_sqsum=(g * g).sum(),
             **terms,
         )
         if self.gate is not None:
-            # in bits per token like the loss terms (loss_scales are nats, as fairseq's sums)
-            tok_scale, sent_scale = (self.loss_scales.float() / math.log(2)).tolist()
-            self.add_stats(logging_output, tok_scale=tok_scale, sent_scale=sent_scale)
+            self.add_stats(logging_output, **self.gate_stats())
         self.add_accuracy(logging_output, model, gold_output, sample)
         return loss, sample_size, logging_output
+
+    def gate_stats(self):
+        """What the learned gate uses now, for the log (losses in bits per token, as fairseq's)."""
+        tok_scale, sent_scale = (self.loss_scales.float() / math.log(2)).tolist()
+        stats = {"tok_scale": tok_scale, "sent_scale": sent_scale}
+        if self.gate_kind in LEVEL_GATES:
+            stats["gate_level"] = torch.sigmoid(self.gate.level().detach()).item()
+        if self.gate_kind == "complexity":
+            mean, mean_sq = self.complexity_stats.float().tolist()
+            stats.update(complexity_mean=mean, complexity_std=math.sqrt(max(mean_sq - mean * mean, 0.0)))
+        return stats
 
     # -- the gate's own objective ------------------------------------------
     def gate_objective(self, gate_logits, tok, sent, gold_target, hyp_target):
@@ -301,25 +438,37 @@ class HybridKDCriterion(KDCriterionBase):
 
     @torch.no_grad()
     def on_update(self, logging_outputs):
-        """Fold one update's per-token L_tok and L_sent into the running means.
+        """Fold one update into the gate's references and running statistics.
 
         The contract's per-update hook (``fairseq_kd.contract``): called with
-        the logging outputs of a whole update (all micro-batches, all ranks).
+        the logging outputs of a whole update (all micro-batches, all ranks).  ``relative_loss``:
+        running means of the per-token L_tok and L_sent; ``scalar`` and
+        ``complexity``: those of the first update, then frozen; ``complexity``:
+        running mean and mean of squares of the sentences' complexity.
         """
         if self.gate is None:
             return
         total = lambda key: float(sum(log.get(key, 0) for log in logging_outputs))  # noqa: E731
-        ntok, nhyp = total("ntokens"), total("hyp_ntokens")
-        if ntok <= 0 or nhyp <= 0:
+        ntok, nhyp, nsent = total("ntokens"), total("hyp_ntokens"), total("gate_n")
+        if ntok <= 0 or nhyp <= 0 or nsent <= 0:
             return
-        current = torch.tensor([total("tok_loss") / ntok, total("sent_loss") / nhyp])
-        if not all(math.isfinite(v) for v in current.tolist()):
+        first = int(self.scale_updates) == 0
+        # float64 until stored: E[c^2] - E[c]^2 must not drown in accumulated rounding
+        losses = torch.tensor([total("tok_loss") / ntok, total("sent_loss") / nhyp], dtype=torch.float64)
+        stats = torch.tensor([total("complexity_sum") / nsent, total("complexity_sqsum") / nsent],
+                             dtype=torch.float64)
+        if not torch.isfinite(torch.cat([losses, stats])).all():
             return
-        if int(self.scale_updates) > 0:
-            current = self.scale_decay * self.loss_scales.float().cpu() + (1 - self.scale_decay) * current
-        self.loss_scales.copy_(current)
+        if first or self.gate_kind == "relative_loss":
+            self.loss_scales.copy_(self.running(self.loss_scales, losses, first))
+        if self.gate_kind == "complexity":
+            self.complexity_stats.copy_(self.running(self.complexity_stats, stats, first))
         self.scale_updates += 1
 
+    def running(self, mean, current, first):
+        if first:
+            return current
+        return self.scale_decay * mean.double().cpu() + (1 - self.scale_decay) * current
     # -- metrics -------------------------------------------------------------
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

@@ -156,7 +156,7 @@ step_corpus() {
 : "${ARGS_word_kd=--kd-alpha 0.5 --kd-temperature 1}"
 : "${ARGS_seq_kd=}"
 : "${ARGS_seq_inter=}"
-: "${ARGS_hybrid_kd=--gate sentence --kd-temperature 1}"
+: "${ARGS_hybrid_kd=--gate complexity --kd-temperature 1}"
 : "${ARGS_ckd=--kd-alpha 0.5 --ckd-beta 0.2 --layer-map regular --ckd-side encoder}"
 : "${ARGS_a2d=--kd-alpha 0.5 --a2d-beta 1 --a2d-decay 0.9 --attn-types enc,dec,cross}"
 
