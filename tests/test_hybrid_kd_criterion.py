@@ -367,15 +367,15 @@ def test_complexity_gate_gives_complex_sentences_more_sentence_level_kd(
     ids = list(range(40))
     if measure == "teacher_entropy":  # odd ids: a flat teacher (complex), even: a peaked one
         complex_ids = set(ids[1::2])
-        real = task.teacher_distribution
+        real = task.teacher.distribution
 
-        def constructed(model, sample, **kw):
-            dist = real(model, sample, **kw)
+        def constructed(sample, *args, **kw):
+            dist = real(sample, *args, **kw)
             B = sample["target"].size(0)
             scale = torch.tensor([0.1 if int(i) in complex_ids else 10.0 for i in sample["id"]])
             scores = dist.scores.view(B, -1, dist.scores.size(-1)) * scale[:, None, None]
             return type(dist)(scores.reshape(dist.scores.shape))
-        monkeypatch.setattr(task, "teacher_distribution", constructed)
+        monkeypatch.setattr(task.teacher, "distribution", constructed)
     else:  # the longer half of the sources
         src_len = {i: dataset[i]["source"].numel() for i in ids}
         by_length = sorted(ids, key=src_len.get)
