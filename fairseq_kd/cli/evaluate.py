@@ -33,6 +33,7 @@ SPEED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]
 # The line naming the exception at the end of a Python traceback, e.g. "RuntimeError: ...".
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 FAILURE_LINES = 3
+FP16_NOTE = " in fp16"
 
 
 def add_arguments(p):
@@ -101,7 +102,7 @@ def decoding_device(args):
         cores = usable_cores()
         threads = os.environ.get("OMP_NUM_THREADS")
         return f"CPU ({cores} cores" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
-    return torch.cuda.get_device_name() + (" in fp16" if args.fp16 else "")
+    return torch.cuda.get_device_name() + (FP16_NOTE if args.fp16 else "")
 
 
 def read_results(path):
@@ -117,8 +118,10 @@ def check_same_device(results, args, device):
     Systems without their own "device" entry come from files written before
     it existed, whose file-level field could be wrong: they are not compared.
     """
-    others = {s["device"] for s in results["systems"] if s["name"] != system_name(args) and "device" in s}
-    require(others <= {device},
+    # fp16 is how a PyTorch system decodes, not another device: its CTranslate2 row runs beside it
+    others = {s["device"].removesuffix(FP16_NOTE) for s in results["systems"]
+              if s["name"] != system_name(args) and "device" in s}
+    require(others <= {device.removesuffix(FP16_NOTE)},
             f"{args.results} holds systems timed on {', '.join(sorted(others))}, this run decodes on "
             f"{device}: their speeds would not be comparable; use another --results file, or "
             f"delete this one to evaluate every system on this device")

@@ -59,6 +59,9 @@ METHODS=${METHODS:-baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d}
 BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
 SEQ_INTER_N=${SEQ_INTER_N:-$(pick 35 8)}      # Seq-Inter n-best size (Kim & Rush: 35)
 CORPUS_MAX_TOKENS=${CORPUS_MAX_TOKENS:-12000}
+# fairseq or ctranslate2 (README benchmark: CTranslate2 builds the corpus several times faster on CPU)
+CORPUS_BACKEND=${CORPUS_BACKEND:-$(pick fairseq fairseq)}
+CT2_QUANT=${CT2_QUANT-int8}                   # CTranslate2 rows in the results ("" = none)
 MAX_LEN_A=${MAX_LEN_A:-1.5} MAX_LEN_B=${MAX_LEN_B:-10}
 PRUNE_FROM=${PRUNE_FROM-seq_kd}               # student pruned and retrained ("" = no pruning)
 PRUNE_RATIO=${PRUNE_RATIO:-0.5}
