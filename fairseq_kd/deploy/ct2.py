@@ -31,14 +31,6 @@ CACHE_ENV = "FAIRSEQ_KD_CACHE"
 
 
 # ---------------------------------------------------------------- conversion
-def file_sha256(path, block=1 << 20):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def cache_root():
     """Where converted teachers are kept: $FAIRSEQ_KD_CACHE/ct2, else ~/.cache/fairseq_kd/ct2."""
     base = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fairseq_kd")
@@ -89,6 +81,8 @@ def cached_model(checkpoint, dict_dir, src, tgt, quantization="float32", cache_d
     Keyed by the checksums of the checkpoint and the dictionaries and by the
     quantization: a retrained teacher (same path, new weights) converts again.
     """
+    from fairseq_kd.teacher_cache import file_sha256
+
     require(os.path.isfile(checkpoint), f"checkpoint not found: {checkpoint}")
     key = hashlib.sha256(":".join(
         [file_sha256(checkpoint), *map(file_sha256, dictionary_files(dict_dir, src, tgt)), src, tgt]
@@ -186,6 +180,8 @@ def sentencepiece_postprocess(pieces):
 
 def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quantization):
     """A folder to ship: the CTranslate2 model, the SentencePiece model and MODEL_INFO."""
+    from fairseq_kd.teacher_cache import file_sha256
+
     require(os.path.isfile(spm_model), f"--spm-model: SentencePiece model not found: {spm_model}")
     require(not os.path.isfile(out_dir), f"--out {out_dir} is a file, not a folder")
     started = time.time()
