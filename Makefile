@@ -20,6 +20,7 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)" numpy cython
 	$(BIN)/python -m pip install -q --no-build-isolation fairseq-fixed==0.12.3.1
+	# also installs the pinned ctranslate2 (setup.py), one wheel for CPU and CUDA
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,plot]"
 	touch $(STAMP)
 

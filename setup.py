@@ -18,6 +18,8 @@ setup(
         "sacrebleu>=2.0",
         "sentencepiece",
         "tqdm",
+        # corpus/evaluate --backend ctranslate2, export --format ctranslate2, translate
+        "ctranslate2==4.8.5",
     ],
     extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["fairseq-kd = fairseq_kd.cli:main"]},

@@ -1,13 +1,16 @@
 """Wall time of building a distilled corpus: stock fairseq-generate + H- extraction vs fairseq-kd corpus.
 
-Both translate the same binarized split with the same teacher, beam, length
+All translate the same binarized split with the same teacher, beam, length
 penalty and max length, end to end (process start, model and data loading,
-decoding, writing the pieces file).  Prints both wall times, their ratio, and
-whether the outputs are identical line by line (and their BLEU against the
-gold target when they are not).
+CTranslate2 conversion into an empty cache, decoding, writing the pieces
+file): stock fairseq-generate, fairseq-kd corpus with the fairseq backend,
+and with the ctranslate2 backend in float32 and int8.  Prints one row each:
+wall time, speed-up over stock, corpus BLEU against the gold target, and the
+share of lines identical to stock fairseq's output.
 
   python benchmarks/corpus_throughput.py DATA --path TEACHER.pt -s es -t en \\
-      --split train --beam 5 [--cpu] [--workers N] [--max-lines N] [--allocator-baseline]
+      --split train --beam 5 [--cpu] [--workers N] [--max-lines N] [--allocator-baseline] \\
+      [--backends fairseq,ctranslate2:float32,ctranslate2:int8]
 
 --max-lines translates only the first N lines (a copy of that slice of the
 split is made with fairseq's own dataset tools).  Run on a GPU when one is
@@ -95,18 +98,22 @@ def stock(args, data, work, extra_env=None):
     return time.perf_counter() - start, lines
 
 
-def ours(args, data, work):
-    out = work / "kd"
+def ours(args, data, work, backend="fairseq"):
+    """fairseq-kd corpus with ``backend`` (fairseq, or ctranslate2:QUANTIZATION), into a fresh folder."""
+    name, _, quantization = backend.partition(":")
+    out = work / f"kd-{name}-{quantization}"
     cmd = [BIN / "fairseq-kd", "corpus", data, "--path", args.path, "--out", out, "--split", args.split,
            "-s", args.source_lang, "-t", args.target_lang, *decoding_args(args),
-           "--formats", "pieces", "--no-progress-bar"]
+           "--formats", "pieces", "--no-progress-bar", "--backend", name]
+    if quantization:
+        cmd += ["--quantization", quantization]
     if args.cpu:
         cmd.append("--cpu")
     if args.workers:
         cmd += ["--workers", args.workers]
     if args.chunk_size:
         cmd += ["--chunk-size", args.chunk_size]
-    seconds = timed(cmd)
+    seconds = timed(cmd, extra_env={"FAIRSEQ_KD_CACHE": str(out / "cache")})  # conversion included
     return seconds, (out / f"{args.split}.{args.target_lang}").read_text(encoding="utf-8").split("\n")[:-1]
 
 
@@ -141,26 +148,28 @@ def main():
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=0, help="fairseq-kd corpus --chunk-size (default: its own)")
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--backends", default="fairseq,ctranslate2:float32,ctranslate2:int8",
+                   help="fairseq-kd corpus runs: fairseq and/or ctranslate2:QUANTIZATION, comma-separated")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = slice_split(args, work / "data") if args.max_lines else Path(args.data)
         t_stock, stock_lines = stock(args, data, work)
-        t_ours, our_lines = ours(args, data, work)
-        t_alloc = stock(args, data, work, GLIBC_ALLOCATOR_ENV)[0] if args.allocator_baseline else None
-        same = sum(a == b for a, b in zip(stock_lines, our_lines))
-        print(f"lines: fairseq-kd {len(our_lines)}, fairseq-generate {len(stock_lines)}; "
-              f"identical {same}/{len(our_lines)}")
-        if same != len(our_lines):
-            print(f"BLEU vs gold: fairseq-kd {bleu(our_lines, data, args):.2f}, "
-                  f"fairseq-generate {bleu(stock_lines, data, args):.2f}")
-        print(f"fairseq-generate + H- extraction: {t_stock:.1f}s")
-        if t_alloc is not None:
-            print(f"fairseq-generate + H-, allocator env: {t_alloc:.1f}s ({t_stock / t_alloc:.2f}x of stock)")
-        print(f"fairseq-kd corpus:                {t_ours:.1f}s")
-        print(f"speed-up: {t_stock / t_ours:.2f}x  ({len(our_lines)} lines, beam {args.beam}, "
-              f"{'CPU' if args.cpu else 'GPU if available'}, {os.cpu_count()} cores, "
-              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, fairseq-kd --workers {args.workers or 'default'})")
+        rows = [("fairseq-generate + H- lines", t_stock, stock_lines)]
+        if args.allocator_baseline:
+            rows.append(("fairseq-generate, allocator env", *stock(args, data, work, GLIBC_ALLOCATOR_ENV)))
+        for backend in filter(None, args.backends.split(",")):
+            rows.append((f"fairseq-kd corpus --backend {backend.replace(':', ' ')}", *ours(args, data, work, backend)))
+        print(f"{len(stock_lines)} lines, beam {args.beam}, {'CPU' if args.cpu else 'GPU if available'}, "
+              f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+              f"fairseq-kd --workers {args.workers or 'default'}\n")
+        table = ["| run | wall time (s) | speed-up | BLEU | identical to stock |", "|---|---:|---:|---:|---:|"]
+        for label, seconds, lines in rows:
+            assert len(lines) == len(stock_lines), f"{label}: {len(lines)} lines, stock {len(stock_lines)}"
+            same = sum(a == b for a, b in zip(stock_lines, lines))
+            table.append(f"| {label} | {seconds:.1f} | {t_stock / seconds:.2f}x | {bleu(lines, data, args):.2f} | "
+                         f"{same / len(lines):.1%} |")
+        print("\n".join(table))
 
 
 if __name__ == "__main__":

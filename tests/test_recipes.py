@@ -17,6 +17,8 @@ from helpers import BIN, REPO, env
 RECIPES = ["bible_es_en", "wmt14_en_de", "custom"]
 METHODS = ["baseline", "word_kd", "seq_kd", "seq_inter", "hybrid_kd", "ckd", "a2d"]
 STUDENTS = METHODS + ["pruned_seq_kd"]
+# the results rows: each system, then its CTranslate2 model (CT2_QUANT=int8 by default)
+ROWS = [row for name in ["teacher", *STUDENTS] for row in (name, f"{name} (ct2 int8)")]
 
 # Tiny sizes for CPU: every variable of config.sh can be set from the environment.
 TINY = {
@@ -96,7 +98,11 @@ def test_recipe_commands_use_existing_options(recipe, tmp_path):
             check_options(cmd)
     kd = [c[1] for c in cmds if c[0] == "fairseq-kd"]
     assert kd.count("corpus") == 2 and kd.count("prune") == 1 and kd.count("export") == len(STUDENTS)
-    assert kd.count("evaluate") == len(STUDENTS) + 1 and kd.count("plot") == 2 and kd.count("table") == 1
+    assert kd.count("evaluate") == len(ROWS) and kd.count("plot") == 2 and kd.count("table") == 1
+    evaluated = [c for c in cmds if c[1:2] == ["evaluate"]]
+    assert sum(c[c.index("--backend") + 1:c.index("--backend") + 4] == ["ctranslate2", "--quantization", "int8"]
+               for c in evaluated if "--backend" in c) == len(STUDENTS) + 1
+    assert {c[c.index("--backend") + 1] for c in cmds if c[1:2] == ["corpus"]} == {"fairseq"}
     # the --seq-inter corpus feeds seq_inter, the beam corpus seq_kd and hybrid_kd
     train_data = {c[c.index("--save-dir") + 1].rsplit("/", 1)[1]: c[1].rsplit("/", 1)[1]
                   for c in cmds if c[0] == "fairseq-train"}
@@ -191,12 +197,13 @@ def test_recipe_end_to_end_then_resume(recipe, tmp_path):
     assert [len((raw / f"{s}.{lang}").read_text().splitlines()) for s in ("train", "valid", "test")
             for lang in ("es", "en")] == [400, 400, 30, 30, 20, 20]
     results = json.loads((work / "results.json").read_text())
-    assert [s["name"] for s in results["systems"]] == ["teacher", *STUDENTS]
+    assert [s["name"] for s in results["systems"]] == ROWS
     refs = (raw / "test.en").read_text().splitlines()
     for system in results["systems"]:
         assert system["params"] > 0
         for label in ("greedy", "beam"):
-            hyps = (work / f"results.{system['name']}.{label}.txt").read_text().splitlines()
+            stem = system["name"].replace(" (ct2 int8)", ".ct2-int8")
+            hyps = (work / f"results.{stem}.{label}.txt").read_text().splitlines()
             assert len(hyps) == len(refs)
             assert system[label]["bleu"] == round(BLEU().corpus_score(hyps, [refs]).score, 2)
             assert system[label]["chrf"] == round(CHRF().corpus_score(hyps, [refs]).score, 2)
@@ -228,20 +235,20 @@ def test_recipe_end_to_end_then_resume(recipe, tmp_path):
     for step in ["prepare", "spm", "binarize", "teacher", "distilled", "distilled_inter",
                  *(f"student_{n}" for n in STUDENTS), *(f"export_{n}" for n in STUDENTS)]:
         assert f"skip {step} (done" in log, step
-    assert log.count("skip evaluate") == len(STUDENTS) + 1
+    assert log.count("skip evaluate") == len(ROWS)
 
     # resume after a lost stamp and result: a2d's training resumes from its own
     # checkpoint (already at --max-epoch, so nothing to train), only a2d is evaluated again
     (work / "done" / "student_a2d").unlink()
-    results["systems"] = [s for s in results["systems"] if s["name"] != "a2d"]
+    results["systems"] = [s for s in results["systems"] if s["name"] not in ("a2d", "a2d (ct2 int8)")]
     (work / "results.json").write_text(json.dumps(results))
     log = run_recipe(recipe, settings).stdout
     assert "student a2d on" in log and "skip student_word_kd" in log and "evaluate a2d" in log
-    assert log.count("skip evaluate") == len(STUDENTS)
+    assert log.count("skip evaluate") == len(ROWS) - 2 and "evaluate a2d (ct2 int8)" in log
     train_log = (work / "logs" / "student_a2d.log").read_text()
     assert train_log.count("Loaded checkpoint") == 1 and "(epoch 2 @" in train_log.split("Loaded checkpoint")[1][:300]
     names = [s["name"] for s in json.loads((work / "results.json").read_text())["systems"]]
-    assert sorted(names) == sorted(["teacher", *STUDENTS])
+    assert sorted(names) == sorted(ROWS)
 
 
 @pytest.mark.slow

@@ -23,10 +23,10 @@ from helpers import run, tool
 DECODE = ["--beam", "4", "--max-len-a", "0", "--max-len-b", "12"]
 
 
-def stock_nbest(data_bin, teacher, split, nbest, post_process=None):
+def stock_nbest(data_bin, teacher, split, nbest, post_process=None, decode=DECODE):
     """{id: [hypothesis strings, best first]} and {id: target} from stock fairseq-generate."""
     cmd = [tool("fairseq-generate"), data_bin, "--user-dir", helpers.USER_DIR, "--path", teacher,
-           "--gen-subset", split, "--cpu", *DECODE, "--nbest", nbest, "--batch-size", "64",
+           "--gen-subset", split, "--cpu", *decode, "--nbest", nbest, "--batch-size", "64",
            # without this fairseq-generate drops the last partial batch (measured: 56 of 60 lines)
            "--required-batch-size-multiple", "1"]
     if post_process:

@@ -25,6 +25,8 @@ SUBCOMMANDS = {
     "export": ("fairseq_kd.cli.export",
                "Write a student checkpoint that stock fairseq loads without --user-dir "
                "(no training-only state)."),
+    "translate": ("fairseq_kd.cli.translate",
+                  "Translate raw text with a model folder of fairseq-kd export --format ctranslate2."),
     "evaluate": ("fairseq_kd.cli.evaluate",
                  "Translate a test split with one checkpoint (greedy and beam), score it and record it "
                  "in a results file."),

@@ -12,6 +12,12 @@ and OMP_NUM_THREADS; fp16 noted) is recorded with every system and in the
 file's "device" field.  Speeds from different devices do not compare, so one
 results file holds one device: evaluating on another one is refused (use
 another --results file, or delete this one to evaluate every system again).
+
+--backend ctranslate2 evaluates the model a user would ship: the checkpoint
+converted to CTranslate2 with --quantization (cached, like fairseq-kd corpus's
+teacher), translating the same binarized split with the same settings on the
+same cores (OMP_NUM_THREADS, else every core: as many batches at once, one
+thread each).  Its row is NAME (ct2 QUANTIZATION), next to NAME's.
 """
 import glob
 import json
@@ -20,12 +26,14 @@ import re
 import subprocess
 import sys
 
+from fairseq_kd.deploy.ct2 import QUANTIZATIONS
 from fairseq_kd.errors import require
 
 SPEED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
 # The line naming the exception at the end of a Python traceback, e.g. "RuntimeError: ...".
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 FAILURE_LINES = 3
+FP16_NOTE = " in fp16"
 
 
 def add_arguments(p):
@@ -45,6 +53,21 @@ def add_arguments(p):
     p.add_argument("--fp16", action="store_true", help="decode in fp16 (GPU)")
     p.add_argument("--no-user-dir", action="store_true",
                    help="run stock fairseq-generate without the plugin (exported checkpoints)")
+    p.add_argument("--backend", choices=["fairseq", "ctranslate2"], default="fairseq",
+                   help="fairseq-generate (default), or the checkpoint converted to CTranslate2")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
+                   help="--backend ctranslate2: the model's weights (default: int8)")
+
+
+def system_name(args):
+    """The results row: NAME, or NAME (ct2 QUANTIZATION) for the CTranslate2 model."""
+    return f"{args.name} (ct2 {args.quantization})" if args.backend == "ctranslate2" else args.name
+
+
+def hypotheses_file(results, name, label):
+    """RESULTS.NAME.LABEL.txt, the row's name made a file name ("a (ct2 int8)" -> "a.ct2-int8")."""
+    stem = re.sub(r"\s*\((.*)\)$", lambda m: "." + m.group(1).replace(" ", "-"), name)
+    return f"{os.path.splitext(results)[0]}.{stem}.{label}.txt"
 
 
 def read_lines(path):
@@ -79,7 +102,7 @@ def decoding_device(args):
         cores = usable_cores()
         threads = os.environ.get("OMP_NUM_THREADS")
         return f"CPU ({cores} cores" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
-    return torch.cuda.get_device_name() + (" in fp16" if args.fp16 else "")
+    return torch.cuda.get_device_name() + (FP16_NOTE if args.fp16 else "")
 
 
 def read_results(path):
@@ -95,8 +118,10 @@ def check_same_device(results, args, device):
     Systems without their own "device" entry come from files written before
     it existed, whose file-level field could be wrong: they are not compared.
     """
-    others = {s["device"] for s in results["systems"] if s["name"] != args.name and "device" in s}
-    require(others <= {device},
+    # fp16 is how a PyTorch system decodes, not another device: its CTranslate2 row runs beside it
+    others = {s["device"].removesuffix(FP16_NOTE) for s in results["systems"]
+              if s["name"] != system_name(args) and "device" in s}
+    require(others <= {device.removesuffix(FP16_NOTE)},
             f"{args.results} holds systems timed on {', '.join(sorted(others))}, this run decodes on "
             f"{device}: their speeds would not be comparable; use another --results file, or "
             f"delete this one to evaluate every system on this device")
@@ -143,6 +168,40 @@ def generate(args, beam, hyp_path):
     return len(hyps), float(speed.group(4))
 
 
+def ct2_translator(args):
+    """(translator, source, target) of the checkpoint converted to CTranslate2, on the evaluation's cores."""
+    from fairseq.data import data_utils
+
+    from fairseq_kd.deploy.ct2 import cached_model, load_translator
+    from fairseq_kd.processes import usable_cores
+
+    src, tgt = data_utils.infer_language_pair(args.data)
+    require(src and tgt, f"--data: cannot tell the languages from the file names in {args.data}")
+    model = cached_model(args.checkpoint, args.data, src, tgt, args.quantization)
+    if args.cpu or not cuda_available_to_ct2():
+        threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
+        return load_translator(model, "cpu", threads=1, parallel=threads), src, tgt
+    return load_translator(model, "cuda"), src, tgt
+
+
+def cuda_available_to_ct2():
+    import ctranslate2
+
+    return ctranslate2.get_cuda_device_count() > 0
+
+
+def generate_ct2(args, translator, langs, beam, hyp_path):
+    """CTranslate2's translation of the split, as :func:`generate`: (sentences, sentences/s)."""
+    from fairseq_kd.deploy.ct2 import translate_binarized
+
+    hyps, speed = translate_binarized(translator, args.data, args.gen_subset, *langs, args.batch_size,
+                                      args.post_process, beam=beam, max_len_a=args.max_len_a,
+                                      max_len_b=args.max_len_b)
+    with open(hyp_path, "w", encoding="utf-8") as f:
+        f.write("".join(h + "\n" for h in hyps))
+    return len(hyps), round(speed, 2)
+
+
 def count_parameters(checkpoint):
     """Unique parameters of the model in a checkpoint (shared embeddings counted once)."""
     from fairseq_kd.checkpoint import load_checkpoint_state
@@ -162,25 +221,31 @@ def run(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     device = decoding_device(args)
     results = read_results(args.results)
+    name = system_name(args)
     check_same_device(results, args, device)
     refs = read_lines(args.ref)
-    entry = {"name": args.name, "checkpoint": args.checkpoint, "params": count_parameters(args.checkpoint),
+    entry = {"name": name, "checkpoint": args.checkpoint, "params": count_parameters(args.checkpoint),
              "device": device}
-    base = os.path.splitext(args.results)[0]
+    if args.backend == "ctranslate2":
+        entry.update(backend="ctranslate2", quantization=args.quantization)
+        translator, *langs = ct2_translator(args)
     bleu, chrf = BLEU(), CHRF()
     for label, beam in (("greedy", 1), ("beam", args.beam)):
-        hyp_path = f"{base}.{args.name}.{label}.txt"
-        n, speed = generate(args, beam, hyp_path)
-        require(n == len(refs), f"{args.name}: {n} hypotheses for {len(refs)} references")
+        hyp_path = hypotheses_file(args.results, name, label)
+        if args.backend == "ctranslate2":
+            n, speed = generate_ct2(args, translator, langs, beam, hyp_path)
+        else:
+            n, speed = generate(args, beam, hyp_path)
+        require(n == len(refs), f"{name}: {n} hypotheses for {len(refs)} references")
         hyps = read_lines(hyp_path)
         entry[label] = {"beam": beam, "bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
                         "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
                         "sentences_per_s": speed}
-        print(f"{args.name} {label}: BLEU {entry[label]['bleu']}, chrF {entry[label]['chrf']}, "
+        print(f"{name} {label}: BLEU {entry[label]['bleu']}, chrF {entry[label]['chrf']}, "
               f"{speed} sentences/s")
     results["bleu_signature"] = str(bleu.get_signature())
     results["chrf_signature"] = str(chrf.get_signature())
     results["device"] = device
-    results["systems"] = [s for s in results["systems"] if s["name"] != args.name] + [entry]
+    results["systems"] = [s for s in results["systems"] if s["name"] != name] + [entry]
     with open(args.results, "w") as f:
         json.dump(results, f, indent=2)

@@ -10,6 +10,7 @@
 #   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
 #   export    fairseq-kd export: every student as a stock-fairseq checkpoint -> $WORK/exported
 #   evaluate  fairseq-kd evaluate: greedy + beam, sacreBLEU/chrF, speed   -> $WORK/results.json
+#             (+ a "NAME (ct2 Q)" row per system and quantization Q in $CT2_QUANT)
 #   report    fairseq-kd table + plot -> $RESULTS_MD, $PLOT_DIR/*.png
 #
 # A step is finished when its stamp $WORK/done/<name> exists (written only
@@ -137,7 +138,7 @@ corpus() {
   local workers=${CORPUS_WORKERS:-0}
   log "corpus $name: $* (workers: ${CORPUS_WORKERS:-default}; log: $WORK/logs/$name.log)"
   run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/bin" --path "$WORK/teacher/checkpoint_best.pt" \
-    -s "$SRC" -t "$TGT" --out "$WORK/$name" --workers "$workers" --no-progress-bar \
+    -s "$SRC" -t "$TGT" --out "$WORK/$name" --workers "$workers" --no-progress-bar --backend "$CORPUS_BACKEND" \
     --max-tokens "$CORPUS_MAX_TOKENS" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
     "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" "$@"
   mark_done "$name"
@@ -260,22 +261,33 @@ sys.exit(0 if sys.argv[2] in names else 1)
 PY
 }
 
-# evaluate NAME CHECKPOINT [--no-user-dir]: one GPU (or CPU), one system at a time, so speeds compare.
+# evaluate ROW NAME CHECKPOINT [ARGS...]: one system at a time on one GPU (or the CPU), so speeds
+# compare; ROW is the name fairseq-kd evaluate records (NAME, or "NAME (ct2 Q)" with --backend ctranslate2).
 evaluate() {
-  local name=$1 ckpt=$2; shift 2
-  if has_result "$name"; then log "skip evaluate $name (in $RESULTS)"; return; fi
-  log "evaluate $name"
+  local row=$1 name=$2 ckpt=$3; shift 3
+  if has_result "$row"; then log "skip evaluate $row (in $RESULTS)"; return; fi
+  log "evaluate $row"
   CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/evaluate.log" fairseq-kd evaluate \
     --data "$WORK/bin" --checkpoint "$ckpt" --name "$name" --ref "$WORK/raw/test.$TGT" \
     --results "$RESULTS" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
-    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" "$@"
+    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" "$@"
+}
+
+# evaluate_all NAME CHECKPOINT [ARGS...]: the PyTorch row, then a CTranslate2 row per $CT2_QUANT.
+evaluate_all() {
+  local name=$1 ckpt=$2 q; shift 2
+  evaluate "$name" "$name" "$ckpt" "${FP16_ARGS[@]}" "$@"
+  for q in $CT2_QUANT; do
+    evaluate "$name (ct2 $q)" "$name" "$ckpt" --backend ctranslate2 --quantization "$q"
+  done
 }
 
 step_evaluate() {
   local name
-  evaluate teacher "$WORK/teacher/checkpoint_best.pt"
-  # students are evaluated from their exported files with stock fairseq (no plugin)
-  for name in $(student_names); do evaluate "$name" "$WORK/exported/$name.pt" --no-user-dir; done
+  evaluate_all teacher "$WORK/teacher/checkpoint_best.pt"
+  # students are evaluated from their exported files with stock fairseq (no plugin); the
+  # CTranslate2 rows convert the same files
+  for name in $(student_names); do evaluate_all "$name" "$WORK/exported/$name.pt" --no-user-dir; done
 }
 
 step_report() {

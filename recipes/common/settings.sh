@@ -59,6 +59,9 @@ METHODS=${METHODS:-baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d}
 BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
 SEQ_INTER_N=${SEQ_INTER_N:-$(profile_value 35 8)}  # Seq-Inter n-best size (Kim & Rush: 35)
 CORPUS_MAX_TOKENS=${CORPUS_MAX_TOKENS:-12000}
+# fairseq (SequenceGenerator) or ctranslate2 (the teacher converted; several times faster on CPU)
+CORPUS_BACKEND=${CORPUS_BACKEND:-$(profile_value fairseq ctranslate2)}
+CT2_QUANT=${CT2_QUANT-int8}                   # CTranslate2 rows of the evaluation (space-separated; "" = none)
 MAX_LEN_A=${MAX_LEN_A:-1.5} MAX_LEN_B=${MAX_LEN_B:-10}
 PRUNE_FROM=${PRUNE_FROM-seq_kd}               # student pruned and retrained ("" = no pruning)
 PRUNE_RATIO=${PRUNE_RATIO:-0.5}

@@ -1,0 +1,337 @@
+"""Running a corpus build: the work folder (resume), worker processes, shards, and the merge.
+
+Each finished chunk is saved at once (OUT/SPLIT.work/), so an interrupted run
+resumes where it stopped; shards divide the chunks between workers or cluster
+jobs; a run without --shard-id translates what is missing and merges.
+"""
+import argparse
+import glob
+import json
+import logging
+import os
+import shutil
+import time
+
+from fairseq_kd.allocator import keep_freed_memory
+from fairseq_kd.atomic_io import write_atomic, write_lines
+from fairseq_kd.corpus.data import SplitData, chunk_ranges, shard_chunks
+from fairseq_kd.corpus.translators import CT2Translator, FairseqTranslator
+from fairseq_kd.errors import require
+from fairseq_kd.processes import die_with_parent, usable_cores
+
+logger = logging.getLogger("fairseq_kd.corpus")
+
+FORMATS = ("bin", "pieces", "text")
+# Settings that change the output: a resumed run must use the same ones.
+OUTPUT_SETTINGS = ("path", "data", "split", "source_lang", "target_lang", "beam", "lenpen",
+                   "unkpen", "max_len_a", "max_len_b", "min_len", "seq_inter", "post_process",
+                   "max_source_tokens", "long_inputs", "chunk_size", "fp16")
+# Recorded only for the ctranslate2 backend, so runs begun before it existed still resume.
+CT2_SETTINGS = ("backend", "quantization")
+
+
+# ---------------------------------------------------------------- work folder
+class WorkDir:
+    """OUT/SPLIT.work: settings.json and one chunk-XXXXXX.json per finished chunk."""
+
+    def __init__(self, args, n_lines):
+        self.path = os.path.join(args.out, f"{args.split}.work")
+        self.chunks = chunk_ranges(n_lines, args.chunk_size)
+        self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
+        self.settings["data"] = os.path.abspath(args.data)
+        self.settings["path"] = ":".join(os.path.abspath(p) for p in args.path.split(":") if p)
+        self.settings["n_lines"] = n_lines
+        self.settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
+        if args.backend != "fairseq":
+            self.settings.update({k: getattr(args, k) for k in CT2_SETTINGS})
+
+    def prepare(self):
+        os.makedirs(self.path, exist_ok=True)
+        settings_file = os.path.join(self.path, "settings.json")
+        if os.path.exists(settings_file):
+            with open(settings_file) as f:
+                old = json.load(f)
+            changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+            # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
+            require(not changed or not self._any_chunk(),
+                    f"{self.path} holds a run with other settings ({', '.join(changed)}); "
+                    "use another --out or delete that folder")
+            if not changed:
+                return
+        write_atomic(settings_file, json.dumps(self.settings, indent=1))
+
+    def _any_chunk(self):
+        return bool(glob.glob(os.path.join(self.path, "chunk-*.json")))
+
+    def chunk_file(self, c):
+        return os.path.join(self.path, f"chunk-{c:06d}.json")
+
+    def is_done(self, c):
+        return os.path.exists(self.chunk_file(c))
+
+    def pending(self, chunk_ids):
+        return [c for c in chunk_ids if not self.is_done(c)]
+
+    def save(self, c, result):
+        write_atomic(self.chunk_file(c), json.dumps(result, ensure_ascii=False))
+
+    def load(self, c):
+        with open(self.chunk_file(c), encoding="utf-8") as f:
+            return json.load(f)
+
+
+def file_fingerprint(path):
+    require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
+
+
+# ---------------------------------------------------------------- running
+def translate_shard(args, shard_id, num_shards, worker_index=0):
+    """Translate the pending chunks of one shard (in this process)."""
+    from tqdm import tqdm
+
+    data = SplitData(args)
+    work = WorkDir(args, len(data))
+    chunk_ids = work.pending(shard_chunks(len(work.chunks), num_shards, shard_id))
+    if not chunk_ids:
+        return
+    translator = make_translator(args, data, worker_index)
+    total = sum(work.chunks[c][1] - work.chunks[c][0] for c in chunk_ids)
+    with tqdm(total=total, desc=f"shard {shard_id}/{num_shards}", unit="sent", position=worker_index,
+              disable=args.no_progress_bar or None, leave=False) as bar:
+        for c in chunk_ids:
+            for n in translator.translate_chunk(*work.chunks[c]):
+                bar.update(n)
+            bar.update(len(translator.result["empty"])
+                       + (len(translator.result["long"]) if args.long_inputs == "reference" else 0))
+            work.save(c, translator.result)
+
+
+def make_translator(args, data, worker_index):
+    """The backend's translator on this worker's device: GPU number worker_index, or the CPU."""
+    gpus = cuda_device_count(args)
+    if args.backend == "ctranslate2":
+        if gpus:
+            return CT2Translator(args, data, "cuda", worker_index % gpus)
+        return CT2Translator(args, data, "cpu")
+    import torch
+
+    if gpus:
+        device = torch.device("cuda", worker_index % gpus)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        keep_freed_memory()
+    return FairseqTranslator(args, data, device)
+
+
+def _worker_main(args, shard_ids, num_shards, worker_index, parent_pid):
+    from fairseq_kd.errors import install_excepthook
+
+    die_with_parent(parent_pid)
+    install_excepthook()
+    for s in shard_ids:
+        translate_shard(args, s, num_shards, worker_index)
+
+
+def run_workers(args, shard_ids, num_shards, workers):
+    """Translate ``shard_ids`` in ``workers`` processes (one per GPU, or splitting the cores)."""
+    import multiprocessing
+
+    if workers == 1:
+        for s in shard_ids:
+            translate_shard(args, s, num_shards)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    # the CLI's namespace holds the subcommand's module, which cannot be pickled
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
+    procs = []
+    for w in range(workers):
+        mine = shard_ids[w::workers]
+        if mine:
+            p = ctx.Process(target=_worker_main, args=(args, mine, num_shards, w, os.getpid()))
+            p.start()
+            procs.append(p)
+    for p in procs:
+        p.join()
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    require(not failed, f"{len(failed)} worker process(es) failed (exit codes {failed}); "
+            "rerun the same command to resume")
+
+
+def merge(args, data, work):
+    """Concatenate the chunks into the requested formats and write the report."""
+    from fairseq.data import data_utils
+
+    formats = parse_formats(args.formats)
+    src, tgt, split = args.source_lang, args.target_lang, args.split
+    lines, empty, long = [], [], []
+    for c in range(len(work.chunks)):
+        chunk = work.load(c)
+        lines += chunk["lines"]
+        empty += chunk["empty"]
+        long += chunk["long"]
+    require(len(lines) == len(data), f"merged {len(lines)} lines, the split has {len(data)}")
+    if "pieces" in formats:
+        write_lines(os.path.join(args.out, f"{split}.{tgt}"), lines)
+        write_lines(os.path.join(args.out, f"{split}.{src}"),
+                    (data.src_dict.string(data.src[i]) for i in range(len(data))))
+    if "text" in formats:
+        write_lines(os.path.join(args.out, f"{split}.text.{tgt}"),
+                    (data_utils.post_process(l, args.post_process) for l in lines))
+    if "bin" in formats:
+        write_binarized(args, data, lines)
+    report = {"lines": len(lines), "translated": len(lines) - len(empty) - (len(long) if args.long_inputs == "reference" else 0),
+              "empty_sources": empty, "long_sources": long, "long_inputs": args.long_inputs,
+              "max_source_tokens": args.max_source_tokens or "teacher's max positions"}
+    write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
+    return report
+
+
+def write_binarized(args, data, lines):
+    """What fairseq-preprocess --srcdict/--tgtdict writes for this split (and the gold ones)."""
+    from fairseq.data import indexed_dataset
+
+    src, tgt, split = args.source_lang, args.target_lang, args.split
+    for lang in (src, tgt):
+        shutil.copyfile(os.path.join(args.data, f"dict.{lang}.txt"), os.path.join(args.out, f"dict.{lang}.txt"))
+    out_prefix = os.path.join(args.out, os.path.basename(data.prefix))
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(f"{data.prefix}.{src}{ext}", f"{out_prefix}.{src}{ext}")
+    builder = indexed_dataset.make_builder(f"{out_prefix}.{tgt}.bin", impl="mmap", vocab_size=len(data.tgt_dict))
+    for line in lines:
+        builder.add_item(data.tgt_dict.encode_line(line, add_if_not_exist=False, append_eos=True).long())
+    builder.finalize(f"{out_prefix}.{tgt}.idx")
+    for other in [s for s in args.copy_splits.split(",") if s and s != split]:
+        files = [f for f in glob.glob(os.path.join(args.data, f"{other}.*-*.*"))
+                 if f.endswith((f".{src}.bin", f".{src}.idx", f".{tgt}.bin", f".{tgt}.idx"))]
+        if not files:
+            logger.warning(f"--copy-splits: no split '{other}' in {args.data}")
+        for f in files:
+            shutil.copyfile(f, os.path.join(args.out, os.path.basename(f)))
+
+
+def parse_formats(spec):
+    formats = [f for f in spec.split(",") if f]
+    unknown = sorted(set(formats) - set(FORMATS))
+    require(formats and not unknown, f"--formats: expected a subset of {','.join(FORMATS)}, got '{spec}'")
+    return formats
+
+
+def check_args(args):
+    formats = parse_formats(args.formats)
+    require(not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file, not a folder")
+    if "bin" in formats:  # checked before decoding: the bin files would overwrite the data's own
+        require(os.path.realpath(args.data) != os.path.realpath(args.out),
+                "--out must differ from the data folder with the bin format")
+    require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
+    require(args.seq_inter >= 0, f"--seq-inter must be >= 0, got {args.seq_inter}")
+    require(args.chunk_size >= 1, f"--chunk-size must be >= 1, got {args.chunk_size}")
+    require(args.max_tokens >= 1 and args.batch_size >= 1, "--max-tokens and --batch-size must be >= 1")
+    require(args.max_source_tokens >= 0, "--max-source-tokens must be >= 0")
+    require(args.workers >= 0 and args.num_shards >= 0, "--workers and --num-shards must be >= 0")
+    if args.shard_id is not None:
+        require(args.num_shards >= 1, "--shard-id needs --num-shards")
+        require(0 <= args.shard_id < args.num_shards,
+                f"--shard-id must be in [0, {args.num_shards}), got {args.shard_id}")
+    if args.fp16:
+        require(not on_cpu(args), "--fp16 needs a GPU")
+    if args.backend == "ctranslate2":
+        check_ct2_args(args)
+
+
+def check_ct2_args(args):
+    """What the ctranslate2 backend cannot do; --fp16 there means float16 weights."""
+    from fairseq_kd.deploy.ct2 import QUANTIZATIONS
+
+    require(":" not in args.path.strip(":"),
+            "--backend ctranslate2 translates with one teacher, not an ensemble (--path A.pt:B.pt)")
+    require(args.unkpen == 0, "--unkpen is not supported by --backend ctranslate2")
+    if args.quantization is None:
+        args.quantization = "float16" if args.fp16 else "float32"
+    require(args.quantization in QUANTIZATIONS,
+            f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {args.quantization}")
+
+
+def cuda_device_count(args):
+    """The GPUs the backend would decode on (none with --cpu)."""
+    if args.cpu:
+        return 0
+    if args.backend == "ctranslate2":
+        import ctranslate2
+
+        return ctranslate2.get_cuda_device_count()
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def on_cpu(args):
+    return cuda_device_count(args) == 0
+
+
+def default_workers(args):
+    """One process per GPU; on CPU one process using every core.
+
+    On 2 cores, one process with 2 intra-op threads decoded a 256-dim teacher
+    faster than two single-threaded processes (README, sequence-level KD).
+    """
+    return cuda_device_count(args) or 1
+
+
+def set_cpu_threads(args, workers):
+    """--threads by default on CPU: the cores divided between the processes that run."""
+    if args.threads == 0 and on_cpu(args):
+        args.threads = max(1, usable_cores() // workers)
+
+
+def prepare_backend(args):
+    """Convert the teacher for the ctranslate2 backend (once, cached) before any worker starts."""
+    if args.backend == "ctranslate2":
+        from fairseq_kd.deploy.ct2 import cached_model
+
+        args.ct2_model = cached_model(args.path.strip(":"), args.data, args.source_lang, args.target_lang,
+                                      args.quantization)
+
+
+def build(args):
+    """``fairseq-kd corpus``: translate what is missing, then merge (or run one shard)."""
+    check_args(args)
+    for p in args.path.split(":"):
+        file_fingerprint(p)  # a missing teacher is reported before any work
+    os.makedirs(args.out, exist_ok=True)
+    data = SplitData(args)
+    work = WorkDir(args, len(data))
+    work.prepare()
+    workers = args.workers or default_workers(args)
+    num_shards = args.num_shards or workers
+    started = time.time()
+    if args.shard_id is not None:
+        set_cpu_threads(args, 1)
+        prepare_backend(args)
+        run_workers(args, [args.shard_id], num_shards, 1)
+        done = len(shard_chunks(len(work.chunks), num_shards, args.shard_id))
+        print(f"shard {args.shard_id}/{num_shards}: {done} chunks done in {time.time() - started:.1f}s; "
+              "run again without --shard-id to merge")
+        return 0
+    pending_before = work.pending(range(len(work.chunks)))
+    if len(pending_before) < len(work.chunks):
+        print(f"resuming: {len(work.chunks) - len(pending_before)} of {len(work.chunks)} chunks already done")
+    todo = [s for s in range(num_shards)
+            if work.pending(shard_chunks(len(work.chunks), num_shards, s))]
+    workers = min(workers, max(len(todo), 1))  # no more processes than shards with work
+    set_cpu_threads(args, workers)
+    if todo:
+        prepare_backend(args)
+    run_workers(args, todo, num_shards, workers)
+    missing = work.pending(range(len(work.chunks)))
+    require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
+    report = merge(args, data, work)
+    print(f"wrote {report['lines']} lines to {args.out} ({','.join(parse_formats(args.formats))}): "
+          f"{report['translated']} translated, {len(report['empty_sources'])} empty sources, "
+          f"{len(report['long_sources'])} long sources ({args.long_inputs}); "
+          f"{time.time() - started:.1f}s")
+    return 0

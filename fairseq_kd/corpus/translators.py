@@ -1,0 +1,157 @@
+"""Translating a chunk of the split with the teacher: one interface, two backends.
+
+:class:`ChunkTranslator` owns what both backends share (empty and long
+sources, length-sorted batches, Seq-Inter's choice among the N best); a
+backend only turns batches of source lines into N-best lists of target
+pieces:
+
+* ``fairseq``: fairseq's own SequenceGenerator, same settings and results as
+  fairseq-generate (ensembles, fp16);
+* ``ctranslate2``: the teacher converted to CTranslate2 (cached, see
+  :mod:`fairseq_kd.deploy.ct2`); on CPU the worker's threads decode that many
+  batches at once, one thread each (faster than one batch on all threads for
+  small teachers, README benchmark).
+"""
+from fairseq_kd.corpus.data import length_sorted_batches, select_by_sentence_bleu
+from fairseq_kd.errors import require
+
+BACKENDS = ("fairseq", "ctranslate2")
+
+
+class ChunkTranslator:
+    """Translates chunks of ``data``; subclasses implement :meth:`translate_batches`."""
+
+    def __init__(self, args, data, max_source_positions):
+        self.args, self.data = args, data
+        self.nbest = args.seq_inter or 1
+        self.beam = args.seq_inter or args.beam
+        self.max_source = max_source_tokens(args, max_source_positions)
+
+    def translate_batches(self, batches):
+        """For each batch of line ids: per line, the N best hypotheses as piece strings."""
+        raise NotImplementedError
+
+    def translate_chunk(self, start, end):
+        """Translate lines start..end-1, yielding batch sizes as it goes.
+
+        The chunk's result, {"lines", "empty", "long"}, is left in ``self.result``.
+        """
+        d = self.data
+        lines, empty, long = {}, [], []
+        todo = []
+        for i in range(start, end):
+            if d.sizes[i] <= 1:  # only </s>: nothing to translate
+                lines[i] = ""
+                empty.append(i)
+            elif d.sizes[i] > self.max_source:
+                long.append(i)
+                if self.args.long_inputs == "reference":
+                    lines[i] = d.reference(i)
+                else:
+                    todo.append(i)
+            else:
+                todo.append(i)
+        sizes = {i: min(int(d.sizes[i]), self.max_source) for i in todo}
+        batches = length_sorted_batches(todo, sizes, self.args.max_tokens, self.args.batch_size)
+        for batch, hyps in zip(batches, self.translate_batches(batches)):
+            for i, pieces in zip(batch, hyps):
+                lines[i] = self._choose(i, pieces)
+            yield len(batch)
+        self.result = {"start": start, "end": end, "lines": [lines[i] for i in range(start, end)],
+                       "empty": empty, "long": long}
+
+    def source_tokens(self, i):
+        """Line i's source ids, ending with </s>; truncated to the maximum (--long-inputs truncate)."""
+        tokens = self.data.src[i]
+        if len(tokens) > self.max_source:  # keep </s> at the end
+            tokens = tokens.new_tensor([*tokens[: self.max_source - 1].tolist(), int(tokens[-1])])
+        return tokens
+
+    def _choose(self, i, pieces):
+        if len(pieces) == 1:
+            return pieces[0]
+        from fairseq.data import data_utils
+
+        post = self.args.post_process
+        texts = [data_utils.post_process(p, post) for p in pieces]
+        return pieces[select_by_sentence_bleu(texts, self.data.reference(i, post))]
+
+
+def max_source_tokens(args, limit):
+    """Source tokens (with </s>) a line may have: --max-source-tokens, at most the teacher's ``limit``."""
+    if args.max_source_tokens > 0:
+        # longer sources would index past the teacher's position embeddings
+        require(args.max_source_tokens <= limit, f"--max-source-tokens {args.max_source_tokens} "
+                f"exceeds the teacher's maximum source positions ({limit})")
+        return args.max_source_tokens
+    return limit
+
+
+class FairseqTranslator(ChunkTranslator):
+    """The teacher (or ensemble) and fairseq's SequenceGenerator, loaded once per process."""
+
+    def __init__(self, args, data, device):
+        import torch
+        from argparse import Namespace
+
+        from fairseq.dataclass.configs import GenerationConfig
+
+        from fairseq_kd.tasks.translation_kd import TranslationKDConfig, TranslationKDTask
+
+        cfg = TranslationKDConfig(data=args.data, source_lang=args.source_lang,
+                                  target_lang=args.target_lang, teacher_path=args.path)
+        # The task owns teacher loading and its dictionary checks.
+        self.task = TranslationKDTask(cfg, data.src_dict, data.tgt_dict)
+        self.models = self.task.teachers
+        super().__init__(args, data, min(m.max_positions()[0] for m in self.models))
+        gen = GenerationConfig(beam=self.beam, nbest=self.nbest, lenpen=args.lenpen,
+                               unkpen=args.unkpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
+                               min_len=args.min_len)
+        for m in self.models:
+            m.to(device)
+            if args.fp16:
+                m.half()
+            # as fairseq-generate: beam-size-aware attention, so results match its own
+            m.prepare_for_inference_(Namespace(generation=gen))
+        self.generator = self.task.build_generator(self.models, gen)
+        self.strip = getattr(self.generator, "symbols_to_strip_from_output", {self.generator.eos})
+        self.device, self.torch = device, torch
+
+    def translate_batches(self, batches):
+        for batch in batches:
+            yield [[self.data.tgt_dict.string(h, extra_symbols_to_ignore=self.strip) for h in hyps]
+                   for hyps in self._generate(batch)]
+
+    def _generate(self, batch):
+        from fairseq.data import data_utils
+
+        d = self.data
+        tokens = [self.source_tokens(i) for i in batch]
+        src_tokens = data_utils.collate_tokens(tokens, d.src_dict.pad(), d.src_dict.eos(), left_pad=True)
+        sample = {"net_input": {"src_tokens": src_tokens.to(self.device),
+                                "src_lengths": self.torch.tensor([len(t) for t in tokens], device=self.device)}}
+        hypos = self.task.inference_step(self.generator, self.models, sample)
+        return [[h["tokens"].int().cpu() for h in sent[: self.nbest]] for sent in hypos]
+
+
+class CT2Translator(ChunkTranslator):
+    """The teacher converted to CTranslate2 (``args.ct2_model``), decoding as fairseq-generate."""
+
+    def __init__(self, args, data, device, device_index=0):
+        from fairseq_kd.deploy.ct2 import load_translator, max_source_positions
+
+        super().__init__(args, data, max_source_positions(args.path))
+        parallel = args.threads if device == "cpu" else 1
+        self.translator = load_translator(args.ct2_model, device, device_index, threads=1,
+                                          parallel=max(parallel, 1))
+        self.options = dict(beam=self.beam, nbest=self.nbest, lenpen=args.lenpen, min_len=args.min_len,
+                            max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+
+    def translate_batches(self, batches):
+        from fairseq_kd.deploy.ct2 import translate_batches
+
+        symbols = self.data.src_dict.symbols
+        sources = [[[symbols[t] for t in self.source_tokens(i)[:-1].tolist()] for i in batch]
+                   for batch in batches]  # CTranslate2 appends </s> itself
+        for hyps in translate_batches(self.translator, sources, **self.options):
+            yield [[" ".join(h) for h in nbest] for nbest in hyps]

@@ -1,0 +1,277 @@
+"""CTranslate2: conversion (and the stock converter on our export), corpus --backend ctranslate2,
+export --format ctranslate2 + translate, evaluate --backend ctranslate2."""
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import sacrebleu
+
+import helpers
+from fairseq_kd import cli
+from helpers import STUDENT_ARCH, fairseq_train, run, tool
+from test_seq_kd_corpus import DECODE, binarize, corpus, kill_midway, read_lines, stock_nbest
+
+# The memorized model's outputs run long: its max length is relative to the source.
+GREEDY = ["--beam", "1", "--max-len-a", "1.2", "--max-len-b", "5"]
+N_LINES = 48
+
+
+def post(pieces):
+    return pieces.replace(" ", "").replace("\u2581", " ").strip()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ct2_cache(tmp_path_factory):
+    """Converted models go to a fresh cache (for this process and the commands it starts)."""
+    old = os.environ.get("FAIRSEQ_KD_CACHE")
+    os.environ["FAIRSEQ_KD_CACHE"] = str(tmp_path_factory.mktemp("ct2_cache"))
+    yield os.environ["FAIRSEQ_KD_CACHE"]
+    if old is None:
+        del os.environ["FAIRSEQ_KD_CACHE"]
+    else:
+        os.environ["FAIRSEQ_KD_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def memorized(tiny_data, tmp_path_factory):
+    """(data, checkpoint): a tiny model trained on 48 training pairs until it translates them
+    into long, varied sentences (~15 s on one core); the tiny teacher's outputs are all alike."""
+    root = tmp_path_factory.mktemp("memorized")
+    src = read_lines(tiny_data / "pieces" / "train.sp.es")[:N_LINES]
+    tgt = read_lines(tiny_data / "pieces" / "train.sp.en")[:N_LINES]
+    data = binarize(tiny_data, root / "data", "train", src, tgt)
+    fairseq_train(data, root / "model", *STUDENT_ARCH, "--task", "translation", "--valid-subset", "train",
+                  "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0",
+                  "--max-update", "120", "--lr", "0.01", "--dropout", "0", "--max-tokens", "4000",
+                  "--no-epoch-checkpoints", "--no-save-optimizer-state")
+    return data, root / "model" / "checkpoint_last.pt"
+
+
+def kd_error(proc, command):
+    """The one ``fairseq-kd COMMAND: error:`` line a failed command printed (and nothing else)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"fairseq-kd {command}: error: ")
+    return lines[0]
+
+
+def identical_share(a, b):
+    assert len(a) == len(b)
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def corpus_bleu(pieces, refs):
+    return sacrebleu.corpus_bleu([post(p) for p in pieces], [[post(r) for r in refs]]).score
+
+
+# ------------------------------------------------------------------ conversion
+def test_greedy_output_equals_fairseq(memorized, tmp_path):
+    """Converted float32, greedy: every line identical to stock fairseq-generate's on the
+    memorized model (measured: 48/48); asserted >= 95% and corpus BLEU within 0.3."""
+    data, model = memorized
+    hyps, _ = stock_nbest(data, model, "train", 1, decode=GREEDY)
+    stock = [hyps[i][0] for i in range(N_LINES)]
+    assert len(set(stock)) > N_LINES // 2 and max(len(s.split()) for s in stock) > 30  # varied, long
+    corpus(data, model, tmp_path, *GREEDY, "--backend", "ctranslate2", "--formats", "pieces")
+    ours = read_lines(tmp_path / "train.en")
+    share = identical_share(ours, stock)
+    print(f"identical lines: {share:.1%}")
+    assert share >= 0.95
+    refs = read_lines(data / "raw" / "train.en")
+    assert abs(corpus_bleu(ours, refs) - corpus_bleu(stock, refs)) <= 0.3
+
+
+def test_stock_converter_reads_the_plain_export(memorized, tmp_path):
+    """ct2-fairseq-converter without the plugin converts `fairseq-kd export`'s file into the
+    very model our conversion (with the plugin) makes of the training checkpoint."""
+    from fairseq_kd.deploy.ct2 import cached_model
+
+    data, model = memorized
+    run([tool("fairseq-kd"), "export", "--path", model, "--out", tmp_path / "exported.pt"])
+    env = dict(helpers.env(), PYTHONPATH="")  # the plugin is not importable at all
+    proc = subprocess.run([tool("ct2-fairseq-converter"), "--model_path", str(tmp_path / "exported.pt"),
+                           "--data_dir", str(data), "--output_dir", str(tmp_path / "stock")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = cached_model(str(model), str(data), "es", "en", "float32")
+    for name in ("model.bin", "config.json", "shared_vocabulary.json"):
+        assert filecmp.cmp(tmp_path / "stock" / name, os.path.join(ours, name), shallow=False), name
+
+
+def test_conversion_is_cached_by_checksum_and_quantization(memorized, tmp_path):
+    from fairseq_kd.deploy.ct2 import cached_model
+
+    data, model = memorized
+    copy = tmp_path / "model.pt"
+    shutil.copyfile(model, copy)
+    first = cached_model(str(copy), str(data), "es", "en", "float32", cache_dir=tmp_path / "cache")
+    stamp = os.stat(os.path.join(first, "model.bin")).st_mtime_ns
+    assert cached_model(str(copy), str(data), "es", "en", "float32", cache_dir=tmp_path / "cache") == first
+    assert os.stat(os.path.join(first, "model.bin")).st_mtime_ns == stamp  # not converted again
+    int8 = cached_model(str(copy), str(data), "es", "en", "int8", cache_dir=tmp_path / "cache")
+    assert int8 != first and os.path.getsize(os.path.join(int8, "model.bin")) < os.path.getsize(
+        os.path.join(first, "model.bin"))
+    with open(copy, "ab") as f:  # other bytes under the same name: another model
+        f.write(b"\0")
+    assert cached_model(str(copy), str(data), "es", "en", "float32", cache_dir=tmp_path / "cache") != first
+
+
+# ------------------------------------------------------------------ corpus
+@pytest.fixture(scope="module")
+def odd_lines_ct2(tiny_data, tiny_teacher, tmp_path_factory):
+    """The 30-line split with an empty line (3) and a long one (7), translated with CTranslate2 at once."""
+    src = read_lines(tiny_data / "pieces" / "valid.sp.es")[:30]
+    tgt = read_lines(tiny_data / "pieces" / "valid.sp.en")[:30]
+    src[3] = ""
+    src[7] = " ".join([src[7]] * 10)  # > 200 tokens
+    data = binarize(tiny_data, tmp_path_factory.mktemp("odd"), "train", src, tgt)
+    out = tmp_path_factory.mktemp("unsharded")
+    corpus(data, tiny_teacher, out, "--backend", "ctranslate2", "--chunk-size", "4", "--max-source-tokens", "200")
+    return data, out
+
+
+def test_corpus_keeps_every_line_in_order(odd_lines_ct2, tiny_teacher):
+    data, out = odd_lines_ct2
+    hyps, _ = stock_nbest(data, tiny_teacher, "train", 1)
+    lines, src = read_lines(out / "train.en"), read_lines(out / "train.es")
+    assert len(lines) == len(src) == 30
+    assert lines[3] == "" and src[3] == ""
+    assert lines[7] == read_lines(data / "raw" / "train.en")[7]  # long source: the gold target
+    assert identical_share([lines[i] for i in range(30) if i not in (3, 7)],
+                           [hyps[i][0] for i in range(30) if i not in (3, 7)]) >= 0.95
+    report = json.loads((out / "train.report.json").read_text())
+    assert report["empty_sources"] == [3] and report["long_sources"] == [7] and report["translated"] == 28
+
+
+def test_corpus_shards_merge_to_one_run(odd_lines_ct2, tiny_teacher, tmp_path):
+    data, ref = odd_lines_ct2
+    args = ["--backend", "ctranslate2", "--chunk-size", "4", "--max-source-tokens", "200"]
+    for shard in (1, 0):
+        corpus(data, tiny_teacher, tmp_path, *args, "--num-shards", "2", "--shard-id", shard)
+    proc = corpus(data, tiny_teacher, tmp_path, *args)
+    assert "resuming: 8 of 8 chunks already done" in proc.stdout
+    for name in ("train.en", "train.es", "train.es-en.en.bin", "train.es-en.en.idx"):
+        assert filecmp.cmp(tmp_path / name, ref / name, shallow=False), name
+    proc = corpus(data, tiny_teacher, tmp_path, *args[2:], check=False)  # same folder, other backend
+    assert "holds a run with other settings (backend, quantization)" in proc.stderr
+
+
+def test_corpus_resumes_after_a_killed_run(tiny_data, tiny_teacher, tmp_path):
+    args = ["--backend", "ctranslate2", "--batch-size", "1", "--chunk-size", "20", "--formats", "pieces"]
+    corpus(tiny_data / "bin", tiny_teacher, tmp_path / "ref", *args)
+    cmd = [tool("fairseq-kd"), "corpus", tiny_data / "bin", "--path", tiny_teacher, "--out", tmp_path / "o",
+           "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--workers", "1", *args]
+    done = kill_midway(cmd, tmp_path / "o" / "train.work")
+    assert 2 <= len(done) < 30, "the run was not interrupted midway"
+    out = run(cmd).stdout
+    assert f"resuming: {len(done)} of 30 chunks already done" in out
+    assert filecmp.cmp(tmp_path / "o" / "train.en", tmp_path / "ref" / "train.en", shallow=False)
+
+
+def test_seq_inter_picks_the_best_sentence_bleu_of_the_nbest(memorized, tiny_data, tmp_path):
+    """The N best come from CTranslate2 itself (asked here directly); the gold target of
+    sentence i is its (i % N)-th best, so the choice must often leave the 1-best."""
+    import ctranslate2
+
+    from fairseq_kd.deploy.ct2 import cached_model
+
+    data, model = memorized
+    nbest = 4
+    src = read_lines(data / "raw" / "train.es")
+    translator = ctranslate2.Translator(cached_model(str(model), str(data), "es", "en", "float32"))
+    longest = max(len(s.split()) for s in src) + 1
+    results = translator.translate_batch([s.split() for s in src], beam_size=nbest, num_hypotheses=nbest,
+                                         max_decoding_length=int(1.2 * longest + 5), max_input_length=0)
+    hyps = [[" ".join(h) for h in r.hypotheses] for r in results]
+    gold = [hyps[i][i % nbest] for i in range(len(src))]
+    seq_data = binarize(tiny_data, tmp_path / "data", "train", src, gold)
+    corpus(seq_data, model, tmp_path / "out", *GREEDY[2:], "--seq-inter", nbest, "--formats", "pieces",
+           "--backend", "ctranslate2", "--batch-size", "64")
+    chosen = read_lines(tmp_path / "out" / "train.en")
+    expected = []
+    for i in range(len(src)):
+        scores = [sacrebleu.sentence_bleu(h, [gold[i]]).score for h in hyps[i]]
+        expected.append(hyps[i][scores.index(max(scores))])
+    assert chosen == expected
+    assert sum(c != hyps[i][0] for i, c in enumerate(chosen)) >= len(src) // 2
+
+
+def test_corpus_ct2_refuses_what_it_cannot_do(tiny_data, tiny_teacher, tmp_path):
+    proc = corpus(tiny_data / "bin", f"{tiny_teacher}:{tiny_teacher}", tmp_path, "--backend", "ctranslate2",
+                  check=False)
+    assert "--backend ctranslate2 translates with one teacher, not an ensemble" in proc.stderr
+    proc = corpus(tiny_data / "bin", tiny_teacher, tmp_path, "--backend", "ctranslate2", "--unkpen", "1",
+                  check=False)
+    assert "--unkpen is not supported by --backend ctranslate2" in proc.stderr
+
+
+# ------------------------------------------------------------------ export, translate, evaluate
+@pytest.fixture(scope="module")
+def model_folder(memorized, tiny_data, tmp_path_factory):
+    data, model = memorized
+    out = tmp_path_factory.mktemp("export") / "model"
+    run([tool("fairseq-kd"), "export", "--path", model, "--format", "ctranslate2", "--quantization", "float32",
+         "--data", data, "--spm-model", tiny_data / "pieces" / "spm.model", "--out", out])
+    return out
+
+
+def test_export_translate_round_trip_on_raw_text(model_folder, memorized, tmp_path):
+    """Raw text in, raw text out: equal to stock fairseq-generate's detokenized greedy output."""
+    data, model = memorized
+    info = json.loads((model_folder / "fairseq_kd.json").read_text())
+    assert info["source_lang"] == "es" and info["target_lang"] == "en" and info["quantization"] == "float32"
+    raw = read_lines(data / "raw" / "train.es")
+    raw_text = [post(line) for line in raw]
+    (tmp_path / "in.es").write_text("\n".join(raw_text[:10] + [""] + raw_text[10:]) + "\n", encoding="utf-8")
+    run([tool("fairseq-kd"), "translate", "--model", model_folder, "--input", tmp_path / "in.es",
+         "--output", tmp_path / "out.en", "--beam", "1", "--max-len-a", "1.2", "--max-len-b", "5",
+         "--batch-size", "64", "--threads", "1"])
+    out = read_lines(tmp_path / "out.en")
+    assert len(out) == N_LINES + 1 and out[10] == ""  # every line, in order; empty -> empty
+    hyps, _ = stock_nbest(data, model, "train", 1, decode=GREEDY)
+    assert identical_share(out[:10] + out[11:], [post(hyps[i][0]) for i in range(N_LINES)]) >= 0.95
+    # stdin -> stdout: the same (the whole input: a batch's maximum length depends on its longest line)
+    piped = subprocess.run([tool("fairseq-kd"), "translate", "--model", str(model_folder), "--beam", "1",
+                            "--max-len-a", "1.2", "--max-len-b", "5", "--batch-size", "64"],
+                           input=(tmp_path / "in.es").read_text(encoding="utf-8"), capture_output=True,
+                           text=True, env=helpers.env())
+    assert piped.returncode == 0 and piped.stdout.splitlines() == out
+
+
+def test_translate_bad_inputs_are_one_line_errors(model_folder, tmp_path):
+    def translate(*args):
+        return kd_error(run([tool("fairseq-kd"), "translate", *args], check=False), "translate")
+
+    assert "model folder not found" in translate("--model", tmp_path / "nope", "--input", tmp_path / "x")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_folder, broken)
+    (broken / "sentencepiece.model").unlink()
+    assert "lacks its SentencePiece model" in translate("--model", broken)
+    (tmp_path / "bad.es").write_bytes(b"\xff\xfe\x00 not utf-8\n")
+    assert "cannot read" in translate("--model", model_folder, "--input", tmp_path / "bad.es")
+    assert "file not found" in translate("--model", model_folder, "--input", tmp_path / "no.es")
+    proc = run([tool("fairseq-kd"), "export", "--path", model_folder / "model.bin", "--format", "ctranslate2",
+                "--out", tmp_path / "m"], check=False)
+    assert "needs --spm-model" in kd_error(proc, "export")
+
+
+def test_evaluate_records_the_ct2_row(memorized, tmp_path):
+    data, model = memorized
+    ref = tmp_path / "ref.en"
+    ref.write_text("".join(post(r) + "\n" for r in read_lines(data / "raw" / "train.en")), encoding="utf-8")
+    assert cli.main(["evaluate", "--data", str(data), "--gen-subset", "train", "--checkpoint", str(model),
+                     "--name", "m", "--ref", str(ref), "--results", str(tmp_path / "r.json"), "--cpu",
+                     "--beam", "2", "--max-len-a", "1.2", "--max-len-b", "5",
+                     "--backend", "ctranslate2", "--quantization", "int8"]) == 0
+    system, = json.loads((tmp_path / "r.json").read_text())["systems"]
+    assert system["name"] == "m (ct2 int8)" and system["quantization"] == "int8"
+    refs = read_lines(ref)
+    for label in ("greedy", "beam"):
+        hyps = read_lines(tmp_path / f"r.m.ct2-int8.{label}.txt")
+        assert len(hyps) == N_LINES
+        assert system[label]["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+        assert system[label]["sentences_per_s"] > 0
