@@ -8,7 +8,7 @@ from fairseq_kd import layer_maps
 from fairseq_kd.errors import KDError
 from fairseq_kd.layer_maps import NAMED_MAPS, build_layer_map, explicit_map_spec, format_map_table
 
-# The groups documented in fairseq_kd/layer_maps.py and the README (0-based teacher layers).
+# The groups documented in fairseq_kd/layer_maps.py and docs/ckd.md (0-based teacher layers).
 DOCUMENTED = {
     (6, 3): {
         "skip": [[1], [3], [5]],
@@ -37,11 +37,11 @@ def test_named_maps_give_the_documented_groups(depths, name):
     assert build_layer_map(name, *depths) == DOCUMENTED[depths][name]
 
 
-def test_docstring_and_readme_show_the_table_the_code_builds():
+def test_docstring_and_ckd_page_show_the_table_the_code_builds():
     table = format_map_table(sorted(DOCUMENTED, key=lambda d: (d[0], -d[1])))
     assert table in layer_maps.__doc__
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert table in readme
+    page = (Path(__file__).resolve().parents[1] / "docs" / "ckd.md").read_text(encoding="utf-8")
+    assert table in page
     # and the rendered cells are the groups above
     row = re.search(r"^\| 6 -> 2 \| (.*) \|$", table, re.M).group(1).split(" | ")
     assert row[NAMED_MAPS.index("overlap")] == "{0,1,2,3} {3,4,5}"
@@ -79,13 +79,13 @@ def test_explicit_map_round_trip_and_any_depths():
 
 def test_methods_cross_example_is_the_documented_explicit_map():
     """METHODS.md's cross example '1,3 | 4,6' (1-based, 6 -> 2) is not our named
-    cross map; README and docstring say so and give the explicit map that is."""
+    cross map; docs/ckd.md and the docstring say so and give the explicit map that is."""
     methods_example = [[1, 3], [4, 6]]
     spec = "0,2|3,5"
     assert build_layer_map(spec, 6, 2) == [[j - 1 for j in g] for g in methods_example]
     assert build_layer_map("cross", 6, 2) != build_layer_map(spec, 6, 2)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    for doc in (readme, layer_maps.__doc__):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "ckd.md").read_text(encoding="utf-8")
+    for doc in (page, layer_maps.__doc__):
         assert f"--layer-map '{spec}'" in doc and "1,3 | 4,6" in doc
         assert "METHODS.md leaves them open" not in doc
 
