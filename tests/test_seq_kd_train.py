@@ -175,3 +175,44 @@ def test_export_loads_in_stock_fairseq_and_translates_identically(retrained, dis
     hyps = lambda text: sorted(l for l in text.splitlines() if l.startswith("H-"))  # noqa: E731
     assert len(hyps(stock.stdout)) == 40
     assert hyps(stock.stdout) == hyps(plugin)
+
+
+def test_half_export_stores_float16_and_stock_fairseq_translates_with_it(retrained, tiny_data, tmp_path):
+    """--half: every float weight is the float32 weight rounded to float16, the
+    file is about half the size, and stock fairseq (no plugin) translates with it."""
+    work, _ = retrained
+    original = work / "ck" / "checkpoint_last.pt"
+    kd_cli("export", "--path", original, "--out", tmp_path / "full.pt")
+    out = kd_cli("export", "--path", original, "--out", tmp_path / "half.pt", "--half")
+    assert out.rstrip().endswith("float16 weights")
+    full = torch.load(tmp_path / "full.pt", map_location="cpu", weights_only=True)["model"]
+    half = torch.load(tmp_path / "half.pt", map_location="cpu", weights_only=True)["model"]
+    assert full.keys() == half.keys()
+    for name, weight in full.items():
+        if weight.is_floating_point():
+            assert half[name].dtype == torch.float16 and torch.equal(half[name], weight.to(torch.float16)), name
+        else:
+            assert torch.equal(half[name], weight), name
+    # tied embeddings (--share-all-embeddings) stay one tensor, stored once
+    tied = [half[k] for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                              "decoder.output_projection.weight") if k in half]
+    assert len(tied) >= 2 and len({t.data_ptr() for t in tied}) == 1
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size
+    env = helpers.env()
+    env["PYTHONPATH"] = ""  # stock fairseq
+    import subprocess
+    stock = subprocess.run([tool("fairseq-generate"), str(tiny_data / "bin"), "--task", "translation",
+                            "--path", str(tmp_path / "half.pt"), "--gen-subset", "test", "--cpu", "--beam", "1",
+                            "--batch-size", "64", "--required-batch-size-multiple", "1", "-s", "es", "-t", "en"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    assert sum(line.startswith("H-") for line in stock.stdout.splitlines()) == 40
+
+
+def test_half_is_refused_with_ctranslate2(capsys, tmp_path):
+    from fairseq_kd import cli
+
+    (tmp_path / "x.pt").write_bytes(b"")
+    assert cli.main(["export", "--path", str(tmp_path / "x.pt"), "--out", str(tmp_path / "o"), "--half",
+                     "--format", "ctranslate2"]) != 0
+    assert "--half is for --format fairseq" in capsys.readouterr().err

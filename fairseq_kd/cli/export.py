@@ -29,6 +29,9 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="exported checkpoint (fairseq) or model folder (ctranslate2)")
     p.add_argument("--format", choices=["fairseq", "ctranslate2"], default="fairseq",
                    help="fairseq: one checkpoint file (default); ctranslate2: a model folder")
+    p.add_argument("--half", action="store_true",
+                   help="--format fairseq: store the weights as float16 (half the size, e.g. to ship a "
+                        "teacher); fairseq loads them into a float32 model")
     g = p.add_argument_group("--format ctranslate2")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
                    help="weights of the CTranslate2 model (default: int8)")
@@ -70,16 +73,18 @@ def export_ct2(args):
 def export_fairseq(args):
     from fairseq_kd.deploy.export import write_export
 
-    state, exported = write_export(args.path, args.out)
+    state, exported = write_export(args.path, args.out, half=args.half)
     dropped = sorted(k for k in state if k not in exported and state[k] is not None)
     before, after = os.path.getsize(args.path), os.path.getsize(args.out)
     print(f"wrote {args.out}: {after / 1e6:.2f} MB (was {before / 1e6:.2f} MB, "
           f"{after / before:.1%}); dropped {', '.join(dropped) or 'nothing'}; "
-          f"arch transformer, task translation")
+          f"arch transformer, task translation{', float16 weights' if args.half else ''}")
 
 
 def run(args):
     require(os.path.abspath(args.out) != os.path.abspath(args.path), "--out must differ from --path")
+    require(not (args.half and args.format == "ctranslate2"),
+            "--half is for --format fairseq; --format ctranslate2 takes --quantization float16")
     if args.format == "ctranslate2":
         export_ct2(args)
     else:

@@ -13,6 +13,8 @@ import argparse
 from collections import OrderedDict
 from dataclasses import fields
 
+import torch
+
 from fairseq_kd.errors import require
 
 # Set by fairseq's base_architecture but not declared by TransformerModel.add_args.
@@ -67,8 +69,32 @@ def converter_model_config(hparams, task_config):
     return config
 
 
-def export_state(state):
-    """A loadable, inference-only checkpoint dict built from a training checkpoint."""
+def half_precision(weights):
+    """Floating-point tensors as float16, others unchanged: half the file size.
+
+    fairseq builds the model in float32 and ``load_state_dict`` copies the
+    float16 values into it, so inference sees each weight rounded to 11
+    significant bits (relative error <= 2^-11) and nothing else changes.
+    Tied weights (shared embeddings: one storage in a CPU checkpoint, equal
+    copies in one saved from fp16) become one float16 tensor, which
+    ``torch.save`` stores once.
+    """
+    out, seen = {}, {}  # seen: shape -> [(float32 tensor, its float16 tensor)]
+    for key, value in weights.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        same_shape = seen.setdefault(tuple(value.shape), [])
+        tied = next((h for v, h in same_shape if v is value or torch.equal(v, value)), None)
+        out[key] = tied if tied is not None else value.half()
+        if tied is None:
+            same_shape.append((value, out[key]))
+    return out
+
+
+def export_state(state, half=False):
+    """A loadable, inference-only checkpoint dict built from a training checkpoint
+    (``half``: floating-point weights stored as float16)."""
     from omegaconf import OmegaConf
 
     from fairseq_kd.checkpoint import checkpoint_cfg
@@ -82,7 +108,7 @@ def export_state(state):
         "args": None,
         "cfg": {"_name": None, "model": converter_model_config(transformer_hyperparameters(plain["model"]), task),
                 "task": task},
-        "model": dict(state["model"].items()),
+        "model": half_precision(state["model"]) if half else dict(state["model"].items()),
         # fairseq's loader requires these two entries; they carry no training state.
         "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": None,
                                "lr_scheduler_state": {}, "num_updates": num_updates}],
@@ -90,7 +116,7 @@ def export_state(state):
     }
 
 
-def write_export(path, out):
+def write_export(path, out, half=False):
     """Export checkpoint ``path`` to ``out``; returns (training state, exported state)."""
     import os
 
@@ -99,7 +125,7 @@ def write_export(path, out):
     from fairseq_kd.checkpoint import load_checkpoint_state
 
     state = load_checkpoint_state(path)
-    exported = export_state(state)
+    exported = export_state(state, half)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(exported, out)
     torch.load(out, map_location="cpu", weights_only=True)  # stock fairseq's loader must accept it
