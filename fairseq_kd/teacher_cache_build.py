@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from fairseq import utils
 
 from fairseq_kd.atomic_io import write_atomic
+from fairseq_kd.checksum import file_sha256
 from fairseq_kd.errors import require
 from fairseq_kd.losses import ensemble_scores
 from fairseq_kd.teacher import Teacher, teacher_paths
@@ -129,14 +130,6 @@ def report_lines(directory, splits):
     state = "complete" if complete else "INCOMPLETE: rerun the same command to resume"
     lines.append(f"teacher cache {directory}: {total:,} bytes ({total / 2**20:.1f} MiB), {state}")
     return lines
-
-
-def file_sha256(path, chunk=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_meta(directory, meta):

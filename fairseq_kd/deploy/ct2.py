@@ -81,7 +81,7 @@ def cached_model(checkpoint, dict_dir, src, tgt, quantization="float32", cache_d
     Keyed by the checksums of the checkpoint and the dictionaries and by the
     quantization: a retrained teacher (same path, new weights) converts again.
     """
-    from fairseq_kd.teacher_cache import file_sha256
+    from fairseq_kd.checksum import file_sha256
 
     require(os.path.isfile(checkpoint), f"checkpoint not found: {checkpoint}")
     key = hashlib.sha256(":".join(
@@ -180,7 +180,7 @@ def sentencepiece_postprocess(pieces):
 
 def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quantization):
     """A folder to ship: the CTranslate2 model, the SentencePiece model and MODEL_INFO."""
-    from fairseq_kd.teacher_cache import file_sha256
+    from fairseq_kd.checksum import file_sha256
 
     require(os.path.isfile(spm_model), f"--spm-model: SentencePiece model not found: {spm_model}")
     require(not os.path.isfile(out_dir), f"--out {out_dir} is a file, not a folder")
