@@ -158,6 +158,8 @@ step_corpus() {
 : "${ARGS_seq_kd=}"
 : "${ARGS_seq_inter=}"
 : "${ARGS_hybrid_kd=--gate complexity --kd-temperature 1}"
+# the same mixture with a fixed gate: does the learned gate earn its place?
+: "${ARGS_hybrid_fixed=--gate fixed --gate-value 0.5 --kd-temperature 1}"
 : "${ARGS_ckd=--kd-alpha 0.5 --ckd-beta 0.2 --layer-map regular --ckd-side encoder}"
 : "${ARGS_a2d=--kd-alpha 0.5 --a2d-beta 1 --a2d-decay 0.9 --attn-types enc,dec,cross}"
 
@@ -179,8 +181,8 @@ method_args() {
     baseline) echo "--criterion label_smoothed_cross_entropy" ;;
     word_kd | ckd | a2d) echo "--criterion $1" ;;
     seq_kd | seq_inter) echo "--criterion seq_kd" ;;
-    hybrid_kd) echo "--distilled-data $WORK/distilled --num-batch-buckets 0 --criterion hybrid_kd" ;;
-    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d)" ;;
+    hybrid_kd | hybrid_fixed) echo "--distilled-data $WORK/distilled --num-batch-buckets 0 --criterion hybrid_kd" ;;
+    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d)" ;;
   esac
   echo "${!extra_var:-}"
 }

@@ -53,7 +53,10 @@ STUDENT_ARGS=${STUDENT_ARGS:-$(profile_value \
 STUDENT_TRAIN=${STUDENT_TRAIN:-$(profile_value \
   "--max-epoch 40 --patience 5 --stop-time-hours 0.12" \
   "--max-update 2600 --stop-time-hours 0.5")}
-METHODS=${METHODS:-baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d}
+# hybrid_fixed: hybrid_kd with a fixed 0.5 gate, beside the default (learned) gate
+METHODS=${METHODS:-$(profile_value \
+  "baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d" \
+  "baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d")}
 
 # --- distilled corpora, pruning, evaluation
 BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
