@@ -292,7 +292,7 @@ def test_custom_recipe_end_to_end_on_made_up_language_codes(tmp_path):
 
 
 def test_table_compares_with_the_baseline():
-    from fairseq_kd.cli.table import markdown_table
+    from fairseq_kd.results import markdown_table
     from fairseq_kd.errors import KDError
 
     def system(name, greedy, beam):

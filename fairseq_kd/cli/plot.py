@@ -3,7 +3,7 @@
 Reads the JSON written by ``fairseq-kd evaluate`` and writes a PNG
 (``fairseq-kd table`` prints the same results as a Markdown table).
 """
-import os
+from fairseq_kd.results import plot_results, read_results
 
 USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fairseq_kd.cli)
 
@@ -18,29 +18,5 @@ def add_arguments(p):
 
 
 def run(args):
-    from fairseq_kd.cli.table import read_results
-
-    results = read_results(args.results)
-    systems = results["systems"]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for s in systems:
-        d = s[args.decoding]
-        x = d["sentences_per_s"] if args.x == "speed" else s["params"] / 1e6
-        marker = "s" if s["name"].startswith("teacher") else "o"
-        ax.scatter([x], [d["bleu"]], marker=marker)
-        ax.annotate(s["name"], (x, d["bleu"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"{args.decoding} translation speed (sentences/s, {results.get('device')})"
-                  if args.x == "speed" else "parameters (millions)")
-    ax.set_ylabel(f"sacreBLEU ({args.decoding})")
-    ax.set_xscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(args.title or f"BLEU vs {'speed' if args.x == 'speed' else 'size'}")
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    plot_results(read_results(args.results), args.out, args.x, args.decoding, args.title)
     print(f"wrote {args.out}")

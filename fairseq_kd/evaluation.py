@@ -1,0 +1,206 @@
+"""Evaluate one checkpoint on a binarized split: decode (greedy and beam), score, record.
+
+The work of ``fairseq-kd evaluate`` (:mod:`fairseq_kd.cli.evaluate` describes
+it for users).  Decoding is ``fairseq-generate`` in a child process, whose
+own speed line gives the translation speed (loading excluded), or the
+checkpoint converted to CTranslate2 (:mod:`fairseq_kd.deploy.ct2`);
+hypotheses are scored with sacreBLEU (BLEU, chrF) and the system is recorded
+in a results file (:mod:`fairseq_kd.results`) with the device it was timed on.
+"""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+from fairseq_kd.errors import require
+from fairseq_kd.results import FP16_NOTE, check_same_device, record_system, results_to_update
+
+SPEED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
+# The line naming the exception at the end of a Python traceback, e.g. "RuntimeError: ...".
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+FAILURE_LINES = 3
+# The folder fairseq-generate loads the plugin from (--user-dir)
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One system's evaluation; the fields are ``fairseq-kd evaluate``'s options."""
+    data: str  # fairseq binary data folder
+    checkpoint: str
+    name: str  # the system's name in the results file
+    ref: str  # detokenized reference of the split
+    results: str  # JSON file to update
+    gen_subset: str
+    beam: int  # beam size of the beam-search run (the other is greedy)
+    batch_size: int
+    max_len_a: float
+    max_len_b: int
+    post_process: str  # fairseq --post-process that detokenizes hypotheses
+    cpu: bool
+    fp16: bool
+    no_user_dir: bool  # stock fairseq-generate, without the plugin (exported checkpoints)
+    backend: str  # "fairseq" or "ctranslate2"
+    quantization: str  # the CTranslate2 model's weights
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def system_name(self):
+        """The results row: NAME, or NAME (ct2 QUANTIZATION) for the CTranslate2 model."""
+        return f"{self.name} (ct2 {self.quantization})" if self.backend == "ctranslate2" else self.name
+
+
+def hypotheses_file(results, name, label):
+    """RESULTS.NAME.LABEL.txt, the row's name made a file name ("a (ct2 int8)" -> "a.ct2-int8")."""
+    stem = re.sub(r"\s*\((.*)\)$", lambda m: "." + m.group(1).replace(" ", "-"), name)
+    return f"{os.path.splitext(results)[0]}.{stem}.{label}.txt"
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def fairseq_tool(name):
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.path.exists(path) else name
+
+
+def decoding_device(spec):
+    """What fairseq-generate decodes on (a GPU whenever it sees one, unless --cpu)."""
+    import torch
+
+    if spec.cpu or not torch.cuda.is_available():
+        require(not spec.fp16, "--fp16 needs a GPU (no --cpu, and CUDA available)")
+        from fairseq_kd.processes import usable_cores
+
+        cores = usable_cores()
+        threads = os.environ.get("OMP_NUM_THREADS")
+        return f"CPU ({cores} cores" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
+    return torch.cuda.get_device_name() + (FP16_NOTE if spec.fp16 else "")
+
+
+def failure_lines(stderr):
+    """Why a child failed, from its stderr: the plugin's one-line error, else the
+    line naming its last exception (and the next few), else its last lines."""
+    lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
+    plugin = [line for line in lines if line.startswith("fairseq_kd: error:")]
+    if plugin:
+        return plugin[-1:]
+    starts = [i for i, line in enumerate(lines) if EXCEPTION_LINE.match(line)]
+    first = starts[-1] if starts else max(len(lines) - FAILURE_LINES, 0)
+    return lines[first:first + FAILURE_LINES]
+
+
+def generate(spec, beam, hyp_path):
+    """Run fairseq-generate; write hypotheses in input order; return (sentences, sentences/s)."""
+    cmd = [fairseq_tool("fairseq-generate"), spec.data, "--path", spec.checkpoint,
+           "--gen-subset", spec.gen_subset, "--beam", str(beam), "--nbest", "1",
+           "--batch-size", str(spec.batch_size),
+           # otherwise fairseq-generate drops the last partial batch silently
+           "--required-batch-size-multiple", "1",
+           "--max-len-a", str(spec.max_len_a), "--max-len-b", str(spec.max_len_b),
+           "--post-process", spec.post_process]
+    if not spec.no_user_dir:
+        cmd += ["--user-dir", PLUGIN_DIR]
+    cmd += ["--cpu"] if spec.cpu else []
+    cmd += ["--fp16"] if spec.fp16 else []
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    require(proc.returncode == 0,
+            f"fairseq-generate failed on {spec.checkpoint} (exit status {proc.returncode}):\n  "
+            + "\n  ".join(failure_lines(proc.stderr)))
+    hyps = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("H-"):
+            idx, _, text = (line[2:].split("\t") + [""])[:3]
+            hyps[int(idx)] = text
+    speed = SPEED.search(proc.stdout + proc.stderr)
+    require(speed is not None, "fairseq-generate printed no speed line")
+    with open(hyp_path, "w", encoding="utf-8") as f:
+        f.write("".join(hyps[i] + "\n" for i in sorted(hyps)))
+    return len(hyps), float(speed.group(4))
+
+
+def ct2_translator(spec):
+    """(translator, source, target) of the checkpoint converted to CTranslate2, on the evaluation's cores."""
+    from fairseq.data import data_utils
+
+    from fairseq_kd.deploy.ct2 import cached_model, load_translator
+    from fairseq_kd.processes import usable_cores
+
+    src, tgt = data_utils.infer_language_pair(spec.data)
+    require(src and tgt, f"--data: cannot tell the languages from the file names in {spec.data}")
+    model = cached_model(spec.checkpoint, spec.data, src, tgt, spec.quantization)
+    if spec.cpu or not cuda_available_to_ct2():
+        threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
+        return load_translator(model, "cpu", threads=1, parallel=threads), src, tgt
+    return load_translator(model, "cuda"), src, tgt
+
+
+def cuda_available_to_ct2():
+    import ctranslate2
+
+    return ctranslate2.get_cuda_device_count() > 0
+
+
+def generate_ct2(spec, translator, langs, beam, hyp_path):
+    """CTranslate2's translation of the split, as :func:`generate`: (sentences, sentences/s)."""
+    from fairseq_kd.deploy.ct2 import translate_binarized
+
+    hyps, speed = translate_binarized(translator, spec.data, spec.gen_subset, *langs, spec.batch_size,
+                                      spec.post_process, beam=beam, max_len_a=spec.max_len_a,
+                                      max_len_b=spec.max_len_b)
+    with open(hyp_path, "w", encoding="utf-8") as f:
+        f.write("".join(h + "\n" for h in hyps))
+    return len(hyps), round(speed, 2)
+
+
+def count_parameters(checkpoint):
+    """Unique parameters of the model in a checkpoint (shared embeddings counted once)."""
+    from fairseq_kd.checkpoint import load_checkpoint_state
+
+    state = load_checkpoint_state(checkpoint)
+    seen = {}
+    for key, value in state["model"].items():
+        if not key.endswith(("version", "_float_tensor")):
+            seen[value.data_ptr()] = value.numel()
+    return sum(seen.values())
+
+
+def evaluate(spec, report=print):
+    """Decode greedy and with beam ``spec.beam``, score both, and record the system in
+    ``spec.results``; ``report`` gets a line per decoding."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    os.makedirs(os.path.dirname(os.path.abspath(spec.results)), exist_ok=True)
+    device = decoding_device(spec)
+    results = results_to_update(spec.results)
+    name = spec.system_name
+    check_same_device(results, spec.results, name, device)
+    refs = read_lines(spec.ref)
+    entry = {"name": name, "checkpoint": spec.checkpoint, "params": count_parameters(spec.checkpoint),
+             "device": device}
+    if spec.backend == "ctranslate2":
+        entry.update(backend="ctranslate2", quantization=spec.quantization)
+        translator, *langs = ct2_translator(spec)
+    bleu, chrf = BLEU(), CHRF()
+    for label, beam in (("greedy", 1), ("beam", spec.beam)):
+        hyp_path = hypotheses_file(spec.results, name, label)
+        if spec.backend == "ctranslate2":
+            n, speed = generate_ct2(spec, translator, langs, beam, hyp_path)
+        else:
+            n, speed = generate(spec, beam, hyp_path)
+        require(n == len(refs), f"{name}: {n} hypotheses for {len(refs)} references")
+        hyps = read_lines(hyp_path)
+        entry[label] = {"beam": beam, "bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
+                        "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
+                        "sentences_per_s": speed}
+        report(f"{name} {label}: BLEU {entry[label]['bleu']}, chrF {entry[label]['chrf']}, "
+               f"{speed} sentences/s")
+    record_system(results, spec.results, entry, str(bleu.get_signature()), str(chrf.get_signature()),
+                  device)
+    return entry

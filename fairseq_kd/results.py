@@ -1,0 +1,131 @@
+"""The results file of ``fairseq-kd evaluate``: read and checked, updated, printed and plotted.
+
+A JSON object: the sacreBLEU signatures ("bleu_signature", "chrf_signature"),
+the "device" the speeds were measured on and "systems", one entry per
+evaluated system (name, params, device, and per decoding "greedy" / "beam":
+beam, bleu, chrf, sentences_per_s).  ``fairseq-kd evaluate`` writes it,
+``fairseq-kd table`` and ``fairseq-kd plot`` read it.
+
+Neither fairseq nor torch is imported here (``fairseq-kd table`` and ``plot``
+start quickly); matplotlib only when a plot is drawn.
+"""
+import json
+import os
+
+from fairseq_kd.errors import KDError, require
+
+DECODING_KEYS = ("beam", "bleu", "chrf", "sentences_per_s")
+# How a device string notes fp16 decoding (fairseq_kd.evaluation.decoding_device)
+FP16_NOTE = " in fp16"
+
+
+def read_results(path, allow_empty=False):
+    """A results file written by ``fairseq-kd evaluate``, checked (for table, plot, evaluate)."""
+    require(os.path.isfile(path), f"results file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KDError(f"{path} is not a JSON file ({e})") from None
+    require(isinstance(results, dict) and isinstance(results.get("systems"), list),
+            f"{path} is not a results file of fairseq-kd evaluate (no 'systems' list)")
+    require(allow_empty or results["systems"], f"{path} lists no systems")
+    for system in results["systems"]:
+        check_system(system, path)
+    return results
+
+
+def check_system(system, path):
+    name = system.get("name") if isinstance(system, dict) else None
+    require(isinstance(name, str), f"{path}: a system without a name")
+    missing = [k for k in ("params", "greedy", "beam") if k not in system]
+    missing += [f"{d}.{k}" for d in ("greedy", "beam") if isinstance(system.get(d), dict)
+                for k in DECODING_KEYS if k not in system[d]]
+    require(not missing, f"{path}: system '{name}' lacks {', '.join(missing)}")
+
+
+def results_to_update(path):
+    """The results file to update (empty when it does not exist yet)."""
+    return read_results(path, allow_empty=True) if os.path.exists(path) else {"systems": []}
+
+
+def check_same_device(results, path, name, device):
+    """Speeds measured on different devices must not share a table or a plot.
+
+    ``results`` (read from ``path``) is about to get the system ``name``
+    timed on ``device``.  Systems without their own "device" entry come from
+    files written before it existed, whose file-level field could be wrong:
+    they are not compared.
+    """
+    # fp16 is how a PyTorch system decodes, not another device: its CTranslate2 row runs beside it
+    others = {s["device"].removesuffix(FP16_NOTE) for s in results["systems"]
+              if s["name"] != name and "device" in s}
+    require(others <= {device.removesuffix(FP16_NOTE)},
+            f"{path} holds systems timed on {', '.join(sorted(others))}, this run decodes on "
+            f"{device}: their speeds would not be comparable; use another --results file, or "
+            f"delete this one to evaluate every system on this device")
+
+
+def record_system(results, path, entry, bleu_signature, chrf_signature, device):
+    """Write ``results`` to ``path`` with ``entry`` in place of the system of its name."""
+    results["bleu_signature"] = bleu_signature
+    results["chrf_signature"] = chrf_signature
+    results["device"] = device
+    results["systems"] = [s for s in results["systems"] if s["name"] != entry["name"]] + [entry]
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def markdown_table(results, baseline=None):
+    """The systems as a Markdown table (with "vs BASELINE" BLEU columns if given) and the signatures."""
+    head = "| system | params | BLEU greedy | chrF greedy | sent/s greedy | BLEU beam | chrF beam | sent/s beam |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    base = None
+    if baseline is not None:
+        found = [s for s in results["systems"] if s["name"] == baseline]
+        require(found, f"--baseline {baseline}: no such system in the results")
+        base = found[0]
+        head += f" BLEU greedy vs {baseline} | BLEU beam vs {baseline} |"
+        rule += "---:|---:|"
+    lines = [head, rule]
+    for s in results["systems"]:
+        g, b = s["greedy"], s["beam"]
+        row = (f"| {s['name']} | {s['params'] / 1e6:.1f}M | {g['bleu']:.1f} | {g['chrf']:.1f} | "
+               f"{g['sentences_per_s']:.0f} | {b['bleu']:.1f} | {b['chrf']:.1f} | {b['sentences_per_s']:.0f} |")
+        if base is not None:
+            # from the stored scores (2 decimals), then rounded like the columns
+            row += "".join(f" {round(s[d]['bleu'] - base[d]['bleu'], 1) + 0.0:+.1f} |"  # + 0.0: no "-0.0"
+                           for d in ("greedy", "beam"))
+        lines.append(row)
+    lines.append("")
+    lines.append(f"BLEU signature: `{results.get('bleu_signature', '')}`  ")
+    lines.append(f"chrF signature: `{results.get('chrf_signature', '')}`  ")
+    lines.append(f"beam search: beam {results['systems'][0]['beam']['beam']}; device: {results.get('device')}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(results, out, x="speed", decoding="greedy", title=None):
+    """Draw BLEU of ``decoding`` against its speed (``x="speed"``) or the parameters
+    (``x="params"``) for every system, into the PNG ``out`` (its folder created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for s in results["systems"]:
+        d = s[decoding]
+        x_value = d["sentences_per_s"] if x == "speed" else s["params"] / 1e6
+        marker = "s" if s["name"].startswith("teacher") else "o"
+        ax.scatter([x_value], [d["bleu"]], marker=marker)
+        ax.annotate(s["name"], (x_value, d["bleu"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"{decoding} translation speed (sentences/s, {results.get('device')})"
+                  if x == "speed" else "parameters (millions)")
+    ax.set_ylabel(f"sacreBLEU ({decoding})")
+    ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or f"BLEU vs {'speed' if x == 'speed' else 'size'}")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)  # a library caller may draw many
