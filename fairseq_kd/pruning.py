@@ -24,9 +24,11 @@ gradients), and the task multiplies the weights by the masks after every
 optimizer step, which also covers optimizers that move weights without a
 gradient (weight decay on a nonzero state, resumed momenta).
 """
+import os
+
 import torch
 
-from fairseq_kd.checkpoint import read_torch_file
+from fairseq_kd.checkpoint import load_checkpoint_state, read_torch_file
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import unwrap_model
 
@@ -155,6 +157,54 @@ def sparsity_report(weights):
     return rows
 
 
+def format_report(rows):
+    """The rows of :func:`sparsity_report` as an aligned table with a total."""
+    width = max(len(name) for name, *_ in rows)
+    lines = [f"{'tensor':<{width}}  {'weights':>9}  {'zeros':>9}  sparsity"]
+    for name, n, zeros in rows:
+        lines.append(f"{name:<{width}}  {n:>9}  {zeros:>9}  {zeros / n:8.4f}")
+    total, zeros = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    lines.append(f"{'total':<{width}}  {total:>9}  {zeros:>9}  {zeros / total:8.4f}")
+    return "\n".join(lines)
+
+
+def prune_checkpoint(path, ratio, per_layer=False, include_embeddings=False):
+    """The checkpoint at ``path`` pruned to ``ratio`` and made ready to retrain.
+
+    Returns (state, masks, weights): the checkpoint state with the pruned
+    weights zeroed, the masks of :func:`magnitude_masks` and the selected
+    weights (tensors of ``state``, for :func:`sparsity_report`).
+    """
+    state = load_checkpoint_state(path)
+    model_cfg = state["cfg"].get("model") if state.get("cfg") is not None else None
+    weights = prunable_weights(state["model"], include_embeddings, model_cfg)
+    require(weights, f"{path}: no linear weights found to prune")
+    masks = magnitude_masks(weights, ratio, per_layer)
+    apply_masks(state["model"], masks, model_cfg)
+    # A pruned model is retrained from a fresh optimizer: old moments would move pruned weights.
+    state.pop("last_optimizer_state", None)
+    # fairseq restores the training time even with --reset-*: without this, a retraining
+    # under --stop-time-hours would count the original training and stop at once.
+    if state.get("extra_state"):
+        state["extra_state"].pop("previous_training_time", None)
+    state["cfg"] = state["cfg"] and _plain(state["cfg"])
+    return state, masks, weights
+
+
+def save_pruned(state, masks, out, mask_out):
+    """Write the pruned checkpoint to ``out`` (its folder created) and its masks to ``mask_out``."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    torch.save(state, out)
+    torch.save(masks, mask_out)
+
+
+def _plain(cfg):
+    """The omegaconf config back to the containers fairseq saved (its Namespaces kept)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg
+
+
 class MaskKeeper:
     """Keeps the masked weights of a model at exactly zero through training."""
 
@@ -164,8 +214,6 @@ class MaskKeeper:
 
     @classmethod
     def load(cls, path):
-        import os
-
         require(os.path.isfile(path), f"--prune-mask: file not found: {path}")
         try:
             masks = read_torch_file(path, what="mask file written by fairseq-kd prune")

@@ -46,48 +46,14 @@ def check_output_paths(args):
     require(mask != path, f"--mask-out must differ from --path ({args.path})")
 
 
-def format_report(rows):
-    width = max(len(name) for name, *_ in rows)
-    lines = [f"{'tensor':<{width}}  {'weights':>9}  {'zeros':>9}  sparsity"]
-    for name, n, zeros in rows:
-        lines.append(f"{name:<{width}}  {n:>9}  {zeros:>9}  {zeros / n:8.4f}")
-    total, zeros = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    lines.append(f"{'total':<{width}}  {total:>9}  {zeros:>9}  {zeros / total:8.4f}")
-    return "\n".join(lines)
-
-
 def run(args):
-    import torch
-
-    from fairseq_kd.checkpoint import load_checkpoint_state
-    from fairseq_kd.pruning import apply_masks, magnitude_masks, prunable_weights, sparsity_report
+    from fairseq_kd.pruning import format_report, prune_checkpoint, save_pruned, sparsity_report
 
     check_output_paths(args)
-    state = load_checkpoint_state(args.path)
-    model_cfg = state["cfg"].get("model") if state.get("cfg") is not None else None
-    weights = prunable_weights(state["model"], args.include_embeddings, model_cfg)
-    require(weights, f"{args.path}: no linear weights found to prune")
-    masks = magnitude_masks(weights, args.ratio, args.per_layer)
-    apply_masks(state["model"], masks, model_cfg)
-    # A pruned model is retrained from a fresh optimizer: old moments would move pruned weights.
-    state.pop("last_optimizer_state", None)
-    # fairseq restores the training time even with --reset-*: without this, a retraining
-    # under --stop-time-hours would count the original training and stop at once.
-    if state.get("extra_state"):
-        state["extra_state"].pop("previous_training_time", None)
-    state["cfg"] = state["cfg"] and _plain(state["cfg"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    torch.save(state, args.out)
-    torch.save(masks, mask_path(args.out, args.mask_out))
+    state, masks, weights = prune_checkpoint(args.path, args.ratio, args.per_layer, args.include_embeddings)
+    save_pruned(state, masks, args.out, mask_path(args.out, args.mask_out))
     mode = "per layer" if args.per_layer else "class-blind"
     print(format_report(sparsity_report(weights)))
     print(f"pruned {args.ratio:.2%} ({mode}) of {len(weights)} tensors; wrote {args.out} and "
           f"{mask_path(args.out, args.mask_out)}")
     return 0
-
-
-def _plain(cfg):
-    """The omegaconf config back to the containers fairseq saved (its Namespaces kept)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg
