@@ -41,7 +41,9 @@ def imported_modules(stderr):
 # ------------------------------------------------------------ start-up, output
 def test_help_imports_neither_fairseq_nor_torch():
     e = dict(env(), PYTHONPROFILEIMPORTTIME="1")
-    for cmd in ([tool("fairseq-kd"), "--help"], [tool("fairseq-kd"), "table", "--help"]):
+    quick = [[tool("fairseq-kd"), "--help"]] + [[tool("fairseq-kd"), c, "--help"]
+                                                 for c in ("table", "plot", "spm", "translate")]
+    for cmd in quick:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "usage: fairseq-kd" in proc.stdout
