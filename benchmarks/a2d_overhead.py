@@ -8,8 +8,8 @@ median step time of each configuration and its ratio to word_kd.
 
     python benchmarks/a2d_overhead.py DATA_BIN [--teacher 6x4x64] [--student 3x4x32]
 
-DATA_BIN: the bin/ folder of tests.helpers.prepare_tiny_data (or any es-en data
-binarized with a joined dictionary, in a folder named bin).
+DATA_BIN: the bin/ folder of tests.helpers.prepare_tiny_data (or any data
+binarized with a joined dictionary: the models share all embeddings).
 """
 import argparse
 import statistics
@@ -22,10 +22,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import build_training  # noqa: E402
-from test_a2d_attention import arch, save_random_teacher  # noqa: E402
+from fairseq_kd.inprocess import build_training, save_random_checkpoint, transformer_args  # noqa: E402
 
 
 def main():
@@ -42,7 +40,7 @@ def main():
     s_l, s_h, s_d = map(int, args.student.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         teacher = Path(tmp) / "teacher.pt"
-        save_random_teacher(Path(args.data_bin).parent, teacher, t_l, t_h, dim=t_d)
+        save_random_checkpoint(args.data_bin, teacher, t_l, t_h, dim=t_d)
         configs = {
             "word_kd": ["--criterion", "word_kd"],
             "a2d cross": ["--criterion", "a2d", "--attn-types", "cross"],
@@ -54,7 +52,7 @@ def main():
             torch.manual_seed(0)
             _, task, model, crit = build_training(
                 args.data_bin, "--task", "translation_kd", "--teacher-path", teacher,
-                *arch(s_l, s_h, s_d), *crit_args)
+                *transformer_args(s_l, s_h, s_d), *crit_args)
             task.load_dataset("train")
             itr = task.get_batch_iterator(dataset=task.dataset("train"),
                                           max_tokens=args.max_tokens, seed=1)

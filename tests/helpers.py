@@ -122,18 +122,9 @@ def prepare_tiny_data(root, sizes=None, vocab_size=400):
 
 def build_training(data_bin, *args):
     """(cfg, task, model, criterion) built in-process exactly as fairseq-train would."""
-    from fairseq import options, tasks
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_kd.inprocess import build_training as build  # imports fairseq: only when used
 
-    parser = options.get_training_parser()
-    ns = options.parse_args_and_arch(
-        parser, [str(data_bin), "--user-dir", USER_DIR, "--cpu", *map(str, args)]
-    )
-    cfg = convert_namespace_to_omegaconf(ns)
-    task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)
-    criterion = task.build_criterion(cfg.criterion)
-    return cfg, task, model, criterion
+    return build(data_bin, *args)
 
 
 def first_batch(task, split="valid", max_tokens=1000):

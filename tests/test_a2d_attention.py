@@ -1,7 +1,6 @@
 """Attention capture (fairseq_kd.capture, fairseq_kd.attention) against fairseq's own attention outputs."""
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from fairseq_kd.attention import (
     attention_layout,
@@ -11,39 +10,24 @@ from fairseq_kd.attention import (
 )
 from fairseq_kd.capture import CaptureSpec, capture
 from fairseq_kd.errors import KDError
+from fairseq_kd.inprocess import random_model as inprocess_random_model
+from fairseq_kd.inprocess import save_random_checkpoint, transformer_args
 from helpers import build_training, first_batch
 
 TYPES = ["enc", "dec", "cross"]
 
 
-def arch(layers, heads, dim=32):
-    """A vanilla fairseq transformer with ``layers`` encoder and decoder layers."""
-    return ["--arch", "transformer", "--share-all-embeddings",
-            "--encoder-layers", layers, "--decoder-layers", layers,
-            "--encoder-embed-dim", dim, "--decoder-embed-dim", dim,
-            "--encoder-ffn-embed-dim", 2 * dim, "--decoder-ffn-embed-dim", 2 * dim,
-            "--encoder-attention-heads", heads, "--decoder-attention-heads", heads]
+arch = transformer_args
 
 
 def random_model(tiny_data, layers, heads, seed=0, dim=32, *extra):
-    torch.manual_seed(seed)
-    cfg, task, model, _ = build_training(tiny_data / "bin", "--task", "translation",
-                                         *arch(layers, heads, dim), *extra)
-    return cfg, task, model
+    return inprocess_random_model(tiny_data / "bin", layers, heads, seed, dim, *extra)
 
 
 def save_random_teacher(tiny_data, path, layers, heads, seed=0, dim=32, *extra):
     """A randomly initialised teacher, saved as fairseq's trainer saves checkpoints
     (``extra``: more model options)."""
-    cfg, _, model = random_model(tiny_data, layers, heads, seed, dim, *extra)
-    torch.save({
-        "args": None, "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "model": model.state_dict(),
-        "optimizer_history": [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "adam",
-                               "lr_scheduler_state": {}, "num_updates": 0}],
-        "extra_state": {"train_iterator": {"epoch": 1}},
-    }, path)
-    return path
+    return save_random_checkpoint(tiny_data / "bin", path, layers, heads, seed, dim, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -84,3 +84,15 @@ def test_import_graph_has_no_cycle():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_benchmarks_do_not_import_the_tests():
+    """Benchmarks use library code only (tests/ is not a library)."""
+    test_modules = {p.stem for p in (PACKAGE_DIR.parent / "tests").glob("*.py")}
+    for script in sorted((PACKAGE_DIR.parent / "benchmarks").glob("*.py")):
+        source = script.read_text(encoding="utf-8")
+        assert '"tests"' not in source and "'tests'" not in source, script.name
+        for node in ast.walk(ast.parse(source)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split(".")[0] in test_modules], script.name

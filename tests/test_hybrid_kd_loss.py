@@ -13,8 +13,8 @@ from fairseq_kd.losses import (
     kd_kl_divergence,
     kd_kl_rows,
     optimal_gate,
+    token_losses,
     word_kd_loss,
-    word_kd_sentence_losses,
 )
 from test_word_kd_loss import PAD, brute_force_token_terms, brute_force_word_kd, random_batch
 
@@ -36,7 +36,8 @@ def test_kl_rows_match_formula_and_gradcheck():
 def test_sentence_losses_sum_to_word_kd_loss_and_match_brute_force():
     student, teacher, target = random_batch(seed=5)
     dist = TeacherDistribution(teacher.reshape(-1, teacher.size(-1)))
-    loss_i, nll_i, kd_i = word_kd_sentence_losses(student, target, dist, PAD, 0.3, 2.0, 0.1)
+    # without distilled targets the token term is word-level KD per sentence
+    loss_i, _, nll_i, kd_i = hybrid_sentence_losses(student, target, None, dist, PAD, 0.3, 2.0, 0.1)
     loss, nll, kd = word_kd_loss(student, target, dist, PAD, 0.3, 2.0, 0.1)
     assert loss_i.shape == (student.size(0),)
     for a, b in ((loss_i, loss), (nll_i, nll), (kd_i, kd)):
@@ -136,11 +137,16 @@ def test_hybrid_sentence_losses_without_distilled_targets():
     student, teacher, target = random_batch(seed=13)
     dist = TeacherDistribution(teacher.reshape(-1, teacher.size(-1)))
     tok, sent, nll, kd = hybrid_sentence_losses(student, target, None, dist, PAD, 0.3, 2.0, 0.1)
-    exp = word_kd_sentence_losses(student, target, dist, PAD, 0.3, 2.0, 0.1)
-    for a, b in ((tok, exp[0]), (nll, exp[1]), (kd, exp[2])):
+    # the fused per-token function's rows, summed per sentence: the same numbers, bit for bit
+    B, L, V = student.shape
+    ls_r, nll_r, kd_r = (r.view(B, L).sum(1) for r in token_losses(
+        student.reshape(-1, V), target.reshape(-1), dist, PAD, 2.0, 0.1))
+    for a, b in ((tok, 0.7 * ls_r + 0.3 * 2.0 ** 2 * kd_r), (nll, nll_r), (kd, kd_r), (sent, ls_r)):
         assert torch.equal(a, b)
-    ls0 = word_kd_sentence_losses(student, target, None, PAD, 0.0, 2.0, 0.1)[0]
-    assert torch.equal(sent, ls0)
+    # and the brute force, sentence by sentence
+    ls_b, nll_b, kd_b = (x.sum(1) for x in brute_force_token_terms(student, teacher, target, 2.0, 0.1))
+    for a, b in ((tok, 0.7 * ls_b + 0.3 * 4.0 * kd_b), (nll, nll_b), (kd, kd_b), (sent, ls_b)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="do not fit"):
         hybrid_sentence_losses(student, target[:, :3], None, dist, PAD, 0.3, 2.0, 0.1)
 

@@ -9,7 +9,7 @@ from fairseq_kd.losses import (
     ensemble_scores,
     kd_kl_divergence,
     word_kd_loss,
-    word_kd_rows,
+    token_losses,
 )
 
 PAD = 1
@@ -150,44 +150,44 @@ def test_fused_word_kd_gradient_equals_autograd_of_the_formula():
     assert torch.allclose(s1.grad, s2.grad, atol=1e-12)
 
 
-# -- the per-row fused function (word_kd_rows), which word_kd_loss sums ------------
+# -- the per-row fused function (token_losses), which word_kd_loss sums ------------
 
 @pytest.mark.parametrize("T,eps,topk", [(1.0, 0.0, 0), (2.0, 0.1, 0), (1.5, 0.1, 4), (3.0, 0.0, 1)])
-def test_word_kd_rows_match_brute_force_per_token(T, eps, topk):
+def test_token_losses_match_brute_force_per_token(T, eps, topk):
     student, teacher, target = random_batch(seed=6)
     V = student.size(-1)
     dist = TeacherDistribution(teacher.reshape(-1, V)).topk(topk)
-    ls, nll, kd = word_kd_rows(student.reshape(-1, V), target.reshape(-1), dist, PAD, T, eps,
+    ls, nll, kd = token_losses(student.reshape(-1, V), target.reshape(-1), dist, PAD, T, eps,
                                chunk_tokens=4)
     for got, exp in zip((ls, nll, kd), brute_force_token_terms(student, teacher, target, T, eps, topk)):
         assert torch.allclose(got.view(target.shape), exp, rtol=1e-10, atol=1e-12)
     assert (ls[target.reshape(-1).eq(PAD)] == 0).all() and (kd[target.reshape(-1).eq(PAD)] == 0).all()
     # without a teacher (alpha = 0): the same LS and NLL rows, KL 0
-    ls0, nll0, kd0 = word_kd_rows(student.reshape(-1, V), target.reshape(-1), None, PAD, T, eps)
+    ls0, nll0, kd0 = token_losses(student.reshape(-1, V), target.reshape(-1), None, PAD, T, eps)
     assert torch.equal(ls0, ls) and torch.equal(nll0, nll) and not kd0.any()
 
 
 @pytest.mark.parametrize("topk,eps,with_teacher", [(0, 0.1, True), (3, 0.0, True), (0, 0.1, False)])
-def test_word_kd_rows_gradcheck_every_output(topk, eps, with_teacher):
+def test_token_losses_gradcheck_every_output(topk, eps, with_teacher):
     """Each of the three (N,) outputs against finite differences, per-row upstream gradients,
     padding rows included (they must get no gradient), chunks of 2 rows."""
     student, teacher, target = random_batch(seed=7, B=2, T=3, V=7)
     dist = TeacherDistribution(teacher.reshape(-1, 7)).topk(topk) if with_teacher else None
     s = student.reshape(-1, 7).clone().requires_grad_(True)
     y = target.reshape(-1)
-    assert torch.autograd.gradcheck(lambda x: word_kd_rows(x, y, dist, PAD, 1.7, eps, chunk_tokens=2), (s,))
+    assert torch.autograd.gradcheck(lambda x: token_losses(x, y, dist, PAD, 1.7, eps, chunk_tokens=2), (s,))
     # a weighted sum of all three at once (every upstream gradient non-zero)
     w = torch.rand(3, y.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def f(x):
-        return sum((r * wi).sum() for r, wi in zip(word_kd_rows(x, y, dist, PAD, 1.7, eps, chunk_tokens=2), w))
+        return sum((r * wi).sum() for r, wi in zip(token_losses(x, y, dist, PAD, 1.7, eps, chunk_tokens=2), w))
     assert torch.autograd.gradcheck(f, (s,))
     f(s).backward()
     assert (s.grad[y.eq(PAD)] == 0).all()
 
 
 @pytest.mark.parametrize("topk", [0, 3])
-def test_word_kd_rows_with_teacher_on_some_rows(topk):
+def test_token_losses_with_teacher_on_some_rows(topk):
     """teacher_rows maps each teacher row to a student row; the other rows get KL 0 (any chunking)."""
     student, teacher, target = random_batch(seed=8, B=3, T=4, V=9)
     V, N = 9, 12
@@ -201,20 +201,20 @@ def test_word_kd_rows_with_teacher_on_some_rows(topk):
     has[rows] = True
     for chunk in (1, 2, 5, 100):
         s = student.reshape(-1, V).clone().requires_grad_(True)
-        ls, nll, kd = word_kd_rows(s, y, dist, PAD, 2.0, 0.1, teacher_rows=rows, chunk_tokens=chunk)
+        ls, nll, kd = token_losses(s, y, dist, PAD, 2.0, 0.1, teacher_rows=rows, chunk_tokens=chunk)
         assert torch.allclose(ls, ref_ls, atol=1e-12) and torch.allclose(nll, ref_nll, atol=1e-12)
         assert torch.allclose(kd, torch.where(has, ref_kd, torch.zeros_like(ref_kd)), atol=1e-12)
         (0.4 * ls.sum() + 2.0 * kd.sum()).backward()
         # the same as the full teacher with the KL of the other rows weighted 0
         s2 = student.reshape(-1, V).clone().requires_grad_(True)
-        ls2, _, kd2 = word_kd_rows(s2, y, full, PAD, 2.0, 0.1, chunk_tokens=chunk)
+        ls2, _, kd2 = token_losses(s2, y, full, PAD, 2.0, 0.1, chunk_tokens=chunk)
         (0.4 * ls2.sum() + 2.0 * (kd2 * has).sum()).backward()
         assert torch.allclose(s.grad, s2.grad, atol=1e-12)
     s = student.reshape(-1, V).clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x: word_kd_rows(x, y, dist, PAD, 2.0, 0.1, teacher_rows=rows, chunk_tokens=5), (s,))
+        lambda x: token_losses(x, y, dist, PAD, 2.0, 0.1, teacher_rows=rows, chunk_tokens=5), (s,))
     with pytest.raises(ValueError, match="strictly increasing"):
-        word_kd_rows(s, y, dist, PAD, 2.0, 0.1, teacher_rows=rows.flip(0))
+        token_losses(s, y, dist, PAD, 2.0, 0.1, teacher_rows=rows.flip(0))
 
 
 def test_word_kd_loss_is_the_sum_of_the_rows():
@@ -224,7 +224,7 @@ def test_word_kd_loss_is_the_sum_of_the_rows():
     loss, nll, kd = word_kd_loss(s1, target, dist, PAD, 0.3, 2.0, 0.1, chunk_tokens=4)
     loss.backward()
     s2 = student.clone().requires_grad_(True)
-    ls_r, nll_r, kd_r = word_kd_rows(s2.reshape(-1, 13), target.reshape(-1), dist, PAD, 2.0, 0.1,
+    ls_r, nll_r, kd_r = token_losses(s2.reshape(-1, 13), target.reshape(-1), dist, PAD, 2.0, 0.1,
                                      chunk_tokens=4)
     (0.7 * ls_r.sum() + 0.3 * 4.0 * kd_r.sum()).backward()
     assert loss.item() == pytest.approx(0.7 * ls_r.sum().item() + 1.2 * kd_r.sum().item(), rel=1e-12)

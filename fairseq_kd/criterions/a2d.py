@@ -5,7 +5,8 @@
              sum over real query tokens of mean over teacher heads h of
              KL(teacher_h row || AAM_h(student head maps) row)
 
-See the README's ``a2d`` section.  The student's and the teacher's per-head
+The word part is the base class's (``word_kd``); the attention term is
+this method's one term (:meth:`A2DCriterion.extra_terms`).  See docs/a2d.md.  The student's and the teacher's per-head
 attention maps (encoder self, decoder self, decoder cross) are captured
 during their normal forward passes (``fairseq_kd.capture``); a learned
 Attention Alignment Module per attention type maps the student's L_S*H_S
@@ -41,17 +42,11 @@ from fairseq_kd.attention import (
     describe_alignment,
     parse_attention_types,
 )
-from fairseq_kd.capture import CaptureSpec, capture
-from fairseq_kd.criterions.kd_base import (
-    KDCriterionBase,
-    WordKDOptions,
-    check_unit_interval,
-    check_word_kd_options,
-)
+from fairseq_kd.capture import CaptureSpec
+from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_unit_interval
 from fairseq_kd.errors import require
 from fairseq_kd.hidden_states import require_every_layer_runs
 from fairseq_kd.losses import attention_kl
-from fairseq_kd.teacher import distribution_of
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +85,17 @@ class A2DCriterion(KDCriterionBase):
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  attn_types, a2d_beta, a2d_decay, a2d_log_alignment=False,
                  ignore_prefix_size=0, report_accuracy=False):
-        check_word_kd_options(kd_alpha, kd_temperature, kd_topk)
         require(a2d_beta >= 0, f"--a2d-beta must be >= 0, got {a2d_beta}")
         check_unit_interval("--a2d-decay", a2d_decay)
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size,
-                         report_accuracy, needs_teacher=kd_alpha > 0 or a2d_beta > 0)
-        self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
+        super().__init__(task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
+                         ignore_prefix_size, report_accuracy,
+                         needs_teacher=kd_alpha > 0 or a2d_beta > 0)
         self.beta, self.decay, self.log_alignment = a2d_beta, a2d_decay, a2d_log_alignment
         self.types = parse_attention_types(attn_types) if a2d_beta > 0 else []
-        # the same maps of student and teacher, and which tokens were real
-        self.student_spec = CaptureSpec(attention=tuple(self.types), masks=bool(self.types))
-        self.teacher_spec = CaptureSpec(attention=tuple(self.types))
+        if self.types:
+            # the same maps of student and teacher, and which tokens were real
+            self.student_spec = CaptureSpec(attention=tuple(self.types), masks=True)
+            self.teacher_spec = CaptureSpec(attention=tuple(self.types))
         self.alignment = nn.ModuleDict(self._build_alignment() if self.types else {})
         self._logged_epoch = None
 
@@ -127,37 +122,19 @@ class A2DCriterion(KDCriterionBase):
         """beta * decay^(epoch-1), epoch as recorded by the task."""
         return self.beta * self.decay ** (self.task.epoch - 1)
 
-    def forward(self, model, sample, reduce=True):
-        net_input = sample["net_input"]
-        with capture(model, self.student_spec) as student:
-            net_output = model(**net_input)
-        teacher, teacher_seen = None, None
-        if self.types:
-            # one pass of the single teacher serves both terms
-            [teacher_seen] = self.task.teacher.forward(net_input, like=model, capture=self.teacher_spec)
-            teacher = distribution_of([teacher_seen], self.topk) if self.alpha > 0 else None
-        elif self.alpha > 0:
-            # no attention needed: the task's distribution, as word_kd (ensembles, cache)
-            teacher = self.task.teacher.distribution(sample, self.topk, like=model)
-        loss, nll_loss, kd_loss = self.word_kd_losses(
-            model, net_output, sample, teacher, self.alpha, self.temperature)
-        terms = {"kd_loss": kd_loss}
-        stats = {}
-        if self.types:
-            attn_terms = self.attention_terms(student, teacher_seen)
-            attn_loss = sum(attn_terms.values())
-            weight = self.attn_weight()
-            loss = loss + weight * attn_loss
-            terms.update(attn_loss=attn_loss, **attn_terms)
-            stats["attn_weight"] = weight
-            for t, aam in self.alignment.items():
-                stats[f"align_max_{t}"] = aam.weights().max(-1).values.mean().item()
-            self._maybe_log_alignment()
-        sample_size = self.sample_size(sample)
-        logging_output = self.make_logging_output(sample, loss, nll_loss, sample_size, **terms)
-        self.add_stats(logging_output, **stats)
-        self.add_accuracy(logging_output, model, net_output, sample)
-        return loss, sample_size, logging_output
+    def extra_terms(self, step):
+        """``attn_loss`` with weight beta * decay^(epoch-1), each type's part logged too
+        (nothing when beta = 0: then this is word_kd)."""
+        if not self.types:
+            return {}
+        attn_terms = self.attention_terms(step.student, step.teacher)
+        weight = self.attn_weight()
+        step.log.update(attn_terms)
+        step.stats["attn_weight"] = weight
+        for t, aam in self.alignment.items():
+            step.stats[f"align_max_{t}"] = aam.weights().max(-1).values.mean().item()
+        self._maybe_log_alignment()
+        return {"attn_loss": (weight, sum(attn_terms.values()))}
 
     def attention_terms(self, student, teacher):
         """{"attn_<type>": L_attn of that type} on a batch (sums over query tokens),

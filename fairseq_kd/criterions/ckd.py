@@ -3,7 +3,9 @@
     L = alpha * T^2 * L_word + beta * L_layer + (1 - alpha - beta) * LS-NLL
 
 ``L_word`` is word-level KD (``KL(q_T || p_T)`` on gold prefixes, as in
-``word_kd``).  ``L_layer`` (``fairseq_kd.losses.layer_kd_loss``) matches each
+``word_kd``, the base class's word part with NLL weight ``1 - alpha - beta``:
+:meth:`CKDCriterion.nll_weight`); ``beta * L_layer`` is this method's one
+term (:meth:`CKDCriterion.extra_terms`).  ``L_layer`` (``fairseq_kd.losses.layer_kd_loss``) matches each
 student layer i against the concatenation C_i of a group G_i of teacher
 layers (``fairseq_kd.layer_maps``: ``skip`` = PKD, ``regular``, ``overlap``,
 ``cross`` or explicit):
@@ -44,13 +46,8 @@ from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 from torch import nn
 
-from fairseq_kd.capture import CaptureSpec, capture
-from fairseq_kd.criterions.kd_base import (
-    KDCriterionBase,
-    WordKDOptions,
-    check_unit_interval,
-    check_word_kd_options,
-)
+from fairseq_kd.capture import CaptureSpec
+from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_unit_interval
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import (
     model_cfg_value,
@@ -60,7 +57,6 @@ from fairseq_kd.hidden_states import (
 )
 from fairseq_kd.layer_maps import NAMED_MAPS, build_layer_map
 from fairseq_kd.losses import layer_kd_loss
-from fairseq_kd.teacher import distribution_of
 
 CKD_SIDES = ChoiceEnum(["encoder", "decoder", "both"])
 
@@ -115,28 +111,29 @@ def teacher_layout(teacher, side):
 class CKDCriterion(KDCriterionBase):
     LOSS_TERMS = ("word_loss", "layer_loss", "layer_loss_enc", "layer_loss_dec")
 
+    WORD_KD_LOG = "word_loss"
+
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  ckd_beta, layer_map, ckd_side, decoder_layer_map=None, ignore_prefix_size=0,
                  report_accuracy=False):
-        check_word_kd_options(kd_alpha, kd_temperature, kd_topk)
         check_unit_interval("--ckd-beta", ckd_beta)
         require(kd_alpha + ckd_beta <= 1.0 + 1e-9,
                 f"--kd-alpha + --ckd-beta must be <= 1 (the NLL gets the rest), "
                 f"got {kd_alpha} + {ckd_beta}")
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size,
-                         report_accuracy, needs_teacher=kd_alpha > 0 or ckd_beta > 0)
-        self.alpha, self.beta = kd_alpha, ckd_beta
-        self.temperature, self.topk = kd_temperature, kd_topk
+        super().__init__(task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
+                         ignore_prefix_size, report_accuracy,
+                         needs_teacher=kd_alpha > 0 or ckd_beta > 0)
+        self.beta = ckd_beta
         side = str(ckd_side)
         self.sides = ("encoder", "decoder") if side == "both" else (side,)
         if ckd_beta == 0:
             self.sides = ()  # plain word-KD: no hooks, no projections, no hidden states
         self.groups = {}
         self.projections = nn.ModuleDict()
-        # the layer states of both models, and which tokens were real
-        self.student_spec = CaptureSpec(layers=self.sides, masks=bool(self.sides))
-        self.teacher_spec = CaptureSpec(layers=self.sides)
         if self.sides:
+            # the layer states of both models, and which tokens were real
+            self.student_spec = CaptureSpec(layers=self.sides, masks=True)
+            self.teacher_spec = CaptureSpec(layers=self.sides)
             self._build_projections(task, {"encoder": layer_map,
                                            "decoder": decoder_layer_map or layer_map})
 
@@ -167,6 +164,19 @@ class CKDCriterion(KDCriterionBase):
                     f"the model config) but the model has {len(layers)} layers")
 
     # -- loss ----------------------------------------------------------------
+    def nll_weight(self):
+        return 1.0 - self.alpha - self.beta
+
+    def extra_terms(self, step):
+        """``layer_loss`` with weight beta (0 and not computed when beta = 0); with
+        --ckd-side both, each side's part is logged too."""
+        if not self.sides:
+            return {"layer_loss": (self.beta, step.nll_loss.new_zeros(()))}
+        per_side = self.layer_term(step.student, step.teacher)
+        if len(per_side) > 1:  # --ckd-side both: which side the total comes from
+            step.log.update({f"layer_loss_{side[:3]}": v for side, v in per_side.items()})
+        return {"layer_loss": (self.beta, sum(per_side.values()))}
+
     def layer_term(self, student, teacher):
         """{side: L_layer of that side (a 0-dim tensor)} for the matched sides, from the
         captures of one student and one teacher pass."""
@@ -180,34 +190,6 @@ class CKDCriterion(KDCriterionBase):
         return terms
 
     def forward(self, model, sample, reduce=True):
-        net_input = sample["net_input"]
         if self.sides:
             self.check_student(unwrap_model(model))
-        with capture(model, self.student_spec) as student:
-            net_output = model(**net_input)
-        ls_loss, nll_loss, _ = self.nll_terms(model, net_output, sample)
-        word_loss = layer_loss = ls_loss.new_zeros(())
-        side_terms = {}
-        if self.sides:
-            # one pass of the single teacher serves both terms
-            [teacher] = self.task.teacher.forward(net_input, like=model, capture=self.teacher_spec)
-            per_side = self.layer_term(student, teacher)
-            layer_loss = sum(per_side.values())
-            if len(per_side) > 1:  # --ckd-side both: which side the total comes from
-                side_terms = {f"layer_loss_{side[:3]}": v for side, v in per_side.items()}
-            if self.alpha > 0:
-                word_loss = self.word_kd_term(
-                    model, net_output, sample, self.temperature, self.topk,
-                    teacher=distribution_of([teacher], self.topk))
-        elif self.alpha > 0:
-            # no hidden states needed: the task's distribution, as word_kd (ensembles, cache)
-            word_loss = self.word_kd_term(model, net_output, sample, self.temperature, self.topk)
-        loss = ((1.0 - self.alpha - self.beta) * ls_loss
-                + self.alpha * self.temperature ** 2 * word_loss
-                + self.beta * layer_loss)
-        sample_size = self.sample_size(sample)
-        logging_output = self.make_logging_output(
-            sample, loss, nll_loss, sample_size, word_loss=word_loss, layer_loss=layer_loss,
-            **side_terms)
-        self.add_accuracy(logging_output, model, net_output, sample)
-        return loss, sample_size, logging_output
+        return super().forward(model, sample, reduce)

@@ -114,12 +114,7 @@ from fairseq.logging import metrics
 
 from fairseq_kd.capture import CaptureSpec, capture
 from fairseq_kd.contract import require_kd_task
-from fairseq_kd.criterions.kd_base import (
-    KDCriterionBase,
-    WordKDOptions,
-    check_unit_interval,
-    check_word_kd_options,
-)
+from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_unit_interval
 from fairseq_kd.errors import require
 from fairseq_kd.hidden_states import unwrap_model
 from fairseq_kd.losses import (
@@ -255,6 +250,21 @@ def student_encoder_dim(cfg):
 
 @register_criterion("hybrid_kd", dataclass=HybridKDConfig)
 class HybridKDCriterion(KDCriterionBase):
+    """Keeps its own ``forward``; the base's options, logging and word-KD maths.
+
+    The base skeleton sums terms that are each one value per batch, with one
+    weight per term; here the two terms are per-sentence vectors mixed by a
+    per-sentence gate, come from one student pass over 2B rows (gold and
+    distilled prefixes), and the gate adds its own objective.  Squeezing that
+    into ``extra_terms`` would mean a second student pass or a word part that
+    is not the loss.  So ``forward`` is its own, built from the base's parts:
+    the options and their checks (``__init__``), the same fused per-token
+    function as every word part (:func:`fairseq_kd.losses.hybrid_sentence_losses`
+    over :func:`fairseq_kd.losses.token_losses`, mixed by
+    :func:`fairseq_kd.losses.mix_word_kd`), ``sample_size``,
+    ``logging_output``, ``add_accuracy`` and ``reduce_metrics``.
+    """
+
     LOSS_TERMS = ("tok_loss", "sent_loss", "kd_loss")  # kd_loss: the KL inside L_tok, as word_kd's
     # tok_scale/sent_scale: what the gate divides each term by; complexity_*: its running statistics
     MEAN_STATS = ("gate_level", "tok_scale", "sent_scale", "complexity_mean", "complexity_std")
@@ -264,7 +274,6 @@ class HybridKDCriterion(KDCriterionBase):
                  gate, gate_value, gate_complexity, gate_complexity_spread, gate_level_range,
                  gate_prior, gate_prior_weight, gate_scale_decay,
                  ignore_prefix_size=0, report_accuracy=False):
-        check_word_kd_options(kd_alpha, kd_temperature, kd_topk)
         check_unit_interval("--gate-value", gate_value)
         require(0.0 < gate_prior < 1.0, f"--gate-prior must be in (0, 1), got {gate_prior}")
         require(gate_prior_weight > 0, f"--gate-prior-weight must be > 0, got {gate_prior_weight}")
@@ -277,13 +286,12 @@ class HybridKDCriterion(KDCriterionBase):
         uses_tok = not (gate == "fixed" and gate_value == 0.0)
         kd_in_tok = uses_tok and kd_alpha > 0
         entropy_gate = gate == "complexity" and gate_complexity == "teacher_entropy"
-        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy,
-                         needs_teacher=kd_in_tok or entropy_gate)
+        super().__init__(task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
+                         ignore_prefix_size, report_accuracy, needs_teacher=kd_in_tok or entropy_gate)
         require_kd_task(task, "hybrid_kd", needs_teacher=False)
         require(task.distilled_data,
                 "hybrid_kd needs the teacher's translations of the training sources: pass "
                 "--distilled-data DIR (a corpus built by fairseq-kd corpus)")
-        self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
         self.gate_kind, self.gate_value = gate, gate_value
         self.complexity_kind, self.complexity_spread = gate_complexity, gate_complexity_spread
         self.prior, self.prior_weight, self.scale_decay = gate_prior, gate_prior_weight, gate_scale_decay
@@ -397,13 +405,11 @@ class HybridKDCriterion(KDCriterionBase):
         if complexity is not None:
             c = complexity.double()
             terms.update(complexity_sum=c.sum(), complexity_sqsum=(c * c).sum())
-        logging_output = self.make_logging_output(
-            sample, loss, nll.sum(), sample_size, tok_loss=tok.sum(), sent_loss=sent.sum(),
-            hyp_ntokens=hyp_ntokens, gate_n=batch_size, gate_sum=g.sum(), gate_sqsum=(g * g).sum(),
-            **terms,
+        logging_output = self.logging_output(
+            sample, loss, nll.sum(), sample_size, self.gate_stats() if self.gate is not None else None,
+            tok_loss=tok.sum(), sent_loss=sent.sum(), hyp_ntokens=hyp_ntokens, gate_n=batch_size,
+            gate_sum=g.sum(), gate_sqsum=(g * g).sum(), **terms,
         )
-        if self.gate is not None:
-            self.add_stats(logging_output, **self.gate_stats())
         self.add_accuracy(logging_output, model, gold_output, sample)
         return loss, sample_size, logging_output
 

@@ -1,24 +1,48 @@
-"""What every KD criterion shares: option checks, the word-KD term, metrics.
+"""What every KD criterion shares: the options, the forward skeleton, the logging.
 
-Criterions subclass :class:`KDCriterionBase`, which is fairseq's
+A criterion subclasses :class:`KDCriterionBase`, which is fairseq's
 ``label_smoothed_cross_entropy`` (same NLL, accuracy and ``loss``/``nll_loss``
 /``ppl`` metrics) plus the KD side of :mod:`fairseq_kd.contract` (what a
-criterion may ask of the ``translation_kd`` task, checked here).  A subclass
-lists its extra loss components in ``LOSS_TERMS``; each is summed over
-workers and logged per ``sample_size`` in bits, like ``loss``.
+criterion may ask of the ``translation_kd`` task, checked here).  Every step
+of a training step is here, once (:meth:`KDCriterionBase.forward`):
+
+1. the student's forward pass, capturing what ``student_spec`` asks;
+2. the teacher: one pass capturing ``teacher_spec`` when the method needs
+   the teacher's internals (the word-KD distribution then comes from that
+   same pass), else ``task.teacher.distribution`` (ensembles, cache), and
+   nothing at alpha = 0;
+3. the word-KD part, :func:`fairseq_kd.losses.word_kd_loss` (the fused
+   label-smoothed NLL + KL): ``nll_weight() * LS-NLL + alpha * T^2 * KL``;
+4. the method's own terms, :meth:`KDCriterionBase.extra_terms`:
+   ``{name: (weight, summed value)}``;
+5. ``loss = word part + sum of weight * value``, the one place a total is
+   assembled;
+6. ``sample_size``, the logging output (every term under its name, the KL
+   under ``WORD_KD_LOG``, per-step statistics) and the accuracy.
+
+A method declares its terms by overriding :meth:`extra_terms` (and
+:meth:`nll_weight` when its terms take part of the NLL's weight); it lists
+every logged component in ``LOSS_TERMS`` and every per-step statistic in
+``MEAN_STATS``, which :meth:`reduce_metrics` logs.  ``hybrid_kd`` mixes two
+per-sentence losses with a gate and keeps its own ``forward``, built from
+the same parts (:meth:`logging_output`, the fused word-KD function).
 """
 import math
 from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
+import torch
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 from fairseq.logging import metrics
 
+from fairseq_kd.capture import NOTHING, Captured, CaptureSpec, capture
 from fairseq_kd.contract import KDCriterion, require_kd_task
 from fairseq_kd.errors import require
-from fairseq_kd.losses import kd_kl_divergence, label_smoothed_nll_loss, word_kd_loss
+from fairseq_kd.losses import TeacherDistribution, word_kd_loss
+from fairseq_kd.teacher import distribution_of
 
 
 @dataclass
@@ -52,19 +76,50 @@ def check_word_kd_options(alpha, temperature, topk, alpha_flag="--kd-alpha"):
     require(topk >= 0, f"--kd-topk must be >= 0 (0 = full vocabulary), got {topk}")
 
 
+@dataclass
+class Step:
+    """One training step as a method's terms see it (:meth:`KDCriterionBase.extra_terms`).
+
+    ``student``/``teacher``: what the passes captured (``teacher`` None when
+    the method captured nothing of it); ``log``: sums logged beside the
+    terms without entering the loss (components of a term); ``stats``:
+    per-step statistics, logged as means (names in ``MEAN_STATS``).
+    """
+
+    model: torch.nn.Module
+    sample: dict
+    net_output: tuple
+    student: Captured
+    teacher: Optional[Captured]
+    nll_loss: torch.Tensor
+    log: Dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
 class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
-    """Label-smoothed cross-entropy plus access to the task's teacher."""
+    """Label-smoothed cross-entropy + word-level KD + the method's weighted terms."""
 
-    LOSS_TERMS = ()  # extra logged components, e.g. ("kd_loss",)
+    LOSS_TERMS = ("kd_loss",)  # every logged component; each method lists its own
     MEAN_STATS = ()  # per-step statistics (gate values, loss weights), logged as means
+    WORD_KD_LOG = "kd_loss"  # the name the word-KD KL is logged under
+    # what each forward pass captures; set by a method whose terms need internals
+    # (a teacher_spec runs the single teacher once, for its terms and the word KD)
+    student_spec: CaptureSpec = NOTHING
+    teacher_spec: Optional[CaptureSpec] = None
 
-    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size=0,
-                 report_accuracy=False, needs_teacher=True):
+    def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
+                 ignore_prefix_size=0, report_accuracy=False, *, needs_teacher=None,
+                 alpha_flag="--kd-alpha"):
+        """``needs_teacher``: default ``kd_alpha > 0``; a method whose own terms use the
+        teacher passes when they do (so a zero weight never loads it)."""
+        check_word_kd_options(kd_alpha, kd_temperature, kd_topk, alpha_flag)
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         require(ignore_prefix_size == 0, "--ignore-prefix-size is not supported by KD criterions")
+        needs_teacher = kd_alpha > 0 if needs_teacher is None else needs_teacher
         self.needs_teacher = needs_teacher  # translation_kd loads the teacher at build time then
         if needs_teacher:
             require_kd_task(task, type(self).__name__)
+        self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
 
     @property
     def topk(self):
@@ -73,56 +128,80 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
 
     @topk.setter
     def topk(self, k):
-        # Every KD criterion stores its --kd-topk here, so this one check covers
-        # them all, at build time (torch's own error comes at the first step:
-        # "selected index k out of range").
+        # One check for every criterion, at build time (torch's own error comes
+        # at the first step: "selected index k out of range").
         vocab = len(self.task.target_dictionary)
         require(k <= vocab, f"--kd-topk {k} is larger than the target vocabulary ({vocab} entries); "
                 f"use at most {vocab}, or 0 for the full distribution")
         self._topk = k
 
-    # -- shared terms --------------------------------------------------------
-    def nll_terms(self, model, net_output, sample):
-        """(label-smoothed loss, nll loss, float log-probs) of the student, summed."""
-        lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        target = model.get_targets(sample, net_output)
-        ls_loss, nll_loss = label_smoothed_nll_loss(
-            lprobs.view(-1, lprobs.size(-1)), target.view(-1), self.eps,
-            ignore_index=self.padding_idx, reduce=True,
-        )
-        return ls_loss, nll_loss, lprobs
+    # -- what a method declares ------------------------------------------------
+    def nll_weight(self):
+        """Weight of the label-smoothed NLL: ``1 - alpha`` unless a term takes part of it."""
+        return 1.0 - self.alpha
 
-    def word_kd_term(self, model, net_output, sample, temperature, topk, net_input=None,
-                     teacher=None):
-        """sum over target tokens of KL(q_T || p_T), teacher run on ``net_input``.
+    def extra_terms(self, step: Step) -> Dict[str, Tuple[float, torch.Tensor]]:
+        """The method's own terms, ``{name: (weight, value summed over tokens)}``.
 
-        ``teacher``: a :class:`TeacherDistribution` already computed (then the
-        teacher is not run again and ``topk`` is not reapplied).
+        Added to the loss as ``weight * value`` and logged under ``name``
+        (list it in ``LOSS_TERMS``).  A term the configuration switches off
+        may still be returned with weight 0 so that it is logged as 0.
         """
-        if teacher is None:
-            teacher = self.task.teacher.distribution(sample, topk, net_input=net_input, like=model)
-        logits = net_output[0]
-        target = model.get_targets(sample, net_output)
-        return kd_kl_divergence(
-            logits.reshape(-1, logits.size(-1)), teacher, target.reshape(-1).ne(self.padding_idx),
-            temperature,
-        )
+        return {}
 
-    def word_kd_losses(self, model, net_output, sample, teacher, alpha, temperature):
-        """:func:`fairseq_kd.losses.word_kd_loss` on the student's output.
+    # -- the skeleton ----------------------------------------------------------
+    def forward(self, model, sample, reduce=True):
+        net_input = sample["net_input"]
+        # the student runs through its wrapper (DDP must see the call)
+        with capture(model, self.student_spec) as student:
+            net_output = model(**net_input)
+        teacher_seen, teacher = self.run_teacher(model, sample)
+        word_loss, nll_loss, kd_loss = self.word_kd_part(model, net_output, sample, teacher)
+        step = Step(model, sample, net_output, student, teacher_seen, nll_loss)
+        terms = self.extra_terms(step)
+        loss = word_loss
+        for weight, value in terms.values():
+            loss = loss + weight * value
+        sample_size = self.sample_size(sample)
+        logged = {self.WORD_KD_LOG: kd_loss, **{n: v for n, (_, v) in terms.items()}, **step.log}
+        logging_output = self.logging_output(sample, loss, nll_loss, sample_size, step.stats, **logged)
+        self.add_accuracy(logging_output, model, net_output, sample)
+        return loss, sample_size, logging_output
+
+    def run_teacher(self, model, sample):
+        """(captured teacher pass or None, word-KD distribution or None).
+
+        One pass of the single teacher serves the method's terms and the word
+        KD when the method captures internals; else the task's distribution
+        (online, ensemble or cache); at alpha = 0 without internals, nothing.
+        """
+        if self.teacher_spec is not None:
+            [seen] = self.task.teacher.forward(sample["net_input"], like=model, capture=self.teacher_spec)
+            return seen, distribution_of([seen], self.topk) if self.alpha > 0 else None
+        if self.alpha > 0:
+            return None, self.task.teacher.distribution(sample, self.topk, like=model)
+        return None, None
+
+    def word_kd_part(self, model, net_output, sample, teacher: Optional[TeacherDistribution]):
+        """``(nll_weight * LS-NLL + alpha * T^2 * KL, NLL, KL)`` by
+        :func:`fairseq_kd.losses.word_kd_loss`, each summed over target tokens.
 
         alpha = 0 uses fairseq's own log-probs, so the loss is exactly
         label_smoothed_cross_entropy; alpha > 0 works from the logits and
         must not be handed log-probs it would not use (a B x T x V tensor).
         """
-        lprobs = model.get_normalized_probs(net_output, log_probs=True) if alpha == 0 else None
+        lprobs = model.get_normalized_probs(net_output, log_probs=True) if self.alpha == 0 else None
         return word_kd_loss(net_output[0], model.get_targets(sample, net_output), teacher,
-                            self.padding_idx, alpha, temperature, self.eps, lprobs=lprobs)
+                            self.padding_idx, self.alpha, self.temperature, self.eps,
+                            lprobs=lprobs, nll_weight=self.nll_weight())
 
     def sample_size(self, sample):
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
 
-    def make_logging_output(self, sample, loss, nll_loss, sample_size, **terms):
+    # -- logging ---------------------------------------------------------------
+    def logging_output(self, sample, loss, nll_loss, sample_size, stats=None, **terms):
+        """fairseq's logging output plus every term (summed values, ``LOSS_TERMS``) and the
+        per-step ``stats`` (``MEAN_STATS``, with ``nstats`` as their divisor)."""
         out = {
             "loss": loss.data,
             "nll_loss": nll_loss.data,
@@ -132,14 +211,10 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
         }
         for name, value in terms.items():
             out[name] = value.data if hasattr(value, "data") else value
+        if stats:
+            out["nstats"] = 1  # summed over workers and steps: the means' divisor
+            out.update((name, float(value)) for name, value in stats.items())
         return out
-
-    @staticmethod
-    def add_stats(logging_output, **stats):
-        """Add per-step statistics (names listed in ``MEAN_STATS``) to a logging output."""
-        logging_output["nstats"] = 1  # summed over workers and steps: the mean's divisor
-        for name, value in stats.items():
-            logging_output[name] = float(value)
 
     def add_accuracy(self, logging_output, model, net_output, sample):
         if self.report_accuracy:

@@ -9,14 +9,14 @@ teacher's beam-search outputs):
 label-smoothed cross-entropy on the teacher's outputs, and no teacher is
 needed (``--task translation`` works).  With a > 0 it is Seq-KD + Word-KD:
 the teacher is run on the targets of the distilled corpus, i.e. on its own
-output prefixes.  The maths are ``word_kd``'s (``fairseq_kd.losses``).
+output prefixes.  The maths are ``word_kd``'s (:func:`fairseq_kd.losses.word_kd_loss`,
+through the base class's skeleton); only the flag of alpha differs.
 """
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
 
-from fairseq_kd.criterions.kd_base import check_word_kd_options
 from fairseq_kd.criterions.word_kd import WordKDCriterion
 
 
@@ -44,6 +44,5 @@ class SeqKDCriterion(WordKDCriterion):
 
     def __init__(self, task, sentence_avg, label_smoothing, word_kd_alpha, kd_temperature,
                  kd_topk, ignore_prefix_size=0, report_accuracy=False):
-        check_word_kd_options(word_kd_alpha, kd_temperature, kd_topk, alpha_flag="--word-kd-alpha")
         super().__init__(task, sentence_avg, label_smoothing, word_kd_alpha, kd_temperature,
-                         kd_topk, ignore_prefix_size, report_accuracy)
+                         kd_topk, ignore_prefix_size, report_accuracy, alpha_flag="--word-kd-alpha")

@@ -1,23 +1,11 @@
-"""Loss maths shared by every fairseq_kd criterion.
+"""Word-level KD (Kim & Rush 2016; Hinton et al. 2015): teacher distributions,
+the KL and the fused label-smoothed NLL + KL that every criterion's word part uses.
 
-Pure functions on tensors, no fairseq state: each criterion calls these and a
-test can check them against a brute-force formula.
-
-Conventions (Kim & Rush 2016; Hinton et al. 2015):
-
-* A teacher distribution is given by *scores* ``s`` such that the teacher's
-  distribution at temperature T is ``q_T = softmax(s / T)`` over its support.
-  For one teacher the scores are its logits; for an ensemble they are the
-  log of the members' averaged T=1 probabilities (so the temperature is
-  applied to the ensemble, the same way for dense, top-k and cached
-  teachers); for a top-k teacher they are the k best scores and the support
-  is those k token ids (``q`` renormalised over them).
-* Word-level KD is ``KL(q_T || p_T)`` summed over non-padding target tokens.
-  It differs from the cross-entropy ``-sum q_T log p_T`` of Kim & Rush only by
-  the teacher's entropy, a constant for the student, so gradients are equal;
-  KL is reported because it is 0 when the student matches the teacher.
-* Every loss is sum-reduced over tokens, like fairseq's own criterions; the
-  trainer divides by ``sample_size``.
+:func:`token_losses` is the one fused per-token function (LS-NLL, NLL and
+KL in one chunked pass, no (N, V) activation kept); :func:`word_kd_loss`
+sums it into a criterion's word part, :func:`fairseq_kd.losses.hybrid.
+hybrid_sentence_losses` into hybrid_kd's per-sentence terms.
+:func:`kd_kl_rows` / :func:`kd_kl_divergence` are the KL alone.
 """
 import math
 from dataclasses import dataclass
@@ -26,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+from fairseq_kd.losses.common import upcast
 
 # Rows of the flattened (tokens x vocab) logits processed at once by the KL:
 # bounds the temporaries to CHUNK x V floats whatever the batch size.
@@ -58,11 +48,6 @@ class TeacherDistribution:
         return TeacherDistribution(scores, index)
 
 
-def _upcast(x):
-    """fp16/bf16 -> fp32 for softmax maths; fp32/fp64 kept as they are."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def ensemble_scores(member_logits):
     """Scores of an averaged-probability ensemble: log mean_m softmax(z_m).
 
@@ -71,14 +56,14 @@ def ensemble_scores(member_logits):
     """
     if len(member_logits) == 1:
         return member_logits[0]
-    stacked = torch.stack([F.log_softmax(_upcast(z), dim=-1) for z in member_logits])
+    stacked = torch.stack([F.log_softmax(upcast(z), dim=-1) for z in member_logits])
     return torch.logsumexp(stacked, dim=0) - math.log(len(member_logits))
 
 
 def _chunk_kl_and_grad(student, scores, index, temperature, need_grad):
     """KL(q_T || p_T) per row for one chunk, and optionally d KL / d student."""
-    log_p = F.log_softmax(_upcast(student) / temperature, dim=-1)
-    log_q = F.log_softmax(_upcast(scores) / temperature, dim=-1)
+    log_p = F.log_softmax(upcast(student) / temperature, dim=-1)
+    log_q = F.log_softmax(upcast(scores) / temperature, dim=-1)
     q = log_q.exp()
     log_p_support = log_p if index is None else log_p.gather(-1, index)
     kl = (q * (log_q - log_p_support)).sum(-1)
@@ -105,7 +90,7 @@ class _ChunkedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, scores, index, temperature, chunk):
-        rows = _upcast(student).new_empty(student.size(0))
+        rows = upcast(student).new_empty(student.size(0))
         for start in range(0, student.size(0), chunk):
             sl = slice(start, start + chunk)
             rows[sl], _ = _chunk_kl_and_grad(
@@ -160,8 +145,16 @@ def kd_kl_divergence(student_logits, teacher, mask, temperature=1.0,
     return (rows * mask.to(rows.dtype)).sum()
 
 
-def _mix_word_kd(ls_loss, kd, alpha, temperature):
-    return (1.0 - alpha) * ls_loss + alpha * temperature ** 2 * kd
+def mix_word_kd(ls_loss, kd, alpha, temperature, nll_weight=None):
+    """``nll_weight * LS-NLL + alpha * T^2 * KL``; ``nll_weight`` None: ``1 - alpha``.
+
+    The one place the word-KD mix is written (``word_kd_loss`` and
+    ``hybrid_sentence_losses`` use it).  A method whose own term takes part
+    of the NLL's weight (``ckd``: ``1 - alpha - beta``) passes ``nll_weight``.
+    """
+    if nll_weight is None:
+        nll_weight = 1.0 - alpha
+    return nll_weight * ls_loss + alpha * temperature ** 2 * kd
 
 
 def _chunk_bounds(n_rows, chunk, teacher_rows):
@@ -208,12 +201,12 @@ class _FusedWordKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, target, mask, scores, index, teacher_rows, temperature, epsilon, chunk):
         N, V = student.shape
-        dtype = _upcast(student).dtype
+        dtype = upcast(student).dtype
         ls, nll, kd = (torch.zeros(N, dtype=dtype, device=student.device) for _ in range(3))
         eps_i = epsilon / (V - 1)
         has_teacher = scores is not None
         for rows, trows, local in _chunk_bounds(N, chunk, teacher_rows if has_teacher else None):
-            s, m = _upcast(student[rows]), mask[rows]
+            s, m = upcast(student[rows]), mask[rows]
             lp = F.log_softmax(s, dim=-1)
             nll_rows = -lp.gather(-1, target[rows, None]).squeeze(-1)
             ls[rows] = ((1.0 - epsilon - eps_i) * nll_rows - eps_i * lp.sum(-1)) * m
@@ -244,7 +237,7 @@ class _FusedWordKD(torch.autograd.Function):
         eps_i = epsilon / (V - 1)
         grad_student = torch.empty_like(student)
         for rows, trows, local in _chunk_bounds(N, chunk, teacher_rows if scores is not None else None):
-            s, m = _upcast(student[rows]), mask[rows]
+            s, m = upcast(student[rows]), mask[rows]
             if grad_ls is not None or grad_nll is not None:
                 # c_ls d LS + c_nll d NLL = p (c_ls (1 - eps - eps_i + eps_i V) + c_nll)
                 #   - c_ls eps_i - (c_ls (1 - eps - eps_i) + c_nll) onehot(y)
@@ -270,7 +263,7 @@ class _FusedWordKD(torch.autograd.Function):
         return grad_student, None, None, None, None, None, None, None, None
 
 
-def word_kd_rows(student_logits, target, teacher, padding_idx, temperature=1.0, epsilon=0.0,
+def token_losses(student_logits, target, teacher, padding_idx, temperature=1.0, epsilon=0.0,
                  teacher_rows=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
     """Per-row ``(ls, nll, kd)`` of flattened logits, each (N,), differentiable.
 
@@ -294,7 +287,7 @@ def word_kd_rows(student_logits, target, teacher, padding_idx, temperature=1.0, 
             raise ValueError("teacher_rows must be strictly increasing student rows")
     if teacher is not None and teacher.scores.size(0) != n_teacher:
         raise ValueError(f"student has {n_teacher} target positions, teacher {teacher.scores.size(0)}")
-    mask = target.ne(padding_idx).to(_upcast(student_logits).dtype)
+    mask = target.ne(padding_idx).to(upcast(student_logits).dtype)
     return _FusedWordKD.apply(
         student_logits, target, mask,
         None if teacher is None else teacher.scores.detach(),
@@ -305,8 +298,12 @@ def word_kd_rows(student_logits, target, teacher, padding_idx, temperature=1.0, 
 
 
 def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperature,
-                 epsilon=0.0, lprobs=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+                 epsilon=0.0, lprobs=None, nll_weight=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
     """Word-level KD: ``(1-alpha) * LS-NLL + alpha * T^2 * KL(q_T || p_T)``.
+
+    The word-KD loss of every criterion (``KDCriterionBase.forward``).
+    ``nll_weight``: the weight of the LS-NLL when it is not ``1 - alpha``
+    (:func:`mix_word_kd`).
 
     student_logits: (B, T, V); target: (B, T); teacher: rows of
     ``target.view(-1)`` (unused, may be None, when alpha = 0).
@@ -314,232 +311,20 @@ def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperatur
 
     alpha = 0 is computed exactly as fairseq's ``label_smoothed_cross_entropy``
     (from ``lprobs``, the student's float log-probs, when given); alpha > 0 is
-    the sum of :func:`word_kd_rows`, which keeps no (N, V) activation.
+    the sum of :func:`token_losses`, which keeps no (N, V) activation.
     """
     flat_target = target.reshape(-1)
     if alpha == 0.0:
         if lprobs is None:
-            lprobs = F.log_softmax(_upcast(student_logits), dim=-1)
+            lprobs = F.log_softmax(upcast(student_logits), dim=-1)
         ls_loss, nll_loss = label_smoothed_nll_loss(
             lprobs.reshape(-1, lprobs.size(-1)), flat_target, epsilon,
             ignore_index=padding_idx, reduce=True,
         )
-        return ls_loss, nll_loss, ls_loss.new_zeros(())
-    ls, nll, kd = word_kd_rows(student_logits.reshape(-1, student_logits.size(-1)), flat_target,
+        loss = ls_loss if nll_weight is None else nll_weight * ls_loss
+        return loss, nll_loss, ls_loss.new_zeros(())
+    ls, nll, kd = token_losses(student_logits.reshape(-1, student_logits.size(-1)), flat_target,
                                teacher, padding_idx, temperature, epsilon, chunk_tokens=chunk_tokens)
     ls, kd = ls.sum(), kd.sum()
-    return _mix_word_kd(ls, kd, alpha, temperature), nll.sum(), kd
+    return mix_word_kd(ls, kd, alpha, temperature, nll_weight), nll.sum(), kd
 
-
-def attention_kl(teacher_maps, student_maps, query_mask, key_mask):
-    """Attention-map KD (A2D): KL(teacher row || student row), masked and normalised.
-
-    teacher_maps, student_maps: (B, C, Tq, Tk) attention probabilities, C
-    heads each (the student's already aligned to the teacher's heads); every
-    valid row is a distribution over the valid keys.  query_mask (B, Tq) and
-    key_mask (B, Tk) are True at real (non-padding) tokens.
-
-    Returns sum over valid query rows of the mean over the C heads of
-    ``sum_k t log(t / s)`` over valid keys: sum-reduced over tokens like
-    every other term (the trainer divides by ``sample_size``), so its weight
-    does not depend on the batch size, and averaged over heads so ``beta``
-    does not depend on the teacher's size.  Padded queries and keys
-    contribute nothing, whatever the maps hold there (even NaN).  Maps are
-    used as given (no second softmax); student zeros where the teacher has
-    mass are clamped to the smallest positive float instead of giving inf.
-    No gradient flows to the teacher.
-    """
-    if teacher_maps.shape != student_maps.shape:
-        raise ValueError(f"teacher maps {tuple(teacher_maps.shape)} and student maps "
-                         f"{tuple(student_maps.shape)} differ")
-    t = _upcast(teacher_maps.detach())
-    s = _upcast(student_maps)
-    valid = (query_mask.bool()[:, None, :, None] & key_mask.bool()[:, None, None, :])
-    t = torch.where(valid, t, torch.zeros((), dtype=t.dtype, device=t.device))
-    s = torch.where(valid, s, torch.ones((), dtype=s.dtype, device=s.device))
-    tiny = torch.finfo(s.dtype).tiny
-    kl = torch.xlogy(t, t) - t * torch.log(s.clamp_min(tiny))
-    return kl.sum() / teacher_maps.size(1)
-
-
-# -- intermediate-layer KD (Wu et al. 2020) -----------------------------------
-# Floor of the L2 norm in the normalisation: a zero vector stays zero instead
-# of becoming NaN (fairseq zeroes padded embeddings; padding is masked anyway).
-NORM_EPS = 1e-6
-
-
-def normalized_mse(student, teacher, eps=NORM_EPS):
-    """sum over rows of ``|| s/|s| - t/|t| ||^2`` (PKD's normalised MSE).
-
-    student, teacher: (N, C) rows already restricted to real tokens.  Each
-    row contributes ``2 - 2 cos(s, t)``, in [0, 4], so the term does not
-    depend on the (very different) scales of teacher and student states.
-    """
-    s = F.normalize(_upcast(student), dim=-1, eps=eps)
-    t = F.normalize(_upcast(teacher).to(s.dtype), dim=-1, eps=eps)
-    return (s - t).pow(2).sum()
-
-
-def combine_teacher_layers(teacher_states, group):
-    """Concatenate the teacher layers of a group on the hidden dimension."""
-    return torch.cat([teacher_states[j] for j in group], dim=-1)
-
-
-def layer_kd_loss(student_states, teacher_states, groups, projections, mask):
-    """CKD layer term: ``sum_i normalized_mse(W_i h_S^i, concat_{j in G_i} h_T^j)``.
-
-    student_states: one (..., C_S) tensor per student layer; teacher_states:
-    one (..., C_T) tensor per teacher layer (same leading shape, e.g. the
-    T x B of fairseq); groups: teacher layer indices per student layer;
-    projections: callables mapping C_S to ``len(G_i) * C_T``; mask: bool,
-    the leading shape, True on real tokens.  Padding positions are dropped
-    before the projection, so they contribute nothing and get no gradient.
-    The teacher is detached.
-    """
-    if len(student_states) != len(groups) or len(projections) != len(groups):
-        raise ValueError(f"{len(student_states)} student states, {len(groups)} groups, "
-                         f"{len(projections)} projections: need one of each per student layer")
-    total = None
-    for h_s, group, project in zip(student_states, groups, projections):
-        target = combine_teacher_layers(teacher_states, group).detach()
-        term = normalized_mse(project(h_s[mask]), target[mask])
-        total = term if total is None else total + term
-    return total
-
-
-# --------------------------------------------------------------------------
-# Per-sentence terms and the gate of hybrid_kd (Wei et al. 2024)
-
-def word_kd_sentence_losses(student_logits, target, teacher, padding_idx, alpha, temperature,
-                            epsilon=0.0, chunk_tokens=DEFAULT_CHUNK_TOKENS):
-    """:func:`word_kd_loss` per sentence: ``(loss, nll_loss, kd_loss)``, each (B,).
-
-    student_logits: (B, T, V); target: (B, T).  Their sums equal
-    :func:`word_kd_loss`'s values (up to summation order); the same fused
-    per-row function (:func:`word_kd_rows`), so no (B, T, V) log-probs are
-    kept.  ``teacher`` may be None when ``alpha`` is 0.
-    """
-    B, T = target.shape
-    ls, nll, kd = word_kd_rows(
-        student_logits.reshape(B * T, -1), target.reshape(-1), teacher if alpha else None,
-        padding_idx, temperature, epsilon, chunk_tokens=chunk_tokens)
-    ls, nll, kd = (r.view(B, T).sum(1) for r in (ls, nll, kd))
-    return _mix_word_kd(ls, kd, alpha, temperature), nll, kd
-
-
-def hybrid_sentence_losses(student_logits, target, hyp_target, teacher, padding_idx, alpha,
-                           temperature, epsilon=0.0, chunk_tokens=DEFAULT_CHUNK_TOKENS):
-    """hybrid_kd's per-sentence terms from one student pass: ``(tok, sent, nll, kd)``, each (B,).
-
-    student_logits: (2B, L, V), the student on gold prefixes (rows :B) and on
-    distilled prefixes (rows B:), right-padded to a common length L; target
-    (B, T) and hyp_target (B, T') with T, T' <= L.  ``hyp_target`` None: one
-    pass on gold only, (B, T, V) logits, and gold stands for y_hat.
-
-        tok_i  = (1 - alpha) * LS-NLL(target_i) + alpha * T^2 * KL   (word_kd on sentence i)
-        sent_i = LS-NLL(hyp_target_i)
-        nll_i, kd_i: the plain NLL and the KL inside tok_i
-
-    One call of the fused per-row function on all 2B x L rows (the teacher's
-    rows are mapped to the gold positions): no (2B, L, V) log-probs are kept,
-    and the backward pass writes one gradient for the whole logits tensor.
-    """
-    B, T = target.shape
-    R, L, V = student_logits.shape
-    if hyp_target is None:
-        targets = target
-    else:
-        targets = torch.cat([F.pad(t, (0, L - t.size(1)), value=padding_idx)
-                             for t in (target, hyp_target)])
-    if targets.shape != (R, L):
-        raise ValueError(f"student logits {tuple(student_logits.shape)} do not fit target "
-                         f"{tuple(target.shape)} and hyp_target "
-                         f"{None if hyp_target is None else tuple(hyp_target.shape)}")
-    teacher_rows = None
-    if teacher is not None and alpha and hyp_target is not None:  # gold position (i, j) is row i*L + j
-        teacher_rows = (torch.arange(B, device=target.device)[:, None] * L
-                        + torch.arange(T, device=target.device)).reshape(-1)
-    ls, nll, kd = word_kd_rows(
-        student_logits.reshape(-1, V), targets.reshape(-1), teacher if alpha else None,
-        padding_idx, temperature, epsilon, teacher_rows=teacher_rows, chunk_tokens=chunk_tokens)
-    ls, nll, kd = (r.view(R, L).sum(1) for r in (ls, nll, kd))
-    gold, hyp = slice(0, B), slice(B, 2 * B) if hyp_target is not None else slice(0, B)
-    tok = _mix_word_kd(ls[gold], kd[gold], alpha, temperature)
-    return tok, ls[hyp], nll[gold], kd[gold]
-
-
-def hybrid_mix(gate, tok_loss, sent_loss):
-    """sum_i g_i * L_tok_i + (1 - g_i) * L_sent_i  (all (B,); gate may be a scalar)."""
-    return (gate * tok_loss + (1.0 - gate) * sent_loss).sum()
-
-
-def bernoulli_kl_from_logits(logits, prior):
-    """KL(Bernoulli(sigmoid(logits)) || Bernoulli(prior)), elementwise, stable."""
-    g = torch.sigmoid(logits)
-    log_g, log_1mg = F.logsigmoid(logits), F.logsigmoid(-logits)
-    return g * (log_g - math.log(prior)) + (1.0 - g) * (log_1mg - math.log1p(-prior))
-
-
-def gate_objective(gate_logits, rel_tok, rel_sent, prior, strength):
-    """The gate's own objective, per sentence (the student never sees it).
-
-        J_i = g_i * r_tok_i + (1 - g_i) * r_sent_i + strength * KL(Bern(g_i) || Bern(prior))
-
-    ``rel_tok``/``rel_sent`` are *unit-free* losses (each per-token loss
-    divided by that term's running mean), so rescaling either term leaves J
-    unchanged.  J is convex in the gate's logit with minimiser
-    :func:`optimal_gate`: the prior keeps g inside (0, 1), the data move it
-    by ``(r_sent - r_tok) / strength`` logits.
-    """
-    g = torch.sigmoid(gate_logits)
-    return (g * rel_tok + (1.0 - g) * rel_sent
-            + strength * bernoulli_kl_from_logits(gate_logits, prior))
-
-
-def optimal_gate(rel_tok, rel_sent, prior, strength):
-    """argmin_g of :func:`gate_objective`: sigmoid(logit(prior) + (r_sent - r_tok) / strength)."""
-    return torch.sigmoid(math.log(prior / (1.0 - prior)) + (rel_sent - rel_tok) / strength)
-
-
-# -- hybrid_kd's complexity gate ----------------------------------------------
-
-def teacher_entropy_rows(teacher, chunk_tokens=DEFAULT_CHUNK_TOKENS):
-    """Entropy in nats of the teacher's T = 1 distribution at every row, (N,), no gradient.
-
-    A top-k teacher's entropy is that of its renormalised k best tokens.
-    Computed chunk by chunk, so the temporaries stay CHUNK x V.
-    """
-    scores = teacher.scores.detach()
-    rows = torch.empty(scores.size(0), dtype=_upcast(scores).dtype, device=scores.device)
-    with torch.no_grad():
-        for start in range(0, scores.size(0), chunk_tokens):
-            sl = slice(start, start + chunk_tokens)
-            rows[sl] = torch.special.entr(F.softmax(_upcast(scores[sl]), dim=-1)).sum(-1)
-    return rows
-
-
-def sentence_means(rows, mask):
-    """Mean of ``rows`` (B, T) over each sentence's ``mask`` (B, T) positions, (B,)."""
-    mask = mask.to(rows.dtype)
-    return (rows * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-def standardized(values, mean, mean_sq, eps=1e-6):
-    """(values - mean) / std with std from a mean and a mean of squares (running statistics).
-
-    The variance gets a floor of ``eps * (1 + mean^2)``: a spread below about
-    1e-3 of the mean (float32 rounding of ``E[c^2] - E[c]^2``) counts as none,
-    so nearly equal complexities give nearly equal gates instead of noise.
-    """
-    var = (mean_sq - mean * mean).clamp(min=0)
-    return (values - mean) / torch.sqrt(var + eps * (1 + mean * mean))
-
-
-def complexity_offsets(z, spread):
-    """Logit offsets of the complexity gate: ``-spread * tanh(z)`` (z: standardized complexity).
-
-    Negative for sentences more complex than average (less token-level KD,
-    more sentence-level KD, Wei et al.'s hypothesis), positive for simpler
-    ones; tanh bounds the offset to +-spread logits whatever the outlier.
-    """
-    return -spread * torch.tanh(z)
