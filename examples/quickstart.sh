@@ -1,85 +1,121 @@
 #!/usr/bin/env bash
-# Quickstart (what `make demo` runs): distil a small teacher into a smaller
-# student with word-level KD on the Bible es-en corpus shipped in the repo,
-# on CPU, and compare it with the same student trained without KD.
+# Quickstart (what `make demo` runs): distil the converged teacher shipped in
+# examples/teacher/ into a small student on CPU, and compare it with the same
+# student trained for the same time without KD, on the Bible es-en corpus
+# shipped in examples/data.
 #
-#   1. a slice of examples/data/bible.es-en.tar.xz -> SentencePiece (joint vocab)
-#   2. fairseq-preprocess
-#   3. teacher: 3+3 layers, 256-dim       (TEACHER_MINUTES of training)
-#   4. students: 2+2 layers, 128-dim      (STUDENT_MINUTES each)
-#        - baseline: label_smoothed_cross_entropy
-#        - word_kd:  --task translation_kd --teacher-path ... --criterion word_kd
-#   5. fairseq-kd evaluate: fairseq-generate (greedy, beam 5) on the test slice,
-#      sacreBLEU/chrF with signatures, translation speed; fairseq-kd table
+#   1. data: the first TRAIN_LINES training pairs, 500 valid, TEST_LINES test,
+#      encoded with the teacher's SentencePiece model (fairseq-kd spm --model)
+#      and binarized with its dictionary
+#   2. the teacher's translations of those training sources (Seq-KD corpus,
+#      beam 5, fairseq-kd corpus --backend ctranslate2)
+#   3. students: 3+3 layers, 128-dim (transformer_student_tiny), STUDENT_MINUTES each
+#        baseline  label_smoothed_cross_entropy on the gold targets
+#        seq_kd    the same on the teacher's translations (Kim & Rush 2016)
+#        word_kd   --criterion word_kd, the teacher run at every step
+#   4. fairseq-kd evaluate (greedy and beam 5, sacreBLEU/chrF with signatures,
+#      sentences/s) of the teacher and every student; fairseq-kd table
 #
-# Training is bounded by wall time (fairseq's --stop-time-hours), so the demo
-# takes about 15 minutes on 2 cores whatever the machine's speed; a faster
-# machine trains further.  Finished steps are skipped on a second run.
-# Variables (environment): WORK, TRAIN_LINES, TEST_LINES, VOCAB,
-# TEACHER_MINUTES, STUDENT_MINUTES.
+# Training is bounded by wall time (fairseq's --stop-time-hours), so each
+# student gets the same minutes whatever the machine; a faster machine trains
+# further.  Finished steps are skipped on a second run.
+# Variables (environment): WORK, METHODS (default "seq_kd word_kd"),
+# STUDENT_MINUTES, TRAIN_LINES, TEST_LINES, TEACHER_DIR (a folder with
+# teacher.pt, spm.model, dict.txt), and TEACHER=train to train a teacher from
+# scratch for TEACHER_MINUTES instead (on CPU far too short to converge: KD
+# then has little to teach).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 WORK=${WORK:-$REPO/work/quickstart}
+METHODS=${METHODS:-seq_kd word_kd}
+STUDENT_MINUTES=${STUDENT_MINUTES:-3}
 TRAIN_LINES=${TRAIN_LINES:-12000}
 TEST_LINES=${TEST_LINES:-500}
-VOCAB=${VOCAB:-4000}
+TEACHER=${TEACHER:-shipped}
+TEACHER_DIR=${TEACHER_DIR:-$REPO/examples/teacher}
 TEACHER_MINUTES=${TEACHER_MINUTES:-6}
-STUDENT_MINUTES=${STUDENT_MINUTES:-3}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 USER_DIR=$REPO/fairseq_kd
 
 hours() { python3 -c "print($1 / 60)"; }
 step() { printf '\n=== %s\n' "$*"; }
+case $TEACHER in
+  shipped) for f in teacher.pt spm.model dict.txt; do
+             [ -s "$TEACHER_DIR/$f" ] || { echo "quickstart: $TEACHER_DIR/$f not found (TEACHER=train trains one)" >&2; exit 2; }
+           done ;;
+  train) ;;
+  *) echo "quickstart: TEACHER must be shipped or train, not '$TEACHER'" >&2; exit 2 ;;
+esac
+for m in $METHODS; do
+  case $m in seq_kd | word_kd) ;; *) echo "quickstart: METHODS may hold seq_kd and word_kd, not '$m'" >&2; exit 2 ;; esac
+done
 mkdir -p "$WORK/raw"
 cd "$WORK"
 
 step "1. data: first $TRAIN_LINES training pairs, 500 valid, $TEST_LINES test (Bible es-en)"
-if [ ! -s pieces/test.sp.en ]; then
+if [ ! -s bin/test.es-en.en.idx ]; then
   tar -xJf "$REPO/examples/data/bible.es-en.tar.xz"
   for split_n in train:$TRAIN_LINES valid:500 test:$TEST_LINES; do
     split=${split_n%%:*} n=${split_n##*:}
     for lang in es en; do head -n "$n" "bible.es-en/$split.$lang" > "raw/$split.$lang"; done
   done
-  fairseq-kd spm --input-dir raw --src es --tgt en --vocab-size "$VOCAB" --out pieces
+  if [ "$TEACHER" = shipped ]; then
+    fairseq-kd spm --input-dir raw --src es --tgt en --model "$TEACHER_DIR/spm.model" --out pieces
+    DICT=(--srcdict "$TEACHER_DIR/dict.txt")
+  else
+    fairseq-kd spm --input-dir raw --src es --tgt en --vocab-size 8000 --out pieces
+    DICT=()
+  fi
+  fairseq-preprocess -s es -t en --trainpref pieces/train.sp --validpref pieces/valid.sp \
+    --testpref pieces/test.sp --destdir bin --joined-dictionary "${DICT[@]}" --workers 2
 fi
 
-step "2. binarize"
-[ -s bin/train.es-en.en.idx ] || fairseq-preprocess -s es -t en \
-  --trainpref pieces/train.sp --validpref pieces/valid.sp --testpref pieces/test.sp \
-  --destdir bin --joined-dictionary --workers 2
-
 COMMON=(--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.0015 --lr-scheduler inverse_sqrt
-        --warmup-updates 100 --clip-norm 1.0 --dropout 0.1 --max-tokens 4096
+        --warmup-updates 200 --clip-norm 1.0 --dropout 0.1 --max-tokens 4096
         --label-smoothing 0.1 --share-all-embeddings --cpu --seed 1
         --log-format simple --log-interval 20 --no-epoch-checkpoints --num-workers 0)
-STUDENT=(--arch transformer --encoder-layers 2 --decoder-layers 2
-         --encoder-embed-dim 128 --decoder-embed-dim 128
-         --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
-         --encoder-attention-heads 4 --decoder-attention-heads 4)
 
-step "3. teacher ($TEACHER_MINUTES min)"
-[ -s teacher/checkpoint_best.pt ] || fairseq-train bin --user-dir "$USER_DIR" --save-dir teacher \
-  --arch transformer_student_small --criterion label_smoothed_cross_entropy "${COMMON[@]}" \
-  --stop-time-hours "$(hours "$TEACHER_MINUTES")"
+if [ "$TEACHER" = shipped ]; then
+  T=$TEACHER_DIR/teacher.pt
+  step "2. teacher: $T (see $TEACHER_DIR/README.md)"
+else
+  T=teacher/checkpoint_best.pt
+  step "2. teacher: training one for $TEACHER_MINUTES min"
+  [ -s "$T" ] || fairseq-train bin --user-dir "$USER_DIR" --save-dir teacher \
+    --arch transformer_student_small --criterion label_smoothed_cross_entropy "${COMMON[@]}" \
+    --stop-time-hours "$(hours "$TEACHER_MINUTES")"
+fi
 
-step "4a. student without KD ($STUDENT_MINUTES min)"
-[ -s student_baseline/checkpoint_last.pt ] || fairseq-train bin --user-dir "$USER_DIR" \
-  --save-dir student_baseline "${STUDENT[@]}" --criterion label_smoothed_cross_entropy \
-  "${COMMON[@]}" --stop-time-hours "$(hours "$STUDENT_MINUTES")"
+if [[ " $METHODS " == *" seq_kd "* ]]; then
+  step "3. the teacher's translations of the $TRAIN_LINES training sources (beam 5, CTranslate2)"
+  [ -s distilled/train.es-en.en.idx ] || fairseq-kd corpus bin --path "$T" -s es -t en --out distilled \
+    --backend ctranslate2 --beam 5 --max-len-a 1.5 --max-len-b 10 --cpu
+fi
 
-step "4b. student with word_kd ($STUDENT_MINUTES min)"
-[ -s student_word_kd/checkpoint_last.pt ] || fairseq-train bin --user-dir "$USER_DIR" \
-  --save-dir student_word_kd "${STUDENT[@]}" --task translation_kd \
-  --teacher-path teacher/checkpoint_best.pt --criterion word_kd --kd-alpha 0.5 --kd-temperature 1 \
-  "${COMMON[@]}" --stop-time-hours "$(hours "$STUDENT_MINUTES")"
+# student NAME DATA ARGS...: $STUDENT_MINUTES of training into student_NAME
+student() {
+  local name=$1 data=$2; shift 2
+  step "4. student $name ($STUDENT_MINUTES min)"
+  [ -s "student_$name/checkpoint_last.pt" ] || fairseq-train "$data" --user-dir "$USER_DIR" \
+    --save-dir "student_$name" --arch transformer_student_tiny "${COMMON[@]}" "$@" \
+    --stop-time-hours "$(hours "$STUDENT_MINUTES")"
+}
+student baseline bin --criterion label_smoothed_cross_entropy
+for m in $METHODS; do
+  case $m in
+    seq_kd) student seq_kd distilled --criterion label_smoothed_cross_entropy ;;
+    word_kd) student word_kd bin --task translation_kd --teacher-path "$T" --criterion word_kd \
+               --kd-alpha 0.5 --kd-temperature 1 ;;
+  esac
+done
 
-step "5. translate the test set (greedy and beam 5) and score"
-for sys in teacher:teacher/checkpoint_best.pt student_baseline:student_baseline/checkpoint_last.pt \
-           student_word_kd:student_word_kd/checkpoint_last.pt; do
-  name=${sys%%:*}
+step "5. translate the $TEST_LINES test sentences (greedy and beam 5) and score"
+for name in teacher baseline $METHODS; do
+  ckpt=student_$name/checkpoint_last.pt
+  [ "$name" = teacher ] && ckpt=$T
   grep -q "\"name\": \"$name\"" results.json 2>/dev/null || fairseq-kd evaluate --data bin \
-    --checkpoint "${sys#*:}" --name "$name" --ref raw/test.en --results results.json --beam 5 --cpu
+    --checkpoint "$ckpt" --name "$name" --ref raw/test.en --results results.json --beam 5 --cpu
 done
 echo
-fairseq-kd table results.json
+fairseq-kd table results.json --baseline baseline

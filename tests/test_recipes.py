@@ -280,7 +280,9 @@ def test_custom_recipe_end_to_end_on_made_up_language_codes(tmp_path):
     run_recipe("custom", settings)
     assert (work / "bin" / "train.xx-yy.yy.bin").exists() and (work / "distilled" / "train.xx-yy.yy.bin").exists()
     results = json.loads((work / "results.json").read_text())
-    assert [s["name"] for s in results["systems"]] == ["teacher", "baseline", "word_kd", "seq_kd"]
+    # each system evaluated with fairseq, then as the CTranslate2 int8 model a user would ship
+    assert [s["name"] for s in results["systems"]] == [
+        name for system in ("teacher", "baseline", "word_kd", "seq_kd") for name in (system, f"{system} (ct2 int8)")]
     refs = (data / "test.yy").read_text().splitlines()
     for name in ("teacher", "seq_kd"):
         hyps = (work / f"results.{name}.beam.txt").read_text().splitlines()
