@@ -20,10 +20,11 @@
 # student gets the same minutes whatever the machine; a faster machine trains
 # further.  Finished steps are skipped on a second run.
 # Variables (environment): WORK, METHODS (default "seq_kd word_kd"),
-# STUDENT_MINUTES, TRAIN_LINES, TEST_LINES, TEACHER_DIR (a folder with
-# teacher.pt, spm.model, dict.txt), and TEACHER=train to train a teacher from
-# scratch for TEACHER_MINUTES instead (on CPU far too short to converge: KD
-# then has little to teach).
+# STUDENT_MINUTES, TRAIN_LINES, TEST_LINES, VOCAB, TEACHER_DIR (a folder with
+# teacher.pt, spm.model, dict.txt), and TEACHER: shipped (use TEACHER_DIR),
+# train (train one from scratch for TEACHER_MINUTES: on CPU far too short to
+# converge, so KD then has little to teach) or auto (the default: shipped when
+# TEACHER_DIR holds a teacher, else train).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -32,20 +33,24 @@ METHODS=${METHODS:-seq_kd word_kd}
 STUDENT_MINUTES=${STUDENT_MINUTES:-3}
 TRAIN_LINES=${TRAIN_LINES:-12000}
 TEST_LINES=${TEST_LINES:-500}
-TEACHER=${TEACHER:-shipped}
+TEACHER=${TEACHER:-auto}
 TEACHER_DIR=${TEACHER_DIR:-$REPO/examples/teacher}
 TEACHER_MINUTES=${TEACHER_MINUTES:-6}
+VOCAB=${VOCAB:-8000}                  # TEACHER=train only (a shipped teacher brings its own)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 USER_DIR=$REPO/fairseq_kd
 
 hours() { python3 -c "print($1 / 60)"; }
 step() { printf '\n=== %s\n' "$*"; }
+if [ "$TEACHER" = auto ]; then
+  TEACHER=train; [ -s "$TEACHER_DIR/teacher.pt" ] && TEACHER=shipped
+fi
 case $TEACHER in
   shipped) for f in teacher.pt spm.model dict.txt; do
              [ -s "$TEACHER_DIR/$f" ] || { echo "quickstart: $TEACHER_DIR/$f not found (TEACHER=train trains one)" >&2; exit 2; }
            done ;;
   train) ;;
-  *) echo "quickstart: TEACHER must be shipped or train, not '$TEACHER'" >&2; exit 2 ;;
+  *) echo "quickstart: TEACHER must be auto, shipped or train, not '$TEACHER'" >&2; exit 2 ;;
 esac
 for m in $METHODS; do
   case $m in seq_kd | word_kd) ;; *) echo "quickstart: METHODS may hold seq_kd and word_kd, not '$m'" >&2; exit 2 ;; esac
@@ -64,7 +69,7 @@ if [ ! -s bin/test.es-en.en.idx ]; then
     fairseq-kd spm --input-dir raw --src es --tgt en --model "$TEACHER_DIR/spm.model" --out pieces
     DICT=(--srcdict "$TEACHER_DIR/dict.txt")
   else
-    fairseq-kd spm --input-dir raw --src es --tgt en --vocab-size 8000 --out pieces
+    fairseq-kd spm --input-dir raw --src es --tgt en --vocab-size "$VOCAB" --out pieces
     DICT=()
   fi
   fairseq-preprocess -s es -t en --trainpref pieces/train.sp --validpref pieces/valid.sp \
