@@ -59,11 +59,11 @@ def test_every_script_parses():
         assert proc.returncode == 0, f"{script}: {proc.stderr}"
 
 
-def dry_run_commands(recipe, tmp_path, **extra):
+def dry_run_commands(recipe, tmp_path, *steps, **extra):
     settings = {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path / recipe)}
     if recipe == "custom":  # its data folder is only read by the prepare step, not in a dry run
         settings.update(DATA_DIR=str(tmp_path), SRC="de", TGT="en")
-    out = run_recipe(recipe, {**settings, **extra}).stdout
+    out = run_recipe(recipe, {**settings, **extra}, *steps).stdout
     return [shlex.split(line[4:]) for line in out.splitlines() if line.startswith("RUN:")]
 
 
@@ -130,6 +130,22 @@ def test_cpu_profile_sizes_teacher_and_students_for_cpu(recipe, tmp_path):
     assert train_option(hybrid["student_hybrid_fixed"], "--gate") == "fixed"
     assert train_option(hybrid["student_hybrid_fixed"], "--gate-value") == "0.5"
     assert {train_option(c, "--distilled-data").rsplit("/", 1)[1] for c in hybrid.values()} == {"distilled"}
+    for cmd in cmds:
+        check_options(cmd)
+
+
+def test_ship_step_exports_the_teacher_in_half_precision_and_scores_it_with_stock_fairseq(tmp_path):
+    cmds = dry_run_commands("bible_es_en", tmp_path, PROFILE="cpu", SHIP_DIR=str(tmp_path / "shipped"))
+    assert not any("--half" in c for c in cmds)  # only when named
+    cmds = dry_run_commands("bible_es_en", tmp_path, "ship", PROFILE="cpu", SHIP_DIR=str(tmp_path / "shipped"))
+    export, evaluate = [c for c in cmds if c[0] == "fairseq-kd"]
+    assert export[1] == "export" and "--half" in export
+    assert train_option(export, "--path").endswith("/teacher/checkpoint_best.pt")
+    assert train_option(export, "--out") == str(tmp_path / "shipped" / "teacher.pt")
+    assert evaluate[1] == "evaluate" and "--no-user-dir" in evaluate
+    assert train_option(evaluate, "--checkpoint") == train_option(export, "--out")
+    assert [c[1] for c in cmds if c[0] == "cp"] == [f"{tmp_path}/bible_es_en/pieces/spm.model",
+                                                  f"{tmp_path}/bible_es_en/bin/dict.es.txt"]
     for cmd in cmds:
         check_options(cmd)
 

@@ -12,6 +12,10 @@
 #   evaluate  fairseq-kd evaluate: greedy + beam, sacreBLEU/chrF, speed   -> $WORK/results.json
 #             (+ a "NAME (ct2 Q)" row per system and quantization Q in $CT2_QUANT)
 #   report    fairseq-kd table + plot -> $RESULTS_MD, $PLOT_DIR/*.png
+# and, only when named:
+#   ship      the teacher for inference (float16, no optimizer), its SentencePiece
+#             model and dictionary, scored on the test split, with a provenance
+#             note                                                  -> $SHIP_DIR
 #
 # A step is finished when its stamp $WORK/done/<name> exists (written only
 # after success) or, for evaluation, when results.json holds the system.
@@ -21,6 +25,7 @@
 # the commands instead of running them.
 
 PIPELINE_STEPS="prepare spm binarize teacher corpus students prune export evaluate report"
+NAMED_STEPS="ship"  # run only when named: `run.sh ship`
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 USER_DIR=$REPO/fairseq_kd
@@ -370,9 +375,71 @@ Training logs: \`$WORK/logs/\`.
 MD
 }
 
+# ship: the teacher as a user gets it (examples/teacher in this repository):
+# teacher.pt (fairseq-kd export --half), spm.model, dict.txt (the joined
+# dictionary), evaluation.json (its test scores, stock fairseq) and README.md
+# (how it was made: the settings, the commit, training time, valid loss, BLEU).
+step_ship() {
+  local dir=${SHIP_DIR:-$WORK/shipped_teacher}
+  log "ship the teacher -> $dir"
+  run_cmd mkdir -p "$dir"
+  run_logged "$WORK/logs/ship.log" fairseq-kd export --path "$WORK/teacher/checkpoint_best.pt" \
+    --out "$dir/teacher.pt" --half
+  run_cmd cp "$WORK/pieces/spm.model" "$dir/spm.model"
+  run_cmd cp "$WORK/bin/dict.$SRC.txt" "$dir/dict.txt"
+  [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.json"
+  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
+    --data "$WORK/bin" --checkpoint "$dir/teacher.pt" --name teacher --ref "$WORK/raw/test.$TGT" \
+    --results "$dir/evaluation.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
+    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+  if [ -n "$DRY_RUN" ]; then return; fi
+  rm -f "$dir"/results.teacher.*.txt
+  teacher_provenance "$dir" > "$dir/README.md.tmp" && mv "$dir/README.md.tmp" "$dir/README.md"
+  cat "$dir/README.md"
+}
+
+# The shipped teacher's README: what a user needs to trust and reproduce it.
+teacher_provenance() {
+  SHIP="$1" CKPT="$WORK/teacher/checkpoint_best.pt" RECIPE="$RECIPE" PROFILE="$PROFILE" \
+  PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  TEACHER_ARGS="$TEACHER_ARGS" TEACHER_TRAIN="$TEACHER_TRAIN" VOCAB="$VOCAB" \
+  OPTIM="$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING" \
+  TRAIN_PAIRS="$(wc -l < "$WORK/raw/train.$SRC")" TEST="$(basename "$WORK")/raw/test.$TGT" \
+  TEST_LINES="$(wc -l < "$WORK/raw/test.$TGT")" python3 - <<'PY'
+import datetime, json, os
+import torch
+e = os.environ
+state = torch.load(e["CKPT"], map_location="cpu", weights_only=False)
+extra = state["extra_state"]
+ev = json.load(open(os.path.join(e["SHIP"], "evaluation.json")))
+t = ev["systems"][0]
+g, b = t["greedy"], t["beam"]
+print(f"""# Teacher: {e['RECIPE']}, PROFILE={e['PROFILE']} ({e['PAIR']})
+
+Made by `PROFILE={e['PROFILE']} recipes/{e['RECIPE']}/run.sh teacher` at git {e['COMMIT']};
+shipped on {datetime.date.today()} by `run.sh ship`.
+
+| | |
+|---|---|
+| model | `{e['TEACHER_ARGS']}`, {t['params'] / 1e6:.1f}M parameters, stored as float16 (`fairseq-kd export --half`) |
+| training | `{e['TEACHER_TRAIN']}`, `{e['OPTIM']}` |
+| data | {e['TRAIN_PAIRS']} training pairs, joint SentencePiece vocabulary {e['VOCAB']} (`spm.model`, `dict.txt`) |
+| best checkpoint | epoch {extra['train_iterator']['epoch'] - 1}, {state['optimizer_history'][-1]['num_updates']} updates, {extra['previous_training_time'] / 3600:.2f} h of training to it (fairseq's cumulative wall time) |
+| best valid loss | {extra['best']:.3f} (label-smoothed cross-entropy, bits per token) |
+| test, greedy | sacreBLEU {g['bleu']}, chrF {g['chrf']}, {g['sentences_per_s']} sentences/s |
+| test, beam {b['beam']} | sacreBLEU {b['bleu']}, chrF {b['chrf']}, {b['sentences_per_s']} sentences/s |
+
+Test: `{e['TEST']}`, {e['TEST_LINES']} sentences, scored from this folder's `teacher.pt` by
+stock fairseq (no plugin) on {ev['device']}: `evaluation.json`.
+BLEU signature `{ev['bleu_signature']}`.""")
+PY
+}
+
 run_pipeline() {
   local steps=${*:-$PIPELINE_STEPS} s
-  for s in $steps; do [[ " $PIPELINE_STEPS " == *" $s "* ]] || die "unknown step '$s' (steps: $PIPELINE_STEPS)"; done
+  for s in $steps; do
+    [[ " $PIPELINE_STEPS $NAMED_STEPS " == *" $s "* ]] || die "unknown step '$s' (steps: $PIPELINE_STEPS $NAMED_STEPS)"
+  done
   resolve_devices
   RESULTS=${RESULTS:-$WORK/results.json}
   mkdir -p "$WORK"
