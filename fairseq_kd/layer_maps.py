@@ -3,7 +3,7 @@
 A *layer map* for an ``L_T``-layer teacher and an ``L_S``-layer student is a
 list of ``L_S`` groups; group ``i`` holds the teacher layers whose outputs are
 concatenated and matched against student layer ``i``
-(Wu et al. 2020; README, ``ckd``).  Layers are numbered from 0: layer 0
+(Wu et al. 2020; docs/ckd.md).  Layers are numbered from 0: layer 0
 is the output of the first transformer layer; the embedding output is never
 matched.  Named maps, with ``s = L_T // L_S``:
 
@@ -21,7 +21,7 @@ matched.  Named maps, with ``s = L_T // L_S``:
 * explicit: ``"0,1,2|3,4,5"``, groups separated by ``|``, layers by ``,``.
 
 Every named map needs ``L_T >= L_S``; an explicit map works for any depths.
-Groups (teacher layers, 0-based) for the depths of the tests and the README
+Groups (teacher layers, 0-based) for the depths of the tests and docs/ckd.md
 (``format_map_table()`` renders this table; a test compares both):
 
 | teacher -> student | `skip` | `regular` | `overlap` | `cross` |

@@ -277,7 +277,7 @@ def default_workers(args):
     """One process per GPU; on CPU one process using every core.
 
     On 2 cores, one process with 2 intra-op threads decoded a 256-dim teacher
-    faster than two single-threaded processes (README, sequence-level KD).
+    faster than two single-threaded processes (benchmarks/README.md).
     """
     return cuda_device_count(args) or 1
 

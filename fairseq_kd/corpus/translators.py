@@ -10,7 +10,7 @@ pieces:
 * ``ctranslate2``: the teacher converted to CTranslate2 (cached, see
   :mod:`fairseq_kd.deploy.ct2`); on CPU the worker's threads decode that many
   batches at once, one thread each (faster than one batch on all threads for
-  small teachers, README benchmark).
+  small teachers, benchmarks/README.md).
 """
 from fairseq_kd.corpus.data import length_sorted_batches, select_by_sentence_bleu
 from fairseq_kd.errors import require

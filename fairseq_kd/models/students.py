@@ -4,7 +4,7 @@ They are named hyper-parameter sets only: a student is a plain ``transformer``;
 its ``fairseq-kd export`` file loads in stock fairseq and converts with
 CTranslate2's stock converter (tested), and training checkpoints convert with
 the plugin loaded (``ct2-fairseq-converter --user_dir fairseq_kd``).
-Parameter counts (README) are for a joint 8k vocabulary with shared embeddings.
+Parameter counts (docs/task.md) are for a joint 8k vocabulary with shared embeddings.
 
 IWSLT-size teachers (``transformer_iwslt_de_en``: 512/1024, 4 heads, 6+6):
   tiny   128/512,  2 heads, 3+3 layers
