@@ -183,7 +183,7 @@ def evaluate(spec, report=print):
     check_same_device(results, spec.results, name, device)
     refs = read_lines(spec.ref)
     entry = {"name": name, "checkpoint": spec.checkpoint, "params": count_parameters(spec.checkpoint),
-             "device": device}
+             "device": device, "sentences": len(refs)}
     if spec.backend == "ctranslate2":
         entry.update(backend="ctranslate2", quantization=spec.quantization)
         translator, *langs = ct2_translator(spec)

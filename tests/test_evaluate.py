@@ -18,6 +18,7 @@ def test_evaluate_table_plot(tiny_data, tiny_teacher, tmp_path):
     run(base + ["--checkpoint", tiny_teacher, "--name", "teacher"])
     data = json.loads(results.read_text())
     assert [s["name"] for s in data["systems"]] == ["teacher"]
+    assert data["systems"][0]["sentences"] == 40
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU ("
     assert data["device"].startswith(device) and data["systems"][0]["device"] == data["device"]
     refs = (tiny_data / "raw/test.en").read_text().splitlines()

@@ -138,7 +138,7 @@ def test_ship_step_exports_the_teacher_in_half_precision_and_scores_it_with_stoc
     cmds = dry_run_commands("bible_es_en", tmp_path, PROFILE="cpu", SHIP_DIR=str(tmp_path / "shipped"))
     assert not any("--half" in c for c in cmds)  # only when named
     cmds = dry_run_commands("bible_es_en", tmp_path, "ship", PROFILE="cpu", SHIP_DIR=str(tmp_path / "shipped"))
-    export, evaluate = [c for c in cmds if c[0] == "fairseq-kd"]
+    export, evaluate, spm, check = [c for c in cmds if c[0] == "fairseq-kd"]
     assert export[1] == "export" and "--half" in export
     assert train_option(export, "--path").endswith("/teacher/checkpoint_best.pt")
     assert train_option(export, "--out") == str(tmp_path / "shipped" / "teacher.pt")
@@ -146,8 +146,35 @@ def test_ship_step_exports_the_teacher_in_half_precision_and_scores_it_with_stoc
     assert train_option(evaluate, "--checkpoint") == train_option(export, "--out")
     assert [c[1] for c in cmds if c[0] == "cp"] == [f"{tmp_path}/bible_es_en/pieces/spm.model",
                                                   f"{tmp_path}/bible_es_en/bin/dict.es.txt"]
+    # the check slice is encoded and binarized from the shipped folder alone, as the test of
+    # the shipped teacher does from a clean clone
+    shipped = tmp_path / "shipped"
+    assert [c[3] for c in cmds if c[0] == "head"] == [f"{tmp_path}/bible_es_en/raw/test.es",
+                                                      f"{tmp_path}/bible_es_en/raw/test.en"]
+    assert [c[2] for c in cmds if c[0] == "head"] == ["300", "300"]
+    assert spm[1] == "spm" and train_option(spm, "--model") == str(shipped / "spm.model")
+    preprocess, = [c for c in cmds if c[0] == "fairseq-preprocess"]
+    assert train_option(preprocess, "--srcdict") == str(shipped / "dict.txt")
+    assert check[1] == "evaluate" and "--no-user-dir" in check
+    assert train_option(check, "--checkpoint") == str(shipped / "teacher.pt")
+    assert train_option(check, "--results") == str(shipped / "evaluation.check.json")
     for cmd in cmds:
         check_options(cmd)
+
+
+@pytest.mark.parametrize("best_epoch, resumes", [(16, False), (17, True)])
+def test_teacher_whose_best_checkpoint_is_patience_epochs_old_is_not_resumed(tmp_path, best_epoch, resumes):
+    # fairseq restarts its --patience count in a resumed run, so the recipe decides from the
+    # checkpoints: last at the end of epoch 18 (its iterator points at 19), PROFILE=cpu's patience 3
+    teacher = tmp_path / "bible_es_en" / "teacher"
+    teacher.mkdir(parents=True)
+    for name, epoch in (("best", best_epoch), ("last", 19)):
+        torch.save({"extra_state": {"train_iterator": {"epoch": epoch}}}, teacher / f"checkpoint_{name}.pt")
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path / "bible_es_en"),
+                                      "PROFILE": "cpu"}, "teacher")
+    trains = [line for line in proc.stdout.splitlines() if line.startswith("RUN: fairseq-train")]
+    assert bool(trains) == resumes
+    assert ("early-stopped (its best checkpoint is 3 epochs old, --patience 3)" in proc.stdout) != resumes
 
 
 def test_unknown_profile_is_one_line_error(tmp_path):

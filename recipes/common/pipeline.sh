@@ -126,8 +126,42 @@ train() {
     --seed "$SEED" --no-epoch-checkpoints --log-format simple --log-interval 50 "$@"
 }
 
+# epochs_since_best DIR: how many epochs DIR/checkpoint_last.pt is past
+# DIR/checkpoint_best.pt (empty when either is missing).
+epochs_since_best() {
+  python3 - "$1" <<'PY'
+import os, sys
+import torch
+epochs = []
+for name in ("checkpoint_best.pt", "checkpoint_last.pt"):
+    path = os.path.join(sys.argv[1], name)
+    if not os.path.isfile(path):
+        sys.exit(0)
+    epochs.append(torch.load(path, map_location="cpu", weights_only=False)["extra_state"]["train_iterator"]["epoch"])
+print(epochs[1] - epochs[0])
+PY
+}
+
+# option_value OPTION ARGS...: the value given to OPTION in ARGS (empty if absent)
+option_value() {
+  local opt=$1; shift
+  while [ $# -gt 1 ]; do [ "$1" = "$opt" ] && { echo "$2"; return; }; shift; done
+}
+
 step_teacher() {
   if is_done teacher; then skip teacher; return; fi
+  # fairseq counts --patience within one run: a resumed run counts afresh from
+  # its first validation.  A teacher whose best checkpoint is already PATIENCE
+  # epochs old has early-stopped; resuming it would only train on.
+  local patience stale
+  # shellcheck disable=SC2086
+  patience=$(option_value --patience $TEACHER_TRAIN)
+  stale=$(epochs_since_best "$WORK/teacher")
+  if [ -n "$patience" ] && [ -n "$stale" ] && [ "$patience" -gt 0 ] && [ "$stale" -ge "$patience" ]; then
+    log "teacher: early-stopped (its best checkpoint is $stale epochs old, --patience $patience)"
+    mark_done teacher
+    return
+  fi
   log "teacher: $TEACHER_ARGS $TEACHER_TRAIN (log: $WORK/logs/teacher.log)"
   # shellcheck disable=SC2086
   train teacher "$WORK/bin" --task translation --criterion label_smoothed_cross_entropy \
@@ -392,23 +426,68 @@ step_ship() {
     --data "$WORK/bin" --checkpoint "$dir/teacher.pt" --name teacher --ref "$WORK/raw/test.$TGT" \
     --results "$dir/evaluation.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
     --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+  ship_check "$dir"
   if [ -n "$DRY_RUN" ]; then return; fi
   rm -f "$dir"/results.teacher.*.txt
   teacher_provenance "$dir" > "$dir/README.md.tmp" && mv "$dir/README.md.tmp" "$dir/README.md"
   cat "$dir/README.md"
 }
 
+# ship_check DIR: the first SHIP_CHECK_LINES test pairs scored from DIR alone
+# (its spm.model, dict.txt and teacher.pt; stock fairseq) into
+# DIR/evaluation.check.json: the score tests/test_shipped_teacher.py
+# reproduces from a clean clone.
+ship_check() {
+  local dir=$1 check=$WORK/ship_check lang
+  run_cmd rm -rf "$check"
+  run_cmd mkdir -p "$check/raw"
+  for lang in "$SRC" "$TGT"; do
+    if [ -n "$DRY_RUN" ]; then echo "RUN: head -n $SHIP_CHECK_LINES $WORK/raw/test.$lang > $check/raw/test.$lang"
+    else head -n "$SHIP_CHECK_LINES" "$WORK/raw/test.$lang" > "$check/raw/test.$lang"; fi
+  done
+  run_logged "$WORK/logs/ship.log" fairseq-kd spm --input-dir "$check/raw" --src "$SRC" --tgt "$TGT" \
+    --splits test --model "$dir/spm.model" --out "$check/pieces"
+  run_logged "$WORK/logs/ship.log" fairseq-preprocess -s "$SRC" -t "$TGT" --testpref "$check/pieces/test.sp" \
+    --destdir "$check/bin" --srcdict "$dir/dict.txt" --joined-dictionary --workers 1
+  [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.check.json"
+  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
+    --data "$check/bin" --checkpoint "$dir/teacher.pt" --name teacher --ref "$check/raw/test.$TGT" \
+    --results "$dir/evaluation.check.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
+    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+}
+
 # The shipped teacher's README: what a user needs to trust and reproduce it.
 teacher_provenance() {
   SHIP="$1" CKPT="$WORK/teacher/checkpoint_best.pt" RECIPE="$RECIPE" PROFILE="$PROFILE" \
-  PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
+  STALE="$(epochs_since_best "$WORK/teacher")" PATIENCE="$(option_value --patience $TEACHER_TRAIN)" \
+  CPU="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs), $(nproc) cores" \
   TEACHER_ARGS="$TEACHER_ARGS" TEACHER_TRAIN="$TEACHER_TRAIN" VOCAB="$VOCAB" \
   OPTIM="$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING" \
   TRAIN_PAIRS="$(wc -l < "$WORK/raw/train.$SRC")" TEST="$(basename "$WORK")/raw/test.$TGT" \
-  TEST_LINES="$(wc -l < "$WORK/raw/test.$TGT")" python3 - <<'PY'
-import datetime, json, os
+  TEST_LINES="$(wc -l < "$WORK/raw/test.$TGT")" TRAIN_LOG="$WORK/logs/teacher.log" python3 - <<'PY'
+import datetime, json, os, re
 import torch
 e = os.environ
+
+
+def valid_losses_and_stop(log, stale, patience):
+    """Valid loss by epoch (the last run of each epoch when a run resumed) and why training stopped."""
+    losses, stop = {}, "max-epoch reached"
+    with open(log, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            m = re.search(r"epoch (\d+) \| valid on 'valid' subset \| loss ([\d.]+)", line)
+            if m:
+                losses[int(m.group(1))] = float(m.group(2))
+            elif "Stopping training due to" in line:
+                stop = "the clock: " + line.split("Stopping training due to ", 1)[1].strip()
+    if patience and stale and int(stale) >= int(patience):
+        stop = f"early stopping: no better valid loss in the {stale} epochs after the best (--patience {patience})"
+    return [losses[k] for k in sorted(losses)], stop
+
+
+curve, stop = valid_losses_and_stop(e["TRAIN_LOG"], e["STALE"], e["PATIENCE"])
+check = json.load(open(os.path.join(e["SHIP"], "evaluation.check.json")))["systems"][0]
 state = torch.load(e["CKPT"], map_location="cpu", weights_only=False)
 extra = state["extra_state"]
 ev = json.load(open(os.path.join(e["SHIP"], "evaluation.json")))
@@ -416,22 +495,28 @@ t = ev["systems"][0]
 g, b = t["greedy"], t["beam"]
 print(f"""# Teacher: {e['RECIPE']}, PROFILE={e['PROFILE']} ({e['PAIR']})
 
-Made by `PROFILE={e['PROFILE']} recipes/{e['RECIPE']}/run.sh teacher` at git {e['COMMIT']};
-shipped on {datetime.date.today()} by `run.sh ship`.
+Made by `PROFILE={e['PROFILE']} recipes/{e['RECIPE']}/run.sh teacher` with the settings below;
+shipped on {datetime.date.today()} by `run.sh ship` at git {e['COMMIT']}.
 
 | | |
 |---|---|
 | model | `{e['TEACHER_ARGS']}`, {t['params'] / 1e6:.1f}M parameters, stored as float16 (`fairseq-kd export --half`) |
 | training | `{e['TEACHER_TRAIN']}`, `{e['OPTIM']}` |
 | data | {e['TRAIN_PAIRS']} training pairs, joint SentencePiece vocabulary {e['VOCAB']} (`spm.model`, `dict.txt`) |
-| best checkpoint | epoch {extra['train_iterator']['epoch'] - 1}, {state['optimizer_history'][-1]['num_updates']} updates, {extra['previous_training_time'] / 3600:.2f} h of training to it (fairseq's cumulative wall time) |
+| best checkpoint | epoch {extra['train_iterator']['epoch'] - 1}, {state['optimizer_history'][-1]['num_updates']} updates, {extra['previous_training_time'] / 3600:.2f} h of training to it (fairseq's cumulative wall time, including any time the machine was shared) |
+| machine | {e['CPU']} |
 | best valid loss | {extra['best']:.3f} (label-smoothed cross-entropy, bits per token) |
+| valid loss by epoch | {', '.join(f'{v:.3f}' for v in curve)} |
+| stopped by | {stop} |
 | test, greedy | sacreBLEU {g['bleu']}, chrF {g['chrf']}, {g['sentences_per_s']} sentences/s |
 | test, beam {b['beam']} | sacreBLEU {b['bleu']}, chrF {b['chrf']}, {b['sentences_per_s']} sentences/s |
 
 Test: `{e['TEST']}`, {e['TEST_LINES']} sentences, scored from this folder's `teacher.pt` by
 stock fairseq (no plugin) on {ev['device']}: `evaluation.json`.
-BLEU signature `{ev['bleu_signature']}`.""")
+BLEU signature `{ev['bleu_signature']}`.
+`evaluation.check.json`: the first {check['sentences']} test pairs scored the same way from this
+folder alone (greedy BLEU {check['greedy']['bleu']}, beam BLEU {check['beam']['bleu']}), which
+`tests/test_shipped_teacher.py` reproduces from a clean clone.""")
 PY
 }
 

@@ -72,6 +72,7 @@ PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
   "--max-epoch 15 --patience 5 --stop-time-hours 0.05" \
   "--max-update 800 --stop-time-hours 0.2")}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
+SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship: test pairs the shipped teacher's test rescores
 
 # --- report
 RESULTS_MD=${RESULTS_MD:-$WORK/results.md}
