@@ -428,7 +428,7 @@ step_ship() {
     --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
   ship_check "$dir"
   if [ -n "$DRY_RUN" ]; then return; fi
-  rm -f "$dir"/results.teacher.*.txt
+  rm -f "$dir"/evaluation*.teacher.*.txt  # the hypotheses: not shipped
   teacher_provenance "$dir" > "$dir/README.md.tmp" && mv "$dir/README.md.tmp" "$dir/README.md"
   cat "$dir/README.md"
 }
