@@ -35,7 +35,8 @@ def add_arguments(p):
     p.add_argument("--results", required=True, help="JSON file to update")
     p.add_argument("--gen-subset", default="test")
     p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search run")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sentences per batch (default: 128; with --backend ctranslate2, 24 on CPU)")
     p.add_argument("--max-len-a", type=float, default=1.5)
     p.add_argument("--max-len-b", type=int, default=10)
     p.add_argument("--post-process", default="sentencepiece",
@@ -53,12 +54,24 @@ def add_arguments(p):
 def check_inputs(args):
     """Everything fairseq-generate would otherwise fail on late, or with a traceback."""
     require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args)
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     require(os.path.isfile(args.ref), f"--ref: reference file not found: {args.ref}")
     require(os.path.isdir(args.data), f"--data: data folder not found: {args.data}")
     require(glob.glob(os.path.join(glob.escape(args.data), f"{args.gen_subset}.*-*.*.idx")),
             f"--data: no binarized '{args.gen_subset}' split in {args.data} "
             f"(expected {args.gen_subset}.SRC-TGT.SRC.idx/.bin from fairseq-preprocess)")
+
+
+def default_batch_size(args):
+    """128 sentences, as fairseq-generate is run here; CTranslate2's own size on its device."""
+    if args.backend != "ctranslate2":
+        return 128
+    from fairseq_kd.deploy.ct2 import default_batch_size as ct2_batch_size
+    from fairseq_kd.evaluation import cuda_available_to_ct2
+
+    return ct2_batch_size("cpu" if args.cpu or not cuda_available_to_ct2() else "cuda")
 
 
 def run(args):

@@ -26,7 +26,8 @@ def add_arguments(p):
     p.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: 1)")
     p.add_argument("--max-len-a", type=float, default=1.5, help="max length = a * source pieces + b")
     p.add_argument("--max-len-b", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: 32)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sentences per batch (default: 24 on CPU, 128 on CUDA)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU: batches translated at once, one thread each (default: all cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -51,10 +52,12 @@ def read_inputs(paths):
 def run(args):
     from tqdm import tqdm
 
-    from fairseq_kd.deploy.ct2 import ModelFolder, load_translator
+    from fairseq_kd.deploy.ct2 import ModelFolder, default_batch_size, load_translator
     from fairseq_kd.processes import usable_cores
 
     require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args.device)
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     folder = ModelFolder(args.model)
     lines = read_inputs(args.input)

@@ -222,6 +222,8 @@ def parse_formats(spec):
 
 
 def check_args(args):
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args)
     formats = parse_formats(args.formats)
     require(not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file, not a folder")
     if "bin" in formats:  # checked before decoding: the bin files would overwrite the data's own
@@ -254,6 +256,15 @@ def check_ct2_args(args):
         args.quantization = "float16" if args.fp16 else "float32"
     require(args.quantization in QUANTIZATIONS,
             f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {args.quantization}")
+
+
+def default_batch_size(args):
+    """Sentences per batch when --batch-size is not given: CTranslate2's CPU size, else as fairseq."""
+    if args.backend == "ctranslate2" and on_cpu(args):
+        from fairseq_kd.deploy.ct2 import CPU_BATCH_SIZE
+
+        return CPU_BATCH_SIZE
+    return 1000
 
 
 def cuda_device_count(args):

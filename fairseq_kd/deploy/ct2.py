@@ -28,6 +28,18 @@ MODEL_INFO = "fairseq_kd.json"
 SPM_MODEL = "sentencepiece.model"
 USER_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE_ENV = "FAIRSEQ_KD_CACHE"
+# Sentences per batch on CPU, where each of the translator's threads decodes a
+# batch of its own: small length-sorted batches keep every thread busy to the
+# end.  Measured on 2 cores (beam 5, the CPU study's teacher, 2,000 test
+# verses; benchmarks/README.md): 8-24 sentences decoded 1.5-1.7x faster than
+# the ~300 that --max-tokens 12000 allows.
+CPU_BATCH_SIZE = 24
+GPU_BATCH_SIZE = 128
+
+
+def default_batch_size(device):
+    """Sentences per CTranslate2 batch on ``device`` ("cpu" or "cuda") when none is given."""
+    return CPU_BATCH_SIZE if device == "cpu" else GPU_BATCH_SIZE
 
 
 # ---------------------------------------------------------------- conversion

@@ -310,14 +310,15 @@ evaluate() {
   log "evaluate $row"
   CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/evaluate.log" fairseq-kd evaluate \
     --data "$WORK/bin" --checkpoint "$ckpt" --name "$name" --ref "$WORK/raw/test.$TGT" \
-    --results "$RESULTS" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
-    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" "$@"
+    --results "$RESULTS" --beam "$BEAM" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
+    "${DEVICE_ARGS[@]}" "$@"
 }
 
 # evaluate_all NAME CHECKPOINT [ARGS...]: the PyTorch row, then a CTranslate2 row per $CT2_QUANT.
 evaluate_all() {
   local name=$1 ckpt=$2 q; shift 2
-  evaluate "$name" "$name" "$ckpt" "${FP16_ARGS[@]}" "$@"
+  evaluate "$name" "$name" "$ckpt" --batch-size "$EVAL_BATCH_SIZE" "${FP16_ARGS[@]}" "$@"
+  # CTranslate2 rows: fairseq-kd evaluate's batch size for CTranslate2 on this device
   for q in $CT2_QUANT; do
     evaluate "$name (ct2 $q)" "$name" "$ckpt" --backend ctranslate2 --quantization "$q"
   done
@@ -384,8 +385,10 @@ write_results_md() {
 
 Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
 Test set: \`$WORK/raw/test.$TGT\` ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
-Translation speed: fairseq-generate's own sentences/s (model loading excluded),
-batch size $EVAL_BATCH_SIZE, one system at a time on $(results_device).
+Translation speed: sentences/s of the translation alone (model loading excluded),
+one system at a time on $(results_device): fairseq-generate with batches of
+$EVAL_BATCH_SIZE sentences, and for the "(ct2 ...)" rows the model converted to
+CTranslate2 with fairseq-kd evaluate's batch size for it.
 Students are evaluated from their \`fairseq-kd export\` files with stock fairseq.
 
 $(fairseq-kd table "$RESULTS" "${baseline[@]}")

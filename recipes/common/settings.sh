@@ -71,7 +71,7 @@ PRUNE_RATIO=${PRUNE_RATIO:-0.5}
 PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
   "--max-epoch 15 --patience 5 --stop-time-hours 0.05" \
   "--max-update 800 --stop-time-hours 0.2")}
-EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}
+EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}            # fairseq-generate rows (CTranslate2 rows: its own)
 SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship: test pairs the shipped teacher's test rescores
 
 # --- report
