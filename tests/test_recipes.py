@@ -122,7 +122,7 @@ def test_cpu_profile_sizes_teacher_and_students_for_cpu(recipe, tmp_path):
     assert train_option(trained[0], "--arch") == "transformer_student_small"
     assert {train_option(c, "--arch") for c in trained[1:]} == {"transformer_student_tiny"}
     # students: the same number of updates for every method (the time limit is only a safety net)
-    assert {train_option(c, "--max-update") for c in trained[1:-1]} == {"2600"}
+    assert {train_option(c, "--max-update") for c in trained[1:-1]} == {"1600"}
     # the learned hybrid gate is compared with a fixed 0.5 gate on the same data
     hybrid = {train_option(c, "--save-dir").rsplit("/", 1)[1]: c for c in trained if "hybrid_kd" in c}
     assert sorted(hybrid) == ["student_hybrid_fixed", "student_hybrid_kd"]
