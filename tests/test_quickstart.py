@@ -1,6 +1,6 @@
 """`make demo` (examples/quickstart.sh) end to end on a small slice, with the shipped teacher.
 
-Slow (about 3 minutes on 2 cores): the students train for seconds, so only the
+Slow (11 minutes on 2 cores beside two training jobs): the students train for seconds, so only the
 plumbing is checked here (every step runs, every system is scored, the table
 prints, a second run reuses the finished work), not that KD helps: the
 README's table is a real run of the full demo.
