@@ -242,9 +242,10 @@ step_students() {
   for name in $METHODS; do
     if is_done "student_$name"; then skip "student_$name"; continue; fi
     local gpus; gpus=$(job_gpus "$i"); i=$((i + 1))
+    # a free slot first, so the log says when each student starts
+    [ "$jobs" = 1 ] || while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
     log "student $name on ${gpus:-cpu} (log: $WORK/logs/student_$name.log)"
     if [ "$jobs" = 1 ]; then train_student "$name" "$gpus"; continue; fi
-    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
     train_student "$name" "$gpus" & names+=("$name")
   done
   wait
