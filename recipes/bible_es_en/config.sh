@@ -1,7 +1,7 @@
 # Bible es-en study: the corpus shipped in examples/data (26,722 / 1,000 / 2,000
 # verse pairs).  Every setting is in recipes/common/settings.sh; two profiles:
 #   recipes/bible_es_en/run.sh                          # PROFILE=gpu: one GPU, ~25 min (H100 estimate)
-#   PROFILE=cpu WORK=~/kd-work/bible_cpu recipes/bible_es_en/run.sh   # 2 CPU cores, ~5 h
+#   PROFILE=cpu WORK=~/kd-work/bible_cpu recipes/bible_es_en/run.sh   # 2 CPU cores, ~7 h (measured)
 # Any variable from the environment, e.g.  GPUS=1 STUDENT_JOBS=4 recipes/bible_es_en/run.sh
 RECIPE=bible_es_en
 RECIPE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
