@@ -1,4 +1,5 @@
-"""The results file of ``fairseq-kd evaluate``: read and checked, updated, printed and plotted.
+"""The results file of ``fairseq-kd evaluate``: read and checked, updated and printed
+(:mod:`fairseq_kd.plots` draws it).
 
 A JSON object: the sacreBLEU signatures ("bleu_signature", "chrf_signature"),
 the "device" the speeds were measured on and "systems", one entry per
@@ -7,7 +8,7 @@ beam, bleu, chrf, sentences_per_s).  ``fairseq-kd evaluate`` writes it,
 ``fairseq-kd table`` and ``fairseq-kd plot`` read it.
 
 Neither fairseq nor torch is imported here (``fairseq-kd table`` and ``plot``
-start quickly); matplotlib only when a plot is drawn.
+start quickly).
 """
 import json
 import os
@@ -102,30 +103,3 @@ def markdown_table(results, baseline=None):
     lines.append(f"chrF signature: `{results.get('chrf_signature', '')}`  ")
     lines.append(f"beam search: beam {results['systems'][0]['beam']['beam']}; device: {results.get('device')}")
     return "\n".join(lines) + "\n"
-
-
-def plot_results(results, out, x="speed", decoding="greedy", title=None):
-    """Draw BLEU of ``decoding`` against its speed (``x="speed"``) or the parameters
-    (``x="params"``) for every system, into the PNG ``out`` (its folder created)."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for s in results["systems"]:
-        d = s[decoding]
-        x_value = d["sentences_per_s"] if x == "speed" else s["params"] / 1e6
-        marker = "s" if s["name"].startswith("teacher") else "o"
-        ax.scatter([x_value], [d["bleu"]], marker=marker)
-        ax.annotate(s["name"], (x_value, d["bleu"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"{decoding} translation speed (sentences/s, {results.get('device')})"
-                  if x == "speed" else "parameters (millions)")
-    ax.set_ylabel(f"sacreBLEU ({decoding})")
-    ax.set_xscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title or f"BLEU vs {'speed' if x == 'speed' else 'size'}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)  # a library caller may draw many

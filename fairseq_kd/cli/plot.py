@@ -3,7 +3,8 @@
 Reads the JSON written by ``fairseq-kd evaluate`` and writes a PNG
 (``fairseq-kd table`` prints the same results as a Markdown table).
 """
-from fairseq_kd.results import plot_results, read_results
+from fairseq_kd.plots import plot_results
+from fairseq_kd.results import read_results
 
 USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fairseq_kd.cli)
 
