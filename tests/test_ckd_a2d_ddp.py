@@ -14,7 +14,6 @@ must add up to the single-process ones.
 """
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import helpers
 from helpers import STUDENT_ARCH
@@ -29,8 +28,7 @@ def check_split_batch_ddp(build_args, tmp_path, terms):
     ``terms``: the loss components the criterion must log (each > 0).
     Returns the single-process gradients (normalised by the sample size).
     """
-    mp.spawn(helpers.ddp_split_batch_step, args=(WORLD, helpers.free_port(), build_args, str(tmp_path)),
-             nprocs=WORLD, join=True)
+    helpers.spawn_gloo(helpers.ddp_split_batch_step, WORLD, build_args, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     grads, log, sample_size = helpers.whole_batch_step(build_args, WORLD)
 

@@ -6,15 +6,13 @@ every rank loads its own teacher through the task, and the synchronised
 gradients must equal single-process gradients over both ranks' batches.
 """
 import torch
-import torch.multiprocessing as mp
 
 import helpers
 from helpers import STUDENT_ARCH
 
 
 def check_ddp_matches_single_process(build_args, tmp_path):
-    port = helpers.free_port()
-    mp.spawn(helpers.ddp_gradients, args=(2, port, build_args, str(tmp_path)), nprocs=2, join=True)
+    helpers.spawn_gloo(helpers.ddp_gradients, 2, build_args, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     reference = helpers.local_gradients(build_args, 2)
     assert set(ranks[0]) == set(reference)
@@ -32,31 +30,20 @@ def test_word_kd_under_ddp(tiny_data, tiny_teacher, tmp_path):
     assert any(g.abs().sum() > 0 for g in grads.values())
 
 
-def prune_worker(rank, port, data_bin, mask_path, out_dir):
+def prune_step(rank, world_size, data_bin, mask_path, out_dir):
     """One gloo rank of a --prune-mask update: forward/backward through fairseq's DDP
     wrappers, then the task's optimizer_step with the wrapped model, as the trainer calls it."""
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)
-        _, task, model, criterion = helpers.build_training(
-            data_bin, "--task", "translation_kd", "--prune-mask", mask_path, *STUDENT_ARCH,
-            "--dropout", "0", "--criterion", "label_smoothed_cross_entropy")
-        wrapped = helpers.fairseq_ddp_wrap(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        loss, _, _ = criterion(wrapped, helpers.batches(task, 2)[rank])
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        task.optimizer_step(optimizer, wrapped, 1)
-        torch.save({"grads": grads, "weights": model.state_dict()},
-                   f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(0)
+    _, task, model, criterion = helpers.build_training(
+        data_bin, "--task", "translation_kd", "--prune-mask", mask_path, *STUDENT_ARCH,
+        "--dropout", "0", "--criterion", "label_smoothed_cross_entropy")
+    wrapped = helpers.fairseq_ddp_wrap(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    loss, _, _ = criterion(wrapped, helpers.batches(task, world_size)[rank])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    task.optimizer_step(optimizer, wrapped, 1)
+    torch.save({"grads": grads, "weights": model.state_dict()}, f"{out_dir}/rank{rank}.pt")
 
 
 def test_prune_mask_under_ddp(tiny_data, tmp_path):
@@ -76,8 +63,7 @@ def test_prune_mask_under_ddp(tiny_data, tmp_path):
     assert all(before[n][~m].abs().min() > 0 for n, m in masks.items())
     torch.save(masks, tmp_path / "mask.pt")
 
-    mp.spawn(prune_worker, args=(helpers.free_port(), str(tiny_data / "bin"), str(tmp_path / "mask.pt"),
-                                 str(tmp_path)), nprocs=2, join=True)
+    helpers.spawn_gloo(prune_step, 2, str(tiny_data / "bin"), str(tmp_path / "mask.pt"), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, mask in masks.items():
         for r in ranks:

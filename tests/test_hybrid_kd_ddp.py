@@ -9,9 +9,8 @@ loss scales, updated from the summed logging outputs, must agree too.
 """
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from helpers import STUDENT_ARCH, build_training, fairseq_ddp_wrap, free_port, named_grads
+from helpers import STUDENT_ARCH, build_training, fairseq_ddp_wrap, named_grads, spawn_gloo
 
 RANK_IDS = [list(range(0, 7)), list(range(7, 16))]  # uneven on purpose
 
@@ -37,31 +36,27 @@ def batch(task, ids):
     return ds.collater([ds[i] for i in ids])
 
 
-def worker(rank, port, data, teacher, distilled, result_path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        task, model, criterion = build(data, teacher, distilled)
-        ddp_model, ddp_criterion = fairseq_ddp_wrap(model), fairseq_ddp_wrap(criterion)
-        loss, _, log = ddp_criterion(ddp_model, batch(task, RANK_IDS[rank]))
-        loss.backward()  # DDP all-reduces (averages) the gradients here
-        grads = {k: 2 * v for k, v in named_grads(model, criterion).items()}
-        # the trainer sums logging outputs over ranks, then translation_kd updates the scales
-        summed = {k: torch.as_tensor(v, dtype=torch.float64).clone() for k, v in log.items()}
-        for v in summed.values():
-            dist.all_reduce(v)
-        task.reduce_metrics([summed], criterion)
-        if rank == 0:
-            torch.save({"grads": grads, "scales": criterion.loss_scales.clone(),
-                        "loss": summed["loss"]}, result_path)
-    finally:
-        dist.destroy_process_group()
+def step(rank, world_size, data, teacher, distilled, result_path):
+    """One gloo rank (:func:`helpers.spawn_gloo`): a step on its share of the union batch."""
+    task, model, criterion = build(data, teacher, distilled)
+    ddp_model, ddp_criterion = fairseq_ddp_wrap(model), fairseq_ddp_wrap(criterion)
+    loss, _, log = ddp_criterion(ddp_model, batch(task, RANK_IDS[rank]))
+    loss.backward()  # DDP all-reduces (averages) the gradients here
+    grads = {k: world_size * v for k, v in named_grads(model, criterion).items()}
+    # the trainer sums logging outputs over ranks, then translation_kd updates the scales
+    summed = {k: torch.as_tensor(v, dtype=torch.float64).clone() for k, v in log.items()}
+    for v in summed.values():
+        dist.all_reduce(v)
+    task.reduce_metrics([summed], criterion)
+    if rank == 0:
+        torch.save({"grads": grads, "scales": criterion.loss_scales.clone(), "loss": summed["loss"]},
+                   result_path)
 
 
 def test_ddp_gradients_match_single_process_on_union(tiny_data, tiny_teacher, tiny_distilled, tmp_path):
     distilled = tiny_distilled[0]
     result = tmp_path / "ddp.pt"
-    mp.spawn(worker, args=(free_port(), tiny_data, tiny_teacher, distilled, result), nprocs=2, join=True)
+    spawn_gloo(step, len(RANK_IDS), tiny_data, tiny_teacher, distilled, result)
     ddp = torch.load(result, weights_only=False)
 
     task, model, criterion = build(tiny_data, tiny_teacher, distilled)
