@@ -212,6 +212,23 @@ def test_report_replaces_only_its_own_section_of_the_results_page(tmp_path):
         "<!-- results bible_es_en gpu -->\n## GPU\nnot run\n<!-- /results bible_es_en gpu -->\n")
 
 
+@pytest.mark.parametrize("profile, checkpoint", [("gpu", "best"), ("cpu", "last")])
+def test_students_are_exported_and_pruned_from_the_profiles_checkpoint(profile, checkpoint, tmp_path):
+    """gpu trains students to early stopping (best); cpu compares them at equal updates (last)."""
+    def used(**extra):
+        cmds = dry_run_commands("bible_es_en", tmp_path, "prune", "export", PROFILE=profile, **extra)
+        return {c[1]: c[c.index("--path") + 1] for c in cmds if c[1:2] in (["prune"], ["export"])}, cmds
+
+    paths, cmds = used()
+    exported = [c[c.index("--path") + 1] for c in cmds if c[1:2] == ["export"]]
+    assert {p.rsplit("/", 2)[1] for p in exported} >= {f"student_{n}" for n in STUDENTS}
+    assert {p.rsplit("/", 1)[1] for p in exported} == {f"checkpoint_{checkpoint}.pt"}
+    assert paths["prune"] == f"{tmp_path}/bible_es_en/student_seq_kd/checkpoint_{checkpoint}.pt"
+    other = {"best": "last", "last": "best"}[checkpoint]
+    paths, _ = used(STUDENT_CHECKPOINT=other)
+    assert paths["prune"].endswith(f"/checkpoint_{other}.pt") and paths["export"].endswith(f"/checkpoint_{other}.pt")
+
+
 def test_dry_run_check_catches_a_misspelt_option(tmp_path):
     cmds = dry_run_commands("bible_es_en", tmp_path, ARGS_word_kd="--kd-alpah 0.5")
     word_kd = [c for c in cmds if c[0] == "fairseq-train" and "word_kd" in c]
@@ -226,6 +243,9 @@ def test_unknown_method_or_step_is_one_line_error(tmp_path):
     assert proc.returncode != 0 and "unknown method 'word-kd'" in proc.stderr
     proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path)}, "train", check=False)
     assert proc.returncode != 0 and "unknown step 'train'" in proc.stderr
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path),
+                                      "STUDENT_CHECKPOINT": "final"}, "export", check=False)
+    assert proc.returncode != 0 and "STUDENT_CHECKPOINT must be best or last, got 'final'" in proc.stderr
 
 
 # ---------------------------------------------------------------- end to end (slow)

@@ -8,7 +8,8 @@
 #   corpus    fairseq-kd corpus: Seq-KD (beam) and Seq-Inter corpora, sharded over the GPUs
 #   students  fairseq-train, one student per method in $METHODS, $STUDENT_JOBS at once
 #   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
-#   export    fairseq-kd export: every student as a stock-fairseq checkpoint -> $WORK/exported
+#   export    fairseq-kd export: every student's $STUDENT_CHECKPOINT checkpoint (best or last)
+#             as a stock-fairseq checkpoint                          -> $WORK/exported
 #   evaluate  fairseq-kd evaluate: greedy + beam, sacreBLEU/chrF, speed   -> $WORK/results.json
 #             (+ a "NAME (ct2 Q)" row per system and quantization Q in $CT2_QUANT)
 #   report    fairseq-kd table + plot -> $RESULTS_MD, $PLOT_DIR/*.png
@@ -263,7 +264,7 @@ step_prune() {
   if ! is_done "prune_$PRUNE_FROM"; then
     log "prune $PRUNE_FROM: ratio $PRUNE_RATIO -> $out"
     run_cmd mkdir -p "$WORK/pruned"
-    run_logged "$WORK/logs/prune.log" fairseq-kd prune --path "$WORK/student_$PRUNE_FROM/checkpoint_best.pt" \
+    run_logged "$WORK/logs/prune.log" fairseq-kd prune --path "$(student_checkpoint "$PRUNE_FROM")" \
       --ratio "$PRUNE_RATIO" --out "$out"
     mark_done "prune_$PRUNE_FROM"
   fi
@@ -278,6 +279,9 @@ step_prune() {
   mark_done "student_$name"
 }
 
+# student_checkpoint NAME: the checkpoint of student NAME that is used ($STUDENT_CHECKPOINT).
+student_checkpoint() { echo "$WORK/student_$1/checkpoint_$STUDENT_CHECKPOINT.pt"; }
+
 student_names() {
   echo $METHODS
   [ -z "$PRUNE_FROM" ] || echo "pruned_$PRUNE_FROM"
@@ -290,7 +294,7 @@ step_export() {
     log "export $name -> $WORK/exported/$name.pt"
     run_cmd mkdir -p "$WORK/exported"
     run_logged "$WORK/logs/export.log" fairseq-kd export \
-      --path "$WORK/student_$name/checkpoint_best.pt" --out "$WORK/exported/$name.pt"
+      --path "$(student_checkpoint "$name")" --out "$WORK/exported/$name.pt"
     mark_done "export_$name"
   done
 }
@@ -403,7 +407,7 @@ $(fairseq-kd table "$RESULTS" "${baseline[@]}")
 |---|---|
 | data | $RECIPE, train $(wc -l < "$WORK/raw/train.$SRC") pairs, SentencePiece joint vocabulary $VOCAB |
 | teacher | \`$TEACHER_ARGS $TEACHER_TRAIN\` |
-| students | \`$STUDENT_ARGS $STUDENT_TRAIN\` |
+| students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | Seq-KD beam $BEAM; Seq-Inter $SEQ_INTER_N-best, sentence BLEU |
 | pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
@@ -529,6 +533,7 @@ run_pipeline() {
   for s in $steps; do
     [[ " $PIPELINE_STEPS $NAMED_STEPS " == *" $s "* ]] || die "unknown step '$s' (steps: $PIPELINE_STEPS $NAMED_STEPS)"
   done
+  [[ " best last " == *" $STUDENT_CHECKPOINT "* ]] || die "STUDENT_CHECKPOINT must be best or last, got '$STUDENT_CHECKPOINT'"
   resolve_devices
   RESULTS=${RESULTS:-$WORK/results.json}
   mkdir -p "$WORK"
