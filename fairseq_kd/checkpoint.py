@@ -89,3 +89,8 @@ def checkpoint_cfg(state):
         return convert_namespace_to_omegaconf(state["args"])
     require(state.get("cfg") is not None, "checkpoint holds neither 'args' nor 'cfg'")
     return state["cfg"]
+
+
+def plain_cfg(cfg):
+    """A loaded omegaconf config back to the containers fairseq saved (its Namespaces kept)."""
+    return OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg

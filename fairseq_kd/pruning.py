@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from fairseq_kd.checkpoint import load_checkpoint_state, read_torch_file
+from fairseq_kd.checkpoint import load_checkpoint_state, plain_cfg, read_torch_file
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import unwrap_model
 
@@ -187,7 +187,7 @@ def prune_checkpoint(path, ratio, per_layer=False, include_embeddings=False):
     # under --stop-time-hours would count the original training and stop at once.
     if state.get("extra_state"):
         state["extra_state"].pop("previous_training_time", None)
-    state["cfg"] = state["cfg"] and _plain(state["cfg"])
+    state["cfg"] = state["cfg"] and plain_cfg(state["cfg"])
     return state, masks, weights
 
 
@@ -196,13 +196,6 @@ def save_pruned(state, masks, out, mask_out):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(state, out)
     torch.save(masks, mask_out)
-
-
-def _plain(cfg):
-    """The omegaconf config back to the containers fairseq saved (its Namespaces kept)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg
 
 
 class MaskKeeper:

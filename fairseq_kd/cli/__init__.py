@@ -22,6 +22,8 @@ SUBCOMMANDS = {
                "Translate a training split with the teacher into a distilled corpus (Seq-KD, Seq-Inter)."),
     "prune": ("fairseq_kd.cli.prune",
               "Magnitude-prune a student checkpoint's linear (and optionally embedding) weights to a ratio."),
+    "average": ("fairseq_kd.cli.average",
+                "Average the weights of several checkpoints of one training run into one checkpoint."),
     "export": ("fairseq_kd.cli.export",
                "Write a student checkpoint that stock fairseq loads without --user-dir "
                "(no training-only state)."),
