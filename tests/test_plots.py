@@ -1,4 +1,4 @@
-"""fairseq_kd.plots: label spreading against a brute-force optimum, and labels that never overlap."""
+"""fairseq_kd.plots: label spreading against scipy's constrained optimum, and labels that never overlap."""
 import itertools
 import random
 

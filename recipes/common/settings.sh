@@ -62,7 +62,7 @@ STUDENT_TRAIN=${STUDENT_TRAIN:-$(profile_value \
 # trains to early stopping, so its best (lowest valid loss); cpu compares the
 # methods after the same 1,600 updates, so its last.  (Measured on the CPU study:
 # hybrid_kd's best was update 1578, whose beam output was 11% short, length
-# ratio 0.891, against 0.979 at update 1600.)
+# ratio 0.891, against 0.977 at update 1600.)
 STUDENT_CHECKPOINT=${STUDENT_CHECKPOINT:-$(profile_value best last)}
 # hybrid_fixed: hybrid_kd with a fixed 0.5 gate, beside the default (learned) gate
 METHODS=${METHODS:-$(profile_value \
