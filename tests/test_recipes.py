@@ -372,3 +372,71 @@ def test_table_compares_with_the_baseline():
     assert "vs" not in markdown_table(results).splitlines()[0]  # unchanged without --baseline
     with pytest.raises(KDError, match="--baseline teacher: no such system"):
         markdown_table(results, "teacher")
+
+
+def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_path):
+    """PROFILE=cpu_converged: the shipped teacher, its vocabulary, no teacher training; every
+    student validated by greedy BLEU, stopped by --patience, its epoch checkpoints kept."""
+    cmds = dry_run_commands("bible_es_en", tmp_path, PROFILE="cpu_converged", GPUS="")
+    teacher = REPO / "examples" / "teacher"
+    spm, = [c for c in cmds if c[1:2] == ["spm"]]
+    assert train_option(spm, "--model") == str(teacher / "spm.model") and "--vocab-size" not in spm
+    preprocess, = [c for c in cmds if c[0] == "fairseq-preprocess"]
+    assert train_option(preprocess, "--srcdict") == str(teacher / "dict.txt")
+    corpus = [c for c in cmds if c[1:2] == ["corpus"]]
+    assert {train_option(c, "--path") for c in corpus} == {str(teacher / "teacher.pt")}
+    trained = [c for c in cmds if c[0] == "fairseq-train"]
+    names = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in trained]
+    assert names == ["student_" + m for m in ("baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd",
+                                               "ckd", "a2d", "seq_inter", "pruned_seq_kd")]
+    for cmd in trained:
+        assert train_option(cmd, "--teacher-path") == str(teacher / "teacher.pt")
+        assert "--eval-bleu" in cmd and train_option(cmd, "--best-checkpoint-metric") == "bleu"
+        assert "--maximize-best-checkpoint-metric" in cmd and "--no-epoch-checkpoints" not in cmd
+        assert json.loads(train_option(cmd, "--eval-bleu-args"))["beam"] == 1
+        assert train_option(cmd, "--eval-bleu-remove-bpe") == "sentencepiece"
+        assert int(train_option(cmd, "--patience")) > 0 and "--max-update" not in cmd
+        assert train_option(cmd, "--arch") == "transformer_student_tiny"
+    seq_word = trained[names.index("student_seq_word_kd")]
+    assert seq_word[1].endswith("/distilled") and train_option(seq_word, "--word-kd-alpha") == "0.5"
+    exported = [train_option(c, "--path") for c in cmds if c[1:2] == ["export"]]
+    assert {p.rsplit("/", 1)[1] for p in exported} == {"checkpoint_best.pt"}
+    for cmd in cmds:
+        check_options(cmd)
+
+
+@pytest.mark.parametrize("best_epoch, resumes", [(13, False), (14, True)])
+def test_student_whose_best_checkpoint_is_patience_epochs_old_is_not_resumed(tmp_path, best_epoch, resumes):
+    # cpu_converged's --patience 6; checkpoint_last at the end of epoch 18 (iterator at 19)
+    student = tmp_path / "bible_es_en" / "student_baseline"
+    student.mkdir(parents=True)
+    for name, epoch in (("best", best_epoch), ("last", 19)):
+        torch.save({"extra_state": {"train_iterator": {"epoch": epoch}}}, student / f"checkpoint_{name}.pt")
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "WORK": str(tmp_path / "bible_es_en"),
+                                      "PROFILE": "cpu_converged", "METHODS": "baseline"}, "students")
+    trains = [line for line in proc.stdout.splitlines() if line.startswith("RUN: fairseq-train")]
+    assert bool(trains) == resumes
+    assert ("student_baseline: early-stopped (its best checkpoint is 6 epochs old, --patience 6)"
+            in proc.stdout) != resumes
+
+
+def test_teacher_path_replaces_teacher_training_and_its_vocabulary_encodes_the_corpus(tmp_path):
+    teacher = REPO / "examples" / "teacher"
+    cmds = dry_run_commands("custom", tmp_path, TEACHER_PATH=str(teacher / "teacher.pt"))
+    assert [train_option(c, "--model") for c in cmds if c[1:2] == ["spm"]] == [str(teacher / "spm.model")]
+    preprocess, = [c for c in cmds if c[0] == "fairseq-preprocess"]
+    assert train_option(preprocess, "--srcdict") == str(teacher / "dict.txt")
+    saved = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in cmds if c[0] == "fairseq-train"]
+    assert "teacher" not in saved and saved[0] == "student_baseline"
+    evaluated = [train_option(c, "--checkpoint") for c in cmds if c[1:2] == ["evaluate"]]
+    assert evaluated[0] == str(teacher / "teacher.pt")
+    # a teacher without its SentencePiece model beside it: one line naming the file, nothing run
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "teacher.pt").write_bytes((teacher / "teacher.pt").read_bytes()[:64])
+    proc = run_recipe("custom", {"WORK": str(tmp_path / "w"), "DATA_DIR": str(tmp_path), "SRC": "de", "TGT": "en",
+                                 "GPUS": "cpu", "TEACHER_PATH": str(lone / "teacher.pt")}, "spm", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"{lone}/spm.model not found (set TEACHER_SPM and TEACHER_DICT to its SentencePiece model and dictionary)")
+    assert not (tmp_path / "w" / "pieces").exists()

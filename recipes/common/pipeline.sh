@@ -5,6 +5,7 @@
 #   spm       fairseq-kd spm: joint SentencePiece model + pieces      -> $WORK/pieces
 #   binarize  fairseq-preprocess (joined dictionary)                  -> $WORK/bin
 #   teacher   fairseq-train, early stopping on valid loss             -> $WORK/teacher
+#             (skipped with TEACHER_PATH: spm and binarize then use its vocabulary)
 #   corpus    fairseq-kd corpus: Seq-KD (beam) and Seq-Inter corpora, sharded over the GPUs
 #   students  fairseq-train, one student per method in $METHODS, $STUDENT_JOBS at once
 #   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
@@ -98,22 +99,42 @@ step_prepare() {
   mark_done prepare
 }
 
+# The teacher every student learns from: TEACHER_PATH, or the one the teacher step trains.
+teacher_checkpoint() { echo "${TEACHER_PATH:-$WORK/teacher/checkpoint_best.pt}"; }
+
+# require_teacher_files: TEACHER_PATH and the vocabulary files that come with it exist.
+require_teacher_files() {
+  local f
+  for f in "$TEACHER_PATH" "$TEACHER_SPM" "$TEACHER_DICT"; do
+    [ -n "$DRY_RUN" ] || [ -s "$f" ] || die "TEACHER_PATH=$TEACHER_PATH: $f not found (set TEACHER_SPM and TEACHER_DICT to its SentencePiece model and dictionary)"
+  done
+}
+
 step_spm() {
   if is_done spm; then skip spm; return; fi
-  log "spm: joint SentencePiece vocabulary of $VOCAB -> $WORK/pieces"
-  run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/raw" --src "$SRC" --tgt "$TGT" \
-    --vocab-size "$VOCAB" --out "$WORK/pieces"
+  if [ -n "$TEACHER_PATH" ]; then
+    require_teacher_files
+    log "spm: the teacher's SentencePiece model $TEACHER_SPM -> $WORK/pieces"
+    run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/raw" --src "$SRC" --tgt "$TGT" \
+      --model "$TEACHER_SPM" --out "$WORK/pieces"
+  else
+    log "spm: joint SentencePiece vocabulary of $VOCAB -> $WORK/pieces"
+    run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/raw" --src "$SRC" --tgt "$TGT" \
+      --vocab-size "$VOCAB" --out "$WORK/pieces"
+  fi
   mark_done spm
 }
 
 step_binarize() {
   if is_done binarize; then skip binarize; return; fi
-  log "binarize -> $WORK/bin"
+  # with TEACHER_PATH, the teacher's dictionary: the students' tokens are the teacher's
+  local dict=(); [ -z "$TEACHER_PATH" ] || { require_teacher_files; dict=(--srcdict "$TEACHER_DICT"); }
+  log "binarize -> $WORK/bin${TEACHER_PATH:+, dictionary of TEACHER_PATH: $TEACHER_DICT}"
   [ -n "$DRY_RUN" ] || rm -rf "$WORK/bin"
   run_logged "$WORK/logs/binarize.log" fairseq-preprocess -s "$SRC" -t "$TGT" \
     --trainpref "$WORK/pieces/train.sp" --validpref "$WORK/pieces/valid.sp" \
     --testpref "$WORK/pieces/test.sp" --destdir "$WORK/bin" --joined-dictionary \
-    --workers "$PREPROCESS_WORKERS"
+    --workers "$PREPROCESS_WORKERS" "${dict[@]}"
   mark_done binarize
 }
 
@@ -124,7 +145,7 @@ train() {
   run_logged "$WORK/logs/$name.log" fairseq-train "$data" --user-dir "$USER_DIR" \
     --source-lang "$SRC" --target-lang "$TGT" --save-dir "$WORK/$name" \
     "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" $OPTIM_ARGS --max-tokens "$MAX_TOKENS" \
-    --seed "$SEED" --no-epoch-checkpoints --log-format simple --log-interval 50 "$@"
+    --seed "$SEED" --log-format simple --log-interval 50 "$@"
 }
 
 # epochs_since_best DIR: how many epochs DIR/checkpoint_last.pt is past
@@ -149,24 +170,32 @@ option_value() {
   while [ $# -gt 1 ]; do [ "$1" = "$opt" ] && { echo "$2"; return; }; shift; done
 }
 
+# early_stopped DIR TRAIN_ARGS...: true when DIR's best checkpoint is already
+# --patience epochs old.  fairseq counts --patience within one run (a resumed
+# run counts afresh from its first validation), so a run that has early-stopped
+# would otherwise train on when resumed.
+early_stopped() {
+  local dir=$1 patience stale; shift
+  patience=$(option_value --patience "$@")
+  [ -n "$patience" ] && [ "$patience" -gt 0 ] || return 1
+  stale=$(epochs_since_best "$dir")
+  [ -n "$stale" ] && [ "$stale" -ge "$patience" ] || return 1
+  log "$(basename "$dir"): early-stopped (its best checkpoint is $stale epochs old, --patience $patience)"
+}
+
 step_teacher() {
-  if is_done teacher; then skip teacher; return; fi
-  # fairseq counts --patience within one run: a resumed run counts afresh from
-  # its first validation.  A teacher whose best checkpoint is already PATIENCE
-  # epochs old has early-stopped; resuming it would only train on.
-  local patience stale
-  # shellcheck disable=SC2086
-  patience=$(option_value --patience $TEACHER_TRAIN)
-  stale=$(epochs_since_best "$WORK/teacher")
-  if [ -n "$patience" ] && [ -n "$stale" ] && [ "$patience" -gt 0 ] && [ "$stale" -ge "$patience" ]; then
-    log "teacher: early-stopped (its best checkpoint is $stale epochs old, --patience $patience)"
-    mark_done teacher
+  if [ -n "$TEACHER_PATH" ]; then
+    require_teacher_files
+    log "teacher: TEACHER_PATH=$TEACHER_PATH (not trained)"
     return
   fi
+  if is_done teacher; then skip teacher; return; fi
+  # shellcheck disable=SC2086
+  if early_stopped "$WORK/teacher" $TEACHER_TRAIN; then mark_done teacher; return; fi
   log "teacher: $TEACHER_ARGS $TEACHER_TRAIN (log: $WORK/logs/teacher.log)"
   # shellcheck disable=SC2086
   train teacher "$WORK/bin" --task translation --criterion label_smoothed_cross_entropy \
-    --label-smoothing "$LABEL_SMOOTHING" $TEACHER_ARGS $TEACHER_TRAIN
+    --label-smoothing "$LABEL_SMOOTHING" --no-epoch-checkpoints $TEACHER_ARGS $TEACHER_TRAIN
   mark_done teacher
 }
 
@@ -177,7 +206,7 @@ corpus() {
   # CORPUS_WORKERS unset: fairseq-kd's default, one process per GPU (or per CPU core, up to 8)
   local workers=${CORPUS_WORKERS:-0}
   log "corpus $name: $* (workers: ${CORPUS_WORKERS:-default}; log: $WORK/logs/$name.log)"
-  run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/bin" --path "$WORK/teacher/checkpoint_best.pt" \
+  run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/bin" --path "$(teacher_checkpoint)" \
     -s "$SRC" -t "$TGT" --out "$WORK/$name" --workers "$workers" --no-progress-bar --backend "$CORPUS_BACKEND" \
     --max-tokens "$CORPUS_MAX_TOKENS" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
     "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" "$@"
@@ -197,6 +226,7 @@ step_corpus() {
 : "${ARGS_word_kd=--kd-alpha 0.5 --kd-temperature 1}"
 : "${ARGS_seq_kd=}"
 : "${ARGS_seq_inter=}"
+: "${ARGS_seq_word_kd=--word-kd-alpha 0.5 --kd-temperature 1}"
 : "${ARGS_hybrid_kd=--gate complexity --kd-temperature 1}"
 # the same mixture with a fixed gate: does the learned gate earn its place?
 : "${ARGS_hybrid_fixed=--gate fixed --gate-value 0.5 --kd-temperature 1}"
@@ -206,7 +236,7 @@ step_corpus() {
 # The data folder and fairseq-train options of one method.
 method_data() {
   case $1 in
-    seq_kd) echo "$WORK/distilled" ;;
+    seq_kd | seq_word_kd) echo "$WORK/distilled" ;;
     seq_inter) echo "$WORK/distilled_inter" ;;
     *) echo "$WORK/bin" ;;
   esac
@@ -216,22 +246,26 @@ method_data() {
 # use it (so ARGS_seq_kd="--word-kd-alpha 0.5" works too) and --prune-mask.
 method_args() {
   local extra_var="ARGS_$1"
-  echo "--task translation_kd --teacher-path $WORK/teacher/checkpoint_best.pt"
+  echo "--task translation_kd --teacher-path $(teacher_checkpoint)"
   case $1 in
     baseline) echo "--criterion label_smoothed_cross_entropy" ;;
     word_kd | ckd | a2d) echo "--criterion $1" ;;
-    seq_kd | seq_inter) echo "--criterion seq_kd" ;;
+    seq_kd | seq_inter | seq_word_kd) echo "--criterion seq_kd" ;;
     hybrid_kd | hybrid_fixed) echo "--distilled-data $WORK/distilled --num-batch-buckets 0 --criterion hybrid_kd" ;;
-    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d)" ;;
+    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_word_kd seq_inter hybrid_kd hybrid_fixed ckd a2d)" ;;
   esac
   echo "${!extra_var:-}"
 }
 
 train_student() {
   local name=$1 gpus=$2
-  # shellcheck disable=SC2046,SC2086
-  CUDA_VISIBLE_DEVICES=${gpus/#cpu/} train "student_$name" "$(method_data "$name")" \
-    --label-smoothing "$LABEL_SMOOTHING" $(method_args "$name") $STUDENT_ARGS $STUDENT_TRAIN
+  # shellcheck disable=SC2086
+  if ! early_stopped "$WORK/student_$name" $STUDENT_TRAIN; then
+    # shellcheck disable=SC2046,SC2086
+    CUDA_VISIBLE_DEVICES=${gpus/#cpu/} train "student_$name" "$(method_data "$name")" \
+      --label-smoothing "$LABEL_SMOOTHING" $(method_args "$name") $STUDENT_ARGS $STUDENT_TRAIN \
+      $STUDENT_VALID $STUDENT_SAVE
+  fi
   mark_done "student_$name"
   [ -n "$DRY_RUN" ] || log "student $name finished"
 }
@@ -272,10 +306,13 @@ step_prune() {
   local start=(--restore-file "$out" --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters)
   [ -e "$WORK/student_$name/checkpoint_last.pt" ] && start=()
   log "retrain $name with the mask held (log: $WORK/logs/student_$name.log)"
-  # shellcheck disable=SC2046,SC2086
-  train "student_$name" "$(method_data "$PRUNE_FROM")" --label-smoothing "$LABEL_SMOOTHING" \
-    $(method_args "$PRUNE_FROM") --prune-mask "${out%.pt}.mask.pt" "${start[@]}" \
-    $STUDENT_ARGS $PRUNE_TRAIN
+  # shellcheck disable=SC2086
+  if ! early_stopped "$WORK/student_$name" $PRUNE_TRAIN; then
+    # shellcheck disable=SC2046,SC2086
+    train "student_$name" "$(method_data "$PRUNE_FROM")" --label-smoothing "$LABEL_SMOOTHING" \
+      $(method_args "$PRUNE_FROM") --prune-mask "${out%.pt}.mask.pt" "${start[@]}" \
+      $STUDENT_ARGS $PRUNE_TRAIN $STUDENT_VALID $STUDENT_SAVE
+  fi
   mark_done "student_$name"
 }
 
@@ -331,7 +368,7 @@ evaluate_all() {
 
 step_evaluate() {
   local name
-  evaluate_all teacher "$WORK/teacher/checkpoint_best.pt"
+  evaluate_all teacher "$(teacher_checkpoint)"
   # students are evaluated from their exported files with stock fairseq (no plugin); the
   # CTranslate2 rows convert the same files
   for name in $(student_names); do evaluate_all "$name" "$WORK/exported/$name.pt" --no-user-dir; done
@@ -389,7 +426,7 @@ write_results_md() {
 ## $RECIPE, PROFILE=$PROFILE
 
 Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
-Test set: \`$WORK/raw/test.$TGT\` ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
+Test set: \`raw/test.$TGT\` of the work folder ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
 Translation speed: sentences/s of the translation alone (model loading excluded),
 one system at a time on $(results_device): fairseq-generate with batches of
 $EVAL_BATCH_SIZE sentences, and for the "(ct2 ...)" rows the model converted to
@@ -413,7 +450,7 @@ $(fairseq-kd table "$RESULTS" "${baseline[@]}")
 | pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
 $(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g")"; done)
 
-Training logs: \`$WORK/logs/\`.
+Training logs: \`logs/\` of the work folder.
 MD
 }
 
@@ -423,6 +460,7 @@ MD
 # (how it was made: the settings, the commit, training time, valid loss, BLEU).
 step_ship() {
   local dir=${SHIP_DIR:-$WORK/shipped_teacher}
+  [ -z "$TEACHER_PATH" ] || die "ship: the teacher came from TEACHER_PATH=$TEACHER_PATH; ship ships a teacher the recipe trained"
   log "ship the teacher -> $dir"
   run_cmd mkdir -p "$dir"
   run_logged "$WORK/logs/ship.log" fairseq-kd export --path "$WORK/teacher/checkpoint_best.pt" \

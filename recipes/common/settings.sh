@@ -3,23 +3,34 @@
 # can also be set from the environment; what is set already is kept.
 #
 # The defaults suit a corpus of some 10k-1M sentence pairs (the Bible's 27k,
-# IWSLT's 160k) with two profiles:
+# IWSLT's 160k) with three profiles:
 #   PROFILE=gpu (default)  IWSLT-size teacher (6+6, 512), 256-dim 3+3 students,
 #                          all trained at once on one GPU
 #   PROFILE=cpu            a 256-dim 3+3 teacher trained to a plateau of valid
-#                          loss (~2 h for the Bible on 2 cores), 128-dim 3+3
-#                          students two at a time with a core each, corpora and
-#                          deployable rows through CTranslate2
+#                          loss (~3 h for the Bible on 2 cores), 128-dim 3+3
+#                          students two at a time with a core each, every method
+#                          for the same number of updates (an early-training
+#                          comparison), corpora and deployable rows through CTranslate2
+#   PROFILE=cpu_converged  the cpu profile's models and corpora, every student
+#                          trained until its validation BLEU stops improving
+#                          (how close a converged student gets to its teacher)
 PROFILE=${PROFILE:-gpu}
 case $PROFILE in
-  gpu | cpu) ;;
-  *) echo "$RECIPE: PROFILE must be gpu or cpu, not '$PROFILE'" >&2; exit 2 ;;
+  gpu | cpu | cpu_converged) ;;
+  *) echo "$RECIPE: PROFILE must be gpu, cpu or cpu_converged, not '$PROFILE'" >&2; exit 2 ;;
 esac
-# profile_value GPU_VALUE CPU_VALUE: the value of the active profile
-profile_value() { if [ "$PROFILE" = cpu ]; then echo "$2"; else echo "$1"; fi; }
+# profile_value GPU_VALUE CPU_VALUE [CONVERGED_VALUE]: the value of the active
+# profile; cpu_converged takes the cpu value unless it is given its own
+profile_value() {
+  case $PROFILE in
+    gpu) echo "$1" ;;
+    cpu) echo "$2" ;;
+    *) if [ $# -ge 3 ]; then echo "$3"; else echo "$2"; fi ;;
+  esac
+}
 
 # --- where and on what
-WORK=${WORK:-$REPO/work/$RECIPE$(profile_value "" _cpu)}  # everything the recipe writes, but the report
+WORK=${WORK:-$REPO/work/$RECIPE$(profile_value "" _cpu _cpu_converged)}  # everything the recipe writes, but the report
 GPUS=${GPUS:-$(profile_value auto cpu)}       # CUDA ids "0,1", "auto" (all) or "cpu"
 FP16=${FP16:-1}                               # fp16 training and decoding on GPU
 # Students trained at the same time (sharing the devices).  cpu: two
@@ -42,6 +53,12 @@ LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}
 # (beam 5) on the Bible with this model after 5-8 minutes on one H100 (old
 # corpus copy).  cpu: ~6 minutes a Bible epoch on 2 cores; valid nll was still
 # falling after 54 minutes, so the clock is only a safety net behind --patience.
+# TEACHER_PATH: an existing fairseq teacher instead (no teacher is trained): its
+# SentencePiece model and dictionary (TEACHER_SPM, TEACHER_DICT; by default
+# spm.model and dict.txt beside it, as in examples/teacher/) encode the corpus.
+TEACHER_PATH=${TEACHER_PATH-}
+TEACHER_SPM=${TEACHER_SPM:-${TEACHER_PATH:+$(dirname "$TEACHER_PATH")/spm.model}}
+TEACHER_DICT=${TEACHER_DICT:-${TEACHER_PATH:+$(dirname "$TEACHER_PATH")/dict.txt}}
 TEACHER_ARGS=${TEACHER_ARGS:-$(profile_value \
   "--arch transformer_iwslt_de_en --share-all-embeddings --dropout 0.3" \
   "--arch transformer_student_small --share-all-embeddings --dropout 0.1")}
@@ -51,23 +68,39 @@ TEACHER_TRAIN=${TEACHER_TRAIN:-$(profile_value \
 # Students: gpu 3+3 layers 256-dim (7.6M parameters with an 8k vocabulary);
 # cpu 3+3 layers 128-dim (2.4M), every method with the same number of updates
 # (1,600: six epochs of the Bible; the clock is only a safety net: a student
-# that runs the teacher at every step makes ~0.5 updates/s on one core).
+# that runs the teacher at every step makes ~0.5 updates/s on one core);
+# cpu_converged: the same students until --patience epochs bring no better
+# validation BLEU (STUDENT_VALID), the clock again only a safety net.
 STUDENT_ARGS=${STUDENT_ARGS:-$(profile_value \
   "--arch transformer_student_small --share-all-embeddings --dropout 0.1" \
   "--arch transformer_student_tiny --share-all-embeddings --dropout 0.1")}
 STUDENT_TRAIN=${STUDENT_TRAIN:-$(profile_value \
   "--max-epoch 40 --patience 5 --stop-time-hours 0.12" \
-  "--max-update 1600 --stop-time-hours 3")}
+  "--max-update 1600 --stop-time-hours 3" \
+  "--max-epoch 150 --patience 6 --stop-time-hours 10")}
+# What a student's validation measures, and so which checkpoint is its best and
+# when --patience stops it.  gpu and cpu: the criterion's validation loss.
+# cpu_converged: greedy sacreBLEU of the 1,000 valid verses after every epoch
+# (fairseq's --eval-bleu on SentencePiece-decoded text), the same rule for every
+# method whatever its loss.
+STUDENT_VALID=${STUDENT_VALID-$(profile_value "" "" \
+  "--eval-bleu --eval-bleu-remove-bpe sentencepiece --eval-bleu-args {\"beam\":1,\"max_len_a\":1.5,\"max_len_b\":10} --best-checkpoint-metric bleu --maximize-best-checkpoint-metric")}
+# Which of a student's checkpoints are kept: cpu_converged keeps its last epochs
+# (for checkpoint averaging and the learning curves' checks).
+STUDENT_SAVE=${STUDENT_SAVE-$(profile_value --no-epoch-checkpoints --no-epoch-checkpoints "--keep-last-epochs 8")}
 # The checkpoint of each student that is pruned, exported and evaluated: gpu
-# trains to early stopping, so its best (lowest valid loss); cpu compares the
-# methods after the same 1,600 updates, so its last.  (Measured on the CPU study:
-# hybrid_kd's best was update 1578, whose beam output was 11% short, length
-# ratio 0.891, against 0.977 at update 1600.)
-STUDENT_CHECKPOINT=${STUDENT_CHECKPOINT:-$(profile_value best last)}
-# hybrid_fixed: hybrid_kd with a fixed 0.5 gate, beside the default (learned) gate
+# trains to early stopping, so its best (lowest valid loss; cpu_converged: best
+# valid BLEU); cpu compares the methods after the same 1,600 updates, so its last.
+# (Measured on the CPU study: hybrid_kd's best was update 1578, whose beam
+# output was 11% short, length ratio 0.891, against 0.977 at update 1600.)
+STUDENT_CHECKPOINT=${STUDENT_CHECKPOINT:-$(profile_value best last best)}
+# hybrid_fixed: hybrid_kd with a fixed 0.5 gate, beside the default (learned) gate;
+# seq_word_kd: Seq-KD + Word-KD (Kim & Rush's strongest combination).
+# cpu_converged: in the order the study reports them.
 METHODS=${METHODS:-$(profile_value \
   "baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d" \
-  "baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d")}
+  "baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d" \
+  "baseline seq_kd seq_word_kd word_kd hybrid_kd ckd a2d seq_inter")}
 
 # --- distilled corpora, pruning, evaluation
 BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
@@ -81,7 +114,8 @@ PRUNE_FROM=${PRUNE_FROM-seq_kd}               # student pruned and retrained (""
 PRUNE_RATIO=${PRUNE_RATIO:-0.5}
 PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
   "--max-epoch 15 --patience 5 --stop-time-hours 0.05" \
-  "--max-update 800 --stop-time-hours 1")}
+  "--max-update 800 --stop-time-hours 1" \
+  "--max-epoch 100 --patience 6 --stop-time-hours 6")}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}            # fairseq-generate rows (CTranslate2 rows: its own)
 SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship: test pairs the shipped teacher's test rescores
 
