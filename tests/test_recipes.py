@@ -440,3 +440,17 @@ def test_teacher_path_replaces_teacher_training_and_its_vocabulary_encodes_the_c
     assert proc.stderr.strip().splitlines()[-1].endswith(
         f"{lone}/spm.model not found (set TEACHER_SPM and TEACHER_DICT to its SentencePiece model and dictionary)")
     assert not (tmp_path / "w" / "pieces").exists()
+
+
+def test_gpu_profile_without_a_gpu_is_refused_and_early_stopping_ends_its_training(tmp_path):
+    # this machine has no nvidia-smi: GPUS=auto finds no GPU
+    proc = run_recipe("custom", {"DRY_RUN": "1", "WORK": str(tmp_path / "w"), "DATA_DIR": str(tmp_path),
+                                 "SRC": "de", "TGT": "en", "GPUS": "auto"}, check=False)
+    assert proc.returncode != 0 and "RUN:" not in proc.stdout
+    assert "GPUS=auto found no GPU (nvidia-smi lists none): PROFILE=gpu" in proc.stderr.strip().splitlines()[-1]
+    cpu = run_recipe("custom", {"DRY_RUN": "1", "WORK": str(tmp_path / "w"), "DATA_DIR": str(tmp_path),
+                                "SRC": "de", "TGT": "en", "GPUS": "auto", "PROFILE": "cpu"}, "spm")
+    assert "GPUS=auto: no GPU found, the CPU" in cpu.stdout
+    # gpu: no clock limit sized for one corpus on one GPU; --patience decides
+    trained = [c for c in dry_run_commands("custom", tmp_path) if c[0] == "fairseq-train"]
+    assert trained and all("--stop-time-hours" not in c and "--patience" in c for c in trained)

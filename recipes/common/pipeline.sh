@@ -64,6 +64,9 @@ resolve_devices() {
     local n=0
     command -v nvidia-smi >/dev/null 2>&1 && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     if [ "$n" -gt 0 ]; then GPUS=$(seq -s, 0 $((n - 1))); else GPUS=cpu; fi
+    # the gpu profile's models and parallel students would take days on a CPU
+    [ "$GPUS" != cpu ] || [ "$PROFILE" != gpu ] || die "GPUS=auto found no GPU (nvidia-smi lists none): PROFILE=gpu sizes its teacher and $STUDENT_JOBS parallel students for a GPU; use PROFILE=cpu (or GPUS=cpu to run the gpu profile on the CPU anyway)"
+    log "GPUS=auto: ${GPUS/#cpu/no GPU found, the CPU}"
   fi
   if [ "$GPUS" = cpu ] || [ -z "$GPUS" ]; then
     GPUS=cpu NGPU=0 DEVICE_ARGS=(--cpu) FP16_ARGS=()
