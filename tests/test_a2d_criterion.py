@@ -88,6 +88,38 @@ def test_loss_is_word_kd_plus_weighted_attention_kl(tiny_data, teacher_6x4):
     assert loss.item() == pytest.approx(word_loss.item() + 0.7 * 0.25 * expected_attn, rel=1e-8)
 
 
+def test_validation_loss_of_an_unchanged_student_does_not_depend_on_the_epoch(tiny_data, teacher_6x4):
+    """checkpoint_best.pt and --patience compare validation losses across epochs: fairseq's
+    valid step (model and criterion in eval mode, task.valid_step) weighs the attention term
+    with beta in every epoch, while training weighs it with beta * decay^(epoch-1)."""
+    task, model, criterion, sample = a2d_setup(
+        tiny_data, teacher_6x4, (2, 2), "--kd-alpha", "0.5", "--label-smoothing", "0.1",
+        "--a2d-beta", "0.7", "--a2d-decay", "0.5", max_tokens=400)
+
+    def valid_loss():
+        criterion.eval()  # what fairseq's Trainer.valid_step does before task.valid_step
+        loss, _, log = task.valid_step(sample, model, criterion)
+        return loss, log
+
+    def train_loss():
+        criterion.train()  # the model stays in eval mode: no dropout, comparable outputs
+        with torch.no_grad():
+            return criterion(model, sample)[0]
+
+    valid_1, log_1 = valid_loss()
+    train_1 = train_loss()
+    task.begin_epoch(5, model)
+    valid_5, log_5 = valid_loss()
+    train_5 = train_loss()
+    assert torch.equal(valid_5, valid_1)
+    assert log_1["attn_weight"] == log_5["attn_weight"] == 0.7
+    # training still decays: epoch 5 drops (1 - 0.5^4) of epoch 1's attention term
+    attn = log_1["attn_loss"].item()
+    assert attn > 0
+    assert train_1.item() == pytest.approx(valid_1.item(), rel=1e-6)
+    assert train_5.item() == pytest.approx(train_1.item() - 0.7 * (1 - 0.5 ** 4) * attn, rel=1e-6)
+
+
 def duplicated(sample):
     net = sample["net_input"]
     return {

@@ -13,11 +13,11 @@ A2D_ARGS = ["--criterion", "a2d", "--kd-alpha", "0.5", "--label-smoothing", "0.1
             "--a2d-beta", "1", "--a2d-decay", "0.9", "--a2d-log-alignment"]
 
 
-def train_epochs(log):
-    """{epoch: {metric: value}} from fairseq's end-of-epoch train lines."""
+def logged_epochs(log, kind="train"):
+    """{epoch: {metric: value}} from fairseq's end-of-epoch lines of ``kind``, train or valid."""
     epochs = {}
     for line in log.splitlines():
-        m = re.search(r"\| train \| epoch (\d+) \| (.*)", line)
+        m = re.search(rf"\| {kind} \| epoch (\d+) \|(?: valid on '\w+' subset \|)? (.*)", line)
         if m:
             fields = (f.strip().rsplit(" ", 1) for f in m.group(2).split("|"))
             epochs[int(m.group(1))] = {k: float(v) for k, v in fields}
@@ -41,12 +41,23 @@ def a2d_run(tiny_data, tiny_teacher, tmp_path_factory):
 
 def test_training_lowers_every_term(a2d_run):
     _, log = a2d_run
-    epochs = train_epochs(log)
+    epochs = logged_epochs(log)
     assert sorted(epochs) == [1, 2, 3], log[-2000:]
     for term in TERMS:
         assert epochs[3][term] < epochs[1][term], (term, epochs)
     assert [epochs[e]["attn_weight"] for e in (1, 2, 3)] == pytest.approx([1.0, 0.9, 0.81])
     assert len(alignment_lines(log, 1)) == 3 * 16  # 4 layers x 4 teacher heads per type
+
+
+def test_validation_weighs_attention_with_undecayed_beta(a2d_run):
+    """fairseq's trainer validates with the criterion in eval mode: the attention term keeps
+    beta in every epoch, so the validation loss that picks checkpoint_best.pt does not fall
+    by 10% of that term per epoch by construction."""
+    _, log = a2d_run
+    valid, train = logged_epochs(log, "valid"), logged_epochs(log, "train")
+    assert sorted(valid) == [1, 2, 3], log[-2000:]
+    assert [valid[e]["attn_weight"] for e in (1, 2, 3)] == [1.0, 1.0, 1.0]
+    assert [train[e]["attn_weight"] for e in (1, 2, 3)] == pytest.approx([1.0, 0.9, 0.81])
 
 
 def test_alignment_module_lives_in_the_criterion_entry(a2d_run, tiny_teacher):
@@ -80,7 +91,7 @@ def test_resume_restores_alignment_and_epoch_weight(a2d_run, tiny_data, tiny_tea
     log = proc.stdout + proc.stderr
     assert re.search(r"Loaded checkpoint \S*checkpoint_last.pt \(epoch 4 @ \d+ updates\)", log), log[-3000:]
     assert alignment_lines(log, 4) == expected  # logged before the first update of epoch 4
-    epochs = train_epochs(log)
+    epochs = logged_epochs(log)
     assert sorted(epochs) == [4]
     assert epochs[4]["attn_weight"] == pytest.approx(0.9 ** 3)
 

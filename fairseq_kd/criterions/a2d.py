@@ -22,7 +22,9 @@ source token ``enc`` weighs ``beta * target/source`` tokens of the batch:
 relative to ``dec``/``cross`` it grows with the source/target length ratio.
 Kept as a sum on purpose (one divisor for every term keeps --update-freq and
 multi-GPU accumulation exact).  The epoch comes
-from the task (``task.epoch``, ``fairseq_kd.contract``).  With beta = 0 no
+from the task (``task.epoch``, ``fairseq_kd.contract``); validation (the
+criterion in eval mode) weighs the term with beta, undecayed
+(:func:`attention_weight`).  With beta = 0 no
 attention is captured and the teacher's distribution comes from
 ``task.teacher.distribution`` as in ``word_kd``, so ensembles and
 ``--teacher-cache`` work.
@@ -68,13 +70,26 @@ class A2DConfig(WordKDOptions):
     a2d_decay: float = field(
         default=0.9,
         metadata={"help": "per-epoch decay of the attention weight, in [0, 1]: "
-                  "epoch e uses beta * decay^(e-1)"},
+                  "training in epoch e uses beta * decay^(e-1); validation always uses beta"},
     )
     a2d_log_alignment: bool = field(
         default=False,
         metadata={"help": "log, at every epoch start, which student heads feed each "
                   "teacher head (the two largest alignment weights)"},
     )
+
+
+def attention_weight(beta, decay, epoch, training=True):
+    """``beta * decay^(epoch-1)`` in training; ``beta`` (epoch 1's weight) in validation.
+
+    checkpoint_best.pt and --patience compare validation losses across
+    epochs: with the decayed weight the attention term would fall by
+    ``1 - decay`` of itself every epoch with no change in the student, and
+    later checkpoints would win by construction.  Validation measures one
+    fixed mixture instead, the full objective as the method states it
+    before any decay.
+    """
+    return beta * decay ** (epoch - 1) if training else beta
 
 
 @register_criterion("a2d", dataclass=A2DConfig)
@@ -119,11 +134,12 @@ class A2DCriterion(KDCriterionBase):
         return modules
 
     def attn_weight(self):
-        """beta * decay^(epoch-1), epoch as recorded by the task."""
-        return self.beta * self.decay ** (self.task.epoch - 1)
+        """The attention term's weight now (:func:`attention_weight`), epoch as recorded by
+        the task; fairseq's trainer switches the criterion to eval mode to validate."""
+        return attention_weight(self.beta, self.decay, self.task.epoch, self.training)
 
     def extra_terms(self, step):
-        """``attn_loss`` with weight beta * decay^(epoch-1), each type's part logged too
+        """``attn_loss`` with weight :meth:`attn_weight`, each type's part logged too
         (nothing when beta = 0: then this is word_kd)."""
         if not self.types:
             return {}

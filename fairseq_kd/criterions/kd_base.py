@@ -23,7 +23,15 @@ of a training step is here, once (:meth:`KDCriterionBase.forward`):
 A method declares its terms by overriding :meth:`extra_terms` (and
 :meth:`nll_weight` when its terms take part of the NLL's weight); it lists
 every logged component in ``LOSS_TERMS`` and every per-step statistic in
-``MEAN_STATS``, which :meth:`reduce_metrics` logs.  ``hybrid_kd`` mixes two
+``MEAN_STATS``, which :meth:`reduce_metrics` logs.
+
+Validation: fairseq's trainer computes the validation loss with the
+criterion in eval mode, and ``checkpoint_best.pt`` and ``--patience``
+compare it across epochs.  A weight that follows a schedule (epoch, update
+number) must therefore be fixed when ``not self.training`` (``a2d``: beta
+without its decay), so that the validation loss moves only with the student.
+
+``hybrid_kd`` mixes two
 per-sentence losses with a gate and keeps its own ``forward``, built from
 the same parts (:meth:`logging_output`, the fused word-KD function).
 """
