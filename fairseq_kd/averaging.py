@@ -16,8 +16,9 @@ import re
 
 import torch
 
-from fairseq_kd.checkpoint import load_checkpoint_state, plain_cfg
+from fairseq_kd.checkpoint import checkpoint_model_cfg, load_checkpoint_state, plain_cfg
 from fairseq_kd.errors import require
+from fairseq_kd.pruning import canonical_names
 
 # fairseq's file names: checkpoint_EPOCH_UPDATES.pt (--save-interval-updates), checkpointEPOCH.pt (epoch end)
 UPDATE_CHECKPOINT = re.compile(r"^checkpoint_(\d+)_(\d+)\.pt$")
@@ -44,20 +45,29 @@ def last_checkpoints(folder, n):
     return [os.path.join(folder, name) for _, name in found[-n:]]
 
 
-def average_weights(models, names):
+def average_weights(models, names, model_cfg=None):
     """The mean of the state dicts ``models`` (read from the files ``names``).
 
     Floating-point tensors are averaged in float64 and stored in their own
     type; any other tensor (a step count, a version) must be equal in every
-    input and is kept.
+    input and is kept.  Tied tensors (``model_cfg``'s ``share_*`` flags, or
+    storage shared in the first input: :func:`fairseq_kd.pruning.canonical_names`)
+    are averaged once and the one result is stored under each of their keys,
+    so the output keeps the tie even when the inputs hold separate copies
+    (checkpoints of GPU or fp16 runs) and parameter counts stay right.
     """
     first = models[0]
     for model, name in zip(models[1:], names[1:]):
         require(model.keys() == first.keys(),
                 f"{name} and {names[0]} are not checkpoints of one model: their parameters differ "
                 f"({sorted(set(model) ^ set(first))[:3]} ...)")
+    canonical = canonical_names(first, model_cfg)
     averaged = {}
     for key, value in first.items():
+        if canonical[key] != key:
+            # a copy of a parameter met earlier under its first name (state-dict order)
+            averaged[key] = averaged[canonical[key]]
+            continue
         tensors = [model[key] for model in models]
         for tensor, name in zip(tensors[1:], names[1:]):
             require(tensor.shape == value.shape,
@@ -77,7 +87,7 @@ def average_checkpoints(paths):
     states = [load_checkpoint_state(path) for path in paths]
     updates = [s["optimizer_history"][-1].get("num_updates") for s in states]
     state = states[-1]
-    state["model"] = average_weights([s["model"] for s in states], list(paths))
+    state["model"] = average_weights([s["model"] for s in states], list(paths), checkpoint_model_cfg(state))
     state.pop("last_optimizer_state", None)
     state["extra_state"]["averaged_from"] = [os.path.basename(p) for p in paths]
     return state, updates

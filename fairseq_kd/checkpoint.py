@@ -91,6 +91,18 @@ def checkpoint_cfg(state):
     return state["cfg"]
 
 
+def checkpoint_model_cfg(state):
+    """The model config (``cfg.model``) of a state read by :func:`load_checkpoint_state`, or None.
+
+    For a legacy-registered architecture (``transformer``) it is the
+    ``argparse.Namespace`` fairseq saved; its ``share_*`` flags tell which
+    tensors of the state dict are one parameter
+    (:func:`fairseq_kd.pruning.canonical_names`).
+    """
+    cfg = state.get("cfg")
+    return cfg.get("model") if cfg is not None else None
+
+
 def plain_cfg(cfg):
     """A loaded omegaconf config back to the containers fairseq saved (its Namespaces kept)."""
     return OmegaConf.to_container(cfg) if OmegaConf.is_config(cfg) else cfg

@@ -159,16 +159,32 @@ def generate_ct2(spec, translator, langs, beam, hyp_path):
     return len(hyps), round(speed, 2)
 
 
+# fairseq state-dict entries that are buffers, not parameters (module versions, the
+# sinusoidal positions' device tracker)
+BUFFER_SUFFIXES = ("version", "_float_tensor")
+
+
+def unique_parameter_count(state_dict, model_cfg=None):
+    """The number of parameters in ``state_dict``, each tied tensor counted once.
+
+    Ties are read from the model config's ``share_*`` flags, and from shared
+    storage for other architectures (:func:`fairseq_kd.pruning.canonical_names`):
+    storage alone misses them in checkpoints of GPU or fp16 runs, which fairseq
+    moves to the CPU tensor by tensor (one copy per key).
+    """
+    from fairseq_kd.pruning import canonical_names
+
+    canonical = canonical_names(state_dict, model_cfg)
+    return sum(value.numel() for key, value in state_dict.items()
+               if canonical[key] == key and not key.endswith(BUFFER_SUFFIXES))
+
+
 def count_parameters(checkpoint):
-    """Unique parameters of the model in a checkpoint (shared embeddings counted once)."""
-    from fairseq_kd.checkpoint import load_checkpoint_state
+    """Parameters of the model in a checkpoint (tied embeddings counted once)."""
+    from fairseq_kd.checkpoint import checkpoint_model_cfg, load_checkpoint_state
 
     state = load_checkpoint_state(checkpoint)
-    seen = {}
-    for key, value in state["model"].items():
-        if not key.endswith(("version", "_float_tensor")):
-            seen[value.data_ptr()] = value.numel()
-    return sum(seen.values())
+    return unique_parameter_count(state["model"], checkpoint_model_cfg(state))
 
 
 def evaluate(spec, report=print):
