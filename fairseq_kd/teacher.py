@@ -6,9 +6,11 @@ a.pt:b.pt``) forming an ensemble whose probabilities are averaged.  It is
 * loaded on first use (``translation_kd`` asks for it when it builds a
   criterion that needs it, so a bad teacher stops ``fairseq-train`` before
   anything is written), on CPU, in eval mode, with ``requires_grad`` off;
-* checked against the student's dictionaries (embedding sizes always, and
-  the dictionary files word by word when the teacher's data folder is still
-  on disk);
+* checked against the student's dictionaries: embedding sizes always, and
+  symbol by symbol against the teacher's dictionaries wherever they are found
+  (embedded by ``fairseq-kd export``, ``--teacher-dict``, beside the
+  checkpoint, the teacher's data folder); a logged warning says when only
+  the sizes could be compared;
 * moved to the device and float dtype of whatever it is run ``like`` (the
   student: the trainer casts the student under ``--fp16`` after the task is
   set up, and moves it to its GPU), or :meth:`Teacher.place`\\ d explicitly;
@@ -36,7 +38,9 @@ import torch
 
 from fairseq_kd.capture import NOTHING, Captured, CaptureSpec, capture
 from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
-from fairseq_kd.errors import require
+from fairseq_kd.deploy.export import (EMBEDDINGS, SIDE_NAMES, SIDES, describe_files, dictionary_files_in,
+                                      embedded_dictionaries, symbols_of_files)
+from fairseq_kd.errors import KDError, require
 from fairseq_kd.losses import TeacherDistribution, ensemble_scores
 
 logger = logging.getLogger(__name__)
@@ -95,14 +99,19 @@ class Teacher(TeacherSource):
     """A teacher checkpoint or ensemble, loaded on first use.
 
     ``task``: a fairseq translation task on the student's data; its
-    dictionaries check the teacher's and build its models.
+    dictionaries check the teacher's and build its models.  ``teacher_dict``:
+    the teacher's dictionary (``--teacher-dict``: a file for both sides, or a
+    folder), for teachers that do not carry theirs.
     """
 
-    def __init__(self, paths: List[str], task):
+    def __init__(self, paths: List[str], task, teacher_dict: Optional[str] = None):
         require(paths, "a teacher needs at least one checkpoint (--teacher-path)")
         for path in paths:
             require(os.path.isfile(path), f"--teacher-path: teacher checkpoint not found: {path}")
+        require(not teacher_dict or os.path.exists(teacher_dict),
+                f"--teacher-dict: not found: {teacher_dict}")
         self.paths = list(paths)
+        self.teacher_dict = teacher_dict
         self._task = task
         self._models: Optional[List[torch.nn.Module]] = None
 
@@ -114,7 +123,7 @@ class Teacher(TeacherSource):
     def models(self) -> List[torch.nn.Module]:
         """The member models (loaded on first access, on CPU, in eval mode)."""
         if self._models is None:
-            self._models = [load_teacher_model(p, self._task) for p in self.paths]
+            self._models = [load_teacher_model(p, self._task, self.teacher_dict) for p in self.paths]
         return self._models
 
     def load(self):
@@ -164,14 +173,15 @@ def _run_member(model, net_input, spec):
     return seen
 
 
-def load_teacher_model(path, task):
-    """A frozen teacher model from checkpoint ``path``, checked against ``task``'s dictionaries."""
+def load_teacher_model(path, task, teacher_dict=None):
+    """A frozen teacher model from checkpoint ``path``, checked against ``task``'s dictionaries
+    (``teacher_dict``: the teacher's dictionary file or folder, ``--teacher-dict``)."""
     from fairseq import models as fairseq_models
 
     # The user named this file as a teacher, so full unpickling is allowed.
     state = load_checkpoint_state(path, trusted=True)
     cfg = checkpoint_cfg(state)
-    check_teacher_dictionaries(path, state, cfg, task)
+    check_teacher_dictionaries(path, state, cfg, task, teacher_dict)
     teacher = fairseq_models.build_model(cfg.model, task, from_checkpoint=True)
     teacher.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     teacher.eval()
@@ -182,37 +192,121 @@ def load_teacher_model(path, task):
     return teacher
 
 
-def check_teacher_dictionaries(path, state, cfg, task):
-    """Teacher and student must index the same vocabularies.
+def check_teacher_dictionaries(path, state, cfg, task, teacher_dict=None):
+    """Teacher and student must index the same vocabularies, symbol by symbol.
 
-    A fairseq checkpoint stores embedding sizes, not dictionaries: the
-    sizes are always compared; when the teacher's own data directory is
-    still on disk its dictionary files are compared word by word too.
+    The vocabulary sizes (the teacher's embedding rows) are always compared.
+    The symbols are compared wherever the teacher's dictionaries can be found
+    (:func:`teacher_dictionaries`).  Sizes alone are weak evidence:
+    fairseq-preprocess pads a dictionary to a multiple of 8, so another 8k
+    SentencePiece model gives the same size; when only they can be compared,
+    the log says so as a warning.
     """
-    src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
-    sizes = {
-        "source": ("encoder.embed_tokens.weight", src_dict),
-        "target": ("decoder.embed_tokens.weight", tgt_dict),
-    }
-    for side, (key, student_dict) in sizes.items():
+    student = {"src": task.source_dictionary, "tgt": task.target_dictionary}
+    langs = {"src": task.cfg.source_lang, "tgt": task.cfg.target_lang}
+    check_vocabulary_sizes(path, state, student)
+    found = teacher_dictionaries(path, cfg, state, langs, teacher_dict)
+    if not found:
+        logger.warning(sizes_only_message(path, cfg, student, langs))
+        return
+    for origin, symbols in found:
+        for side in SIDES:
+            check_same_symbols(symbols[side], student[side].symbols, side, origin, langs[side])
+    logger.info(f"teacher {path}: dictionaries equal the student's symbol by symbol "
+                f"({'; '.join(origin for origin, _ in found)})")
+
+
+def check_vocabulary_sizes(path, state, student):
+    """The teacher's embedding rows against the student's dictionary sizes."""
+    for side, key in EMBEDDINGS.items():
         weight = state["model"].get(key)
         require(weight is not None, f"teacher {path} has no {key}: not a fairseq encoder-decoder")
         require(
-            weight.size(0) == len(student_dict),
-            f"teacher/student dictionary mismatch: teacher {path} has a {side} "
+            weight.size(0) == len(student[side]),
+            f"teacher/student dictionary mismatch: teacher {path} has a {SIDE_NAMES[side]} "
             f"vocabulary of {weight.size(0)} entries, the student's data has "
-            f"{len(student_dict)}; binarize the student data with the teacher's "
+            f"{len(student[side])}; binarize the student data with the teacher's "
             f"dictionaries (fairseq-preprocess --srcdict/--tgtdict)",
         )
-    teacher_data = getattr(cfg.task, "data", None)
-    if not teacher_data:
-        return
-    for lang, student_dict in ((task.cfg.source_lang, src_dict), (task.cfg.target_lang, tgt_dict)):
-        dict_file = os.path.join(teacher_data.split(":")[0], f"dict.{lang}.txt")
-        if os.path.isfile(dict_file):
-            teacher_dict = task.load_dictionary(dict_file)
-            require(
-                teacher_dict.symbols == student_dict.symbols,
-                f"teacher/student dictionary mismatch: {dict_file} (teacher's) differs "
-                f"from the student's dict.{lang}.txt",
-            )
+
+
+def teacher_dictionaries(path, cfg, state, langs, teacher_dict=None):
+    """``[(where from, {"src": symbols, "tgt": symbols})]``: the teacher's dictionaries.
+
+    Every one known to be the teacher's is returned: those embedded in the
+    checkpoint (``fairseq-kd export`` puts them there) and those the user
+    named (``--teacher-dict``).  Without either, the first found of: the
+    dictionary files beside the checkpoint (examples/teacher ships dict.txt
+    beside teacher.pt), then those of the data folder the teacher was trained
+    on (usually a folder of the machine that trained it, so often gone).
+    Empty when none is found.
+    """
+    src, tgt = teacher_languages(cfg, langs)
+    found = []
+    embedded = embedded_dictionaries(state)
+    if embedded is not None:
+        found.append((f"embedded in {path}", embedded))
+    if teacher_dict:
+        files = named_dictionary_files(teacher_dict, src, tgt)
+        found.append((f"--teacher-dict {describe_files(files)}", symbols_of_files(files)))
+    if found:
+        return found
+    teacher_data = str(getattr(cfg.task, "data", None) or "").split(os.pathsep)[0]
+    for folder in (os.path.dirname(os.path.abspath(path)), teacher_data):
+        files = dictionary_files_in(folder, src, tgt)
+        if files is not None:
+            return [(describe_files(files), symbols_of_files(files))]
+    return []
+
+
+def teacher_languages(cfg, langs):
+    """(source, target) language codes of the teacher's dictionary files: its own,
+    else the student's (a teacher translates the student's language pair)."""
+    return (getattr(cfg.task, "source_lang", None) or langs["src"],
+            getattr(cfg.task, "target_lang", None) or langs["tgt"])
+
+
+def named_dictionary_files(teacher_dict, src, tgt):
+    """``{"src": file, "tgt": file}`` of ``--teacher-dict``: one file serves both sides
+    (a joined dictionary); a folder holds dict.SRC.txt and dict.TGT.txt, or dict.txt."""
+    if os.path.isfile(teacher_dict):
+        return dict.fromkeys(SIDES, teacher_dict)
+    require(os.path.isdir(teacher_dict), f"--teacher-dict: not found: {teacher_dict}")
+    files = dictionary_files_in(teacher_dict, src, tgt)
+    require(files is not None, f"--teacher-dict: folder {teacher_dict} holds neither "
+                               f"dict.{src}.txt and dict.{tgt}.txt nor dict.txt")
+    return files
+
+
+def first_difference(a, b):
+    """The first index where symbol lists ``a`` and ``b`` differ (or one ends), or None."""
+    index = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if index == len(a) == len(b) else index
+
+
+def symbol_at(symbols, index):
+    """Symbol ``index`` quoted for a message, or where the list ends."""
+    return repr(symbols[index]) if index < len(symbols) else f"past its end ({len(symbols)} entries)"
+
+
+def check_same_symbols(teacher_symbols, student_symbols, side, origin, lang):
+    """One line naming the first differing index and both symbols when the lists differ."""
+    index = first_difference(teacher_symbols, student_symbols)
+    if index is not None:
+        raise KDError(
+            f"teacher/student dictionary mismatch: {SIDE_NAMES[side]} symbol {index} is "
+            f"{symbol_at(teacher_symbols, index)} in the teacher's dictionary ({origin}) but "
+            f"{symbol_at(student_symbols, index)} in the student's dict.{lang}.txt; binarize the "
+            f"student data with the teacher's dictionaries (fairseq-preprocess --srcdict/--tgtdict)")
+
+
+def sizes_only_message(path, cfg, student, langs):
+    """The warning logged when no dictionary of the teacher's can be found."""
+    src, tgt = teacher_languages(cfg, langs)
+    data = str(getattr(cfg.task, "data", None) or "") or "(none recorded)"
+    return (f"teacher {path}: only the vocabulary sizes ({len(student['src'])} source, "
+            f"{len(student['tgt'])} target entries) could be compared with the student's, not the "
+            f"symbols, so a different dictionary of the same size would pass (fairseq-preprocess pads "
+            f"sizes to a multiple of 8): the checkpoint embeds no dictionaries (fairseq-kd export "
+            f"embeds them), none lies beside it (dict.{src}.txt and dict.{tgt}.txt, or dict.txt), and "
+            f"its data folder {data} has none; give the teacher's dictionary with --teacher-dict FILE")

@@ -6,6 +6,10 @@ its hyper-parameters as fairseq's plain ``transformer`` architecture and a
 weights-only unpickler, i.e. by stock fairseq under torch >= 2.6, and by
 CTranslate2's stock ``ct2-fairseq-converter``).  Dropped: optimizer state,
 criterion parameters, the plugin's options, training options and progress.
+Kept besides: the model's dictionaries (their symbols, from --data, else from
+the data folder it was trained on), which stock fairseq ignores and
+``--teacher-path`` compares with a student's when the file serves as a
+teacher (the data folder may be long gone by then).
 
   fairseq-kd export --path student/checkpoint_best.pt --out student.pt
   fairseq-generate DATA --path student.pt --task translation --required-batch-size-multiple 1 ...
@@ -18,10 +22,13 @@ translates raw text with it, without fairseq or torch.
   fairseq-kd export --path student/checkpoint_best.pt --format ctranslate2 --quantization int8 \\
       --data DATA --spm-model pieces/spm.model --out student_ct2
 """
+import logging
 import os
 
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
 from fairseq_kd.errors import require
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(p):
@@ -32,14 +39,17 @@ def add_arguments(p):
     p.add_argument("--half", action="store_true",
                    help="--format fairseq: store the weights as float16 (half the size, e.g. to ship a "
                         "teacher); fairseq loads them into a float32 model")
+    p.add_argument("--data", help="folder with the model's dictionaries, dict.SRC.txt and dict.TGT.txt "
+                                  "(--format fairseq also takes a joined dict.txt); embedded in a fairseq "
+                                  "export, converted into a ctranslate2 one (default: the data folder the "
+                                  "checkpoint was trained on)")
+    p.add_argument("-s", "--source-lang", help="of --data's dictionaries (default: the checkpoint's, else "
+                                               "from --data's file names)")
+    p.add_argument("-t", "--target-lang")
     g = p.add_argument_group("--format ctranslate2")
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
                    help="weights of the CTranslate2 model (default: int8)")
     g.add_argument("--spm-model", help="the SentencePiece model of the data (fairseq-kd spm's spm.model)")
-    g.add_argument("--data", help="folder with dict.SRC.txt and dict.TGT.txt (default: the data folder "
-                                  "the checkpoint was trained on)")
-    g.add_argument("-s", "--source-lang", help="(default: the checkpoint's, else from --data's file names)")
-    g.add_argument("-t", "--target-lang")
 
 
 def languages_and_data(args):
@@ -73,11 +83,18 @@ def export_ct2(args):
 def export_fairseq(args):
     from fairseq_kd.deploy.export import write_export
 
-    state, exported = write_export(args.path, args.out, half=args.half)
+    state, exported, dictionaries = write_export(args.path, args.out, half=args.half, data=args.data,
+                                               langs=(args.source_lang, args.target_lang))
     dropped = sorted(k for k in state if k not in exported and state[k] is not None)
     before, after = os.path.getsize(args.path), os.path.getsize(args.out)
+    if dictionaries is None:
+        # not an error: a student export serves without them; a teacher export then can
+        # only be checked by vocabulary sizes, which a different dictionary may share
+        logger.warning(f"{args.out} carries no dictionaries: the checkpoint embeds none and its data "
+                       f"folder has no dict files; give --data to embed them (needed to check it as a teacher)")
     print(f"wrote {args.out}: {after / 1e6:.2f} MB (was {before / 1e6:.2f} MB, "
           f"{after / before:.1%}); dropped {', '.join(dropped) or 'nothing'}; "
+          f"dictionaries {f'from {dictionaries}' if dictionaries else 'not embedded'}; "
           f"arch transformer, task translation{', float16 weights' if args.half else ''}")
 
 

@@ -8,17 +8,30 @@ unpickler, i.e. by stock fairseq under torch >= 2.6).  Dropped: optimizer
 state, criterion parameters (gates, projections), the plugin's task and
 criterion options, training options, and the trainer's progress.  Only the
 minimal bookkeeping fairseq's loader requires is kept.
+
+It also keeps the model's dictionaries (their symbols, under
+``state["fairseq_kd"]["dictionaries"]``, an entry stock fairseq never reads):
+a fairseq checkpoint stores only embedding sizes, and once the data folder it
+was trained on is gone nothing else says which symbol each row embeds.  The
+teacher check (:mod:`fairseq_kd.teacher`) compares them with a student's.
 """
 import argparse
+import os
 from collections import OrderedDict
 from dataclasses import fields
 
 import torch
 
-from fairseq_kd.errors import require
+from fairseq_kd.errors import KDError, require
 
 # Set by fairseq's base_architecture but not declared by TransformerModel.add_args.
 EXTRA_MODEL_KEYS = ("decoder_input_dim",)
+# The plugin's own entry of an exported checkpoint; stock fairseq ignores unknown entries.
+PLUGIN_KEY = "fairseq_kd"
+SIDES = ("src", "tgt")
+# Which embedding holds each side's vocabulary (a fairseq encoder-decoder).
+EMBEDDINGS = {"src": "encoder.embed_tokens.weight", "tgt": "decoder.embed_tokens.weight"}
+SIDE_NAMES = {"src": "source", "tgt": "target"}
 
 
 def transformer_hyperparameters(model_cfg):
@@ -92,6 +105,106 @@ def half_precision(weights):
     return out
 
 
+# ------------------------------------------------------------- dictionaries
+def dictionary_files_in(folder, src, tgt):
+    """``{"src": file, "tgt": file}``: ``folder``'s dict.SRC.txt and dict.TGT.txt, else its
+    joined dict.txt for both sides (as examples/teacher ships it); None when it has neither."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    per_language = [os.path.join(folder, f"dict.{lang}.txt") for lang in (src, tgt) if lang]
+    if len(per_language) == 2 and all(map(os.path.isfile, per_language)):
+        return dict(zip(SIDES, per_language))
+    joined = os.path.join(folder, "dict.txt")
+    return dict.fromkeys(SIDES, joined) if os.path.isfile(joined) else None
+
+
+def describe_files(files):
+    """How messages name a ``{"src": file, "tgt": file}`` pair (one file when joined)."""
+    return files["src"] if files["src"] == files["tgt"] else f"{files['src']} and {files['tgt']}"
+
+
+def read_symbols(dict_file):
+    """The symbols of a fairseq dictionary file, in index order (fairseq's specials first)."""
+    from fairseq.data import Dictionary
+
+    require(os.path.isfile(dict_file), f"dictionary file not found: {dict_file}")
+    try:
+        return Dictionary.load(dict_file).symbols
+    except Exception as e:  # fairseq raises ValueError, RuntimeError or a bare Exception
+        raise KDError(f"{dict_file} is not a fairseq dictionary: {str(e).strip().splitlines()[0]}") from e
+
+
+def symbols_of_files(files):
+    """``{"src": symbols, "tgt": symbols}`` of dictionary files; a joined file is read once
+    and both sides share its list (pickled once in an export)."""
+    src = read_symbols(files["src"])
+    return {"src": src, "tgt": src if files["tgt"] == files["src"] else read_symbols(files["tgt"])}
+
+
+def embedded_dictionaries(state):
+    """The ``{"src": symbols, "tgt": symbols}`` an export embeds, or None (any other checkpoint)."""
+    found = (state.get(PLUGIN_KEY) or {}).get("dictionaries")
+    if found is None:
+        return None
+    require(isinstance(found, dict) and all(isinstance(found.get(s), list) for s in SIDES),
+            f"the checkpoint's {PLUGIN_KEY} entry holds no source and target symbol lists")
+    return found
+
+
+def checkpoint_languages(task_cfg, folder, langs=(None, None)):
+    """(source, target) languages: ``langs`` where given, else the checkpoint's task's,
+    else as named by ``folder``'s binarized files (None where none tells)."""
+    from fairseq.data import data_utils
+
+    src = langs[0] or task_cfg.get("source_lang")
+    tgt = langs[1] or task_cfg.get("target_lang")
+    if not (src and tgt) and folder and os.path.isdir(folder):
+        src, tgt = data_utils.infer_language_pair(folder)
+    return src, tgt
+
+
+def checkpoint_dictionaries(state, cfg, data=None, langs=(None, None)):
+    """(where from, ``{"src": symbols, "tgt": symbols}``) of the dictionaries to embed in an
+    export of ``state``, or None when none can be found.
+
+    In order: the folder ``data`` (the user's ``--data``; it must hold them), the
+    dictionaries ``state`` already embeds (re-exporting an export), and the data
+    folder the checkpoint was trained on.  ``langs``: (source, target) named by
+    the user.  They must have one symbol per row of the model's embeddings.
+    """
+    if data:
+        src, tgt = checkpoint_languages(cfg.task, data, langs)
+        files = dictionary_files_in(data, src, tgt)
+        require(files, f"--data {data} holds neither dict.{src or 'SRC'}.txt and dict.{tgt or 'TGT'}.txt "
+                       f"nor dict.txt{'' if src and tgt else ' (or give -s and -t)'}")
+        found = describe_files(files), symbols_of_files(files)
+    elif embedded_dictionaries(state) is not None:
+        found = "embedded in the checkpoint", embedded_dictionaries(state)
+    else:
+        folder = str(cfg.task.get("data") or "").split(os.pathsep)[0]
+        files = dictionary_files_in(folder, *checkpoint_languages(cfg.task, folder, langs))
+        if files is None:
+            return None
+        found = describe_files(files), symbols_of_files(files)
+    origin, symbols = found
+    for side in SIDES:
+        weight = state["model"].get(EMBEDDINGS[side])
+        require(weight is None or weight.size(0) == len(symbols[side]),
+                f"the {SIDE_NAMES[side]} dictionary ({origin}) has {len(symbols[side])} entries but "
+                f"the model embeds {weight.size(0) if weight is not None else 0}: not this model's "
+                f"dictionary (give --data with the right ones)")
+    return origin, symbols
+
+
+def with_dictionaries(exported, symbols):
+    """``exported`` carrying ``{"src": symbols, "tgt": symbols}`` in its plugin entry."""
+    src = list(symbols["src"])
+    tgt = src if list(symbols["tgt"]) == src else list(symbols["tgt"])  # joined: pickled once
+    exported[PLUGIN_KEY] = {"dictionaries": {"src": src, "tgt": tgt}}
+    return exported
+
+
+# ------------------------------------------------------------------- export
 def export_state(state, half=False):
     """A loadable, inference-only checkpoint dict built from a training checkpoint
     (``half``: floating-point weights stored as float16)."""
@@ -116,17 +229,21 @@ def export_state(state, half=False):
     }
 
 
-def write_export(path, out, half=False):
-    """Export checkpoint ``path`` to ``out``; returns (training state, exported state)."""
-    import os
+def write_export(path, out, half=False, data=None, langs=(None, None)):
+    """Export checkpoint ``path`` to ``out`` with its dictionaries when they can be
+    found (``data``: the folder holding them, ``langs``: its (source, target)
+    languages; see :func:`checkpoint_dictionaries`).
 
-    import torch
-
-    from fairseq_kd.checkpoint import load_checkpoint_state
+    Returns (training state, exported state, where the dictionaries came from or None).
+    """
+    from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
 
     state = load_checkpoint_state(path)
     exported = export_state(state, half)
+    dictionaries = checkpoint_dictionaries(state, checkpoint_cfg(state), data, langs)
+    if dictionaries is not None:
+        with_dictionaries(exported, dictionaries[1])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(exported, out)
     torch.load(out, map_location="cpu", weights_only=True)  # stock fairseq's loader must accept it
-    return state, exported
+    return state, exported, dictionaries and dictionaries[0]

@@ -51,6 +51,16 @@ class TranslationKDConfig(TranslationConfig):
             "whose probabilities are averaged. Loaded for training only."
         },
     )
+    teacher_dict: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "the teacher's dictionary, compared symbol by symbol with the student's: "
+            "a fairseq dict.txt serving both sides (joined), or a folder with dict.SRC.txt and "
+            "dict.TGT.txt. Needed only for a teacher that carries none (fairseq-kd export embeds "
+            "them; dict files beside the checkpoint or in its data folder also serve); "
+            "without any, only vocabulary sizes are compared."
+        },
+    )
     distilled_data: Optional[str] = field(
         default=None,
         metadata={
@@ -87,7 +97,10 @@ class TranslationKDTask(TranslationTask, KDTask):
         super().__init__(cfg, src_dict, tgt_dict)
         paths = teacher_paths(cfg.teacher_path)
         # the teacher or the cache (set by setup_task); see fairseq_kd.contract
-        self.teacher: Optional[TeacherSource] = Teacher(paths, self) if paths else None
+        teacher_dict = getattr(cfg, "teacher_dict", None)  # absent from older saved configs
+        require(not teacher_dict or paths, "--teacher-dict is the dictionary of a --teacher-path "
+                                           "teacher: give --teacher-path too")
+        self.teacher: Optional[TeacherSource] = Teacher(paths, self, teacher_dict) if paths else None
         self.student_cfg = None  # set by build_model
         self.student_logits = True  # the student's decoder returns vocabulary logits
         self.epoch = 1
