@@ -1,4 +1,5 @@
-"""``fairseq-kd plot``: BLEU against speed or size, one colour per system, readable labels.
+"""Plots, one colour per system: BLEU against speed or size with readable labels
+(``fairseq-kd plot``) and learning curves (``fairseq-kd curves``).
 
 A results file (:mod:`fairseq_kd.results`) holds a system's fairseq row and
 its CTranslate2 rows ("NAME (ct2 int8)").  A system keeps one colour and one
@@ -6,6 +7,9 @@ label text across its rows; the backend is the marker (legend).  Students of
 one size share an x in the parameters plot, so their labels are spread
 vertically (:func:`spread_positions`), joined to their points by a line when
 moved, and a system's rows at the same x share one label.
+
+``fairseq-kd curves`` draws learning curves (:func:`draw_curves`): validation
+BLEU by update, a line per system in its colour, its best validation starred.
 
 matplotlib is imported only when a plot is drawn.
 """
@@ -106,22 +110,33 @@ def place_labels(ax, labels):
                         annotation_clip=False, arrowprops=line)
 
 
-def draw_results(results, x="speed", decoding="greedy", title=None):
-    """The figure of BLEU of ``decoding`` against its speed (``x="speed"``, log scale) or
-    the parameters (``x="params"``) for every system of ``results``."""
+def system_colours(plt, names):
+    """A colour per name, in order (matplotlib's tab10, tab20 beyond ten names)."""
+    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: palette(k % palette.N) for k, name in enumerate(names)}
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_results(results, x="speed", decoding="greedy", title=None):
+    """The figure of BLEU of ``decoding`` against its speed (``x="speed"``, log scale) or
+    the parameters (``x="params"``) for every system of ``results``."""
+    plt = pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     systems = results["systems"]
     xs = [s[decoding]["sentences_per_s"] if x == "speed" else s["params"] / 1e6 for s in systems]
     ys = [s[decoding]["bleu"] for s in systems]
-    names = list(dict.fromkeys(system_name(s) for s in systems))
-    palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    colours = {name: palette(k % palette.N) for k, name in enumerate(names)}
+    colours = system_colours(plt, list(dict.fromkeys(system_name(s) for s in systems)))
 
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     for s, x_value, y in zip(systems, xs, ys):
@@ -150,11 +165,41 @@ def draw_results(results, x="speed", decoding="greedy", title=None):
     return fig
 
 
+def save_figure(fig, out):
+    """Write ``fig`` to the PNG ``out`` (its folder created) and close it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=120)
+    pyplot().close(fig)  # a library caller may draw many
+
+
 def plot_results(results, out, x="speed", decoding="greedy", title=None):
     """:func:`draw_results` written to the PNG ``out`` (its folder created)."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    import matplotlib.pyplot as plt
+    save_figure(draw_results(results, x, decoding, title), out)
 
-    fig = draw_results(results, x, decoding, title)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)  # a library caller may draw many
+
+def draw_curves(curves, best=None, ylabel="validation BLEU", title=None):
+    """The figure of learning curves: ``curves`` maps a system to its (update, value)
+    points, drawn as a line in the system's colour; ``best`` (system -> (update, value))
+    marks each system's best validation with a star."""
+    plt = pyplot()
+
+    colours = system_colours(plt, list(curves))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    for name, points in curves.items():
+        updates, values = zip(*points)
+        ax.plot(updates, values, color=colours[name], marker=".", markersize=4, lw=1.2, label=name)
+    for name, (update, value) in (best or {}).items():
+        ax.scatter([update], [value], marker="*", s=110, color=colours[name], edgecolors="black",
+                   linewidths=0.5, zorder=3)
+    ax.set_xlabel("updates")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or f"{ylabel} by update" + (" (star: best)" if best else ""))
+    ax.legend(fontsize=LABEL_FONT_SIZE, loc="best", ncol=2 if len(curves) > 6 else 1)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(curves, out, best=None, ylabel="validation BLEU", title=None):
+    """:func:`draw_curves` written to the PNG ``out`` (its folder created)."""
+    save_figure(draw_curves(curves, best, ylabel, title), out)

@@ -5,7 +5,8 @@ A JSON object: the sacreBLEU signatures ("bleu_signature", "chrf_signature"),
 the "device" the speeds were measured on and "systems", one entry per
 evaluated system (name, params, device, and per decoding "greedy" / "beam":
 beam, bleu, chrf, sentences_per_s).  ``fairseq-kd evaluate`` writes it,
-``fairseq-kd table`` and ``fairseq-kd plot`` read it.
+``fairseq-kd table`` and ``fairseq-kd plot`` read it; the table's significance
+columns come from the hypotheses files beside it (:mod:`fairseq_kd.study`).
 
 Neither fairseq nor torch is imported here (``fairseq-kd table`` and ``plot``
 start quickly).
@@ -15,6 +16,7 @@ import os
 
 from fairseq_kd.errors import KDError, require
 
+DECODINGS = ("greedy", "beam")
 DECODING_KEYS = ("beam", "bleu", "chrf", "sentences_per_s")
 # How a device string notes fp16 decoding (fairseq_kd.evaluation.decoding_device)
 FP16_NOTE = " in fp16"
@@ -39,8 +41,8 @@ def read_results(path, allow_empty=False):
 def check_system(system, path):
     name = system.get("name") if isinstance(system, dict) else None
     require(isinstance(name, str), f"{path}: a system without a name")
-    missing = [k for k in ("params", "greedy", "beam") if k not in system]
-    missing += [f"{d}.{k}" for d in ("greedy", "beam") if isinstance(system.get(d), dict)
+    missing = [k for k in ("params", *DECODINGS) if k not in system]
+    missing += [f"{d}.{k}" for d in DECODINGS if isinstance(system.get(d), dict)
                 for k in DECODING_KEYS if k not in system[d]]
     require(not missing, f"{path}: system '{name}' lacks {', '.join(missing)}")
 
@@ -77,29 +79,70 @@ def record_system(results, path, entry, bleu_signature, chrf_signature, device):
         json.dump(results, f, indent=2)
 
 
-def markdown_table(results, baseline=None):
-    """The systems as a Markdown table (with "vs BASELINE" BLEU columns if given) and the signatures."""
+def find_system(results, name, option):
+    """The system ``name`` of ``results`` (``option`` names it in the error)."""
+    found = [s for s in results["systems"] if s["name"] == name]
+    require(found, f"{option} {name}: no such system in the results")
+    return found[0]
+
+
+def signed(difference):
+    """A BLEU difference as a table shows it: one decimal, signed, never "-0.0"."""
+    return f"{round(difference, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
+def markdown_table(results, baseline=None, teacher=None, significance=None):
+    """The systems as a Markdown table and the signatures.
+
+    ``baseline`` adds "vs BASELINE" BLEU columns (each decoding against the
+    baseline's same decoding), ``teacher`` "vs TEACHER beam" columns (each
+    decoding against the teacher's beam BLEU, the best it translates), and
+    ``significance`` (:func:`fairseq_kd.study.paired_significance` against
+    ``baseline``) the p-value of each "vs BASELINE" difference and each BLEU's
+    95% bootstrap interval.
+    """
+    columns = []  # (header, cell of a system) after the fixed columns
+    if baseline is not None:
+        base = find_system(results, baseline, "--baseline")
+        for d in DECODINGS:
+            # from the stored scores (2 decimals), then rounded like the columns
+            columns.append((f"BLEU {d} vs {baseline}",
+                            lambda s, d=d: signed(s[d]["bleu"] - base[d]["bleu"]) + p_value_note(significance, d, s)))
+    if teacher is not None:
+        top = find_system(results, teacher, "--teacher")
+        for d in DECODINGS:
+            columns.append((f"BLEU {d} vs {teacher} beam", lambda s, d=d: signed(s[d]["bleu"] - top["beam"]["bleu"])))
+    if significance is not None:
+        for d in DECODINGS:
+            columns.append((f"BLEU {d} 95% CI", lambda s, d=d: interval(significance[d][s["name"]])))
     head = "| system | params | BLEU greedy | chrF greedy | sent/s greedy | BLEU beam | chrF beam | sent/s beam |"
     rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
-    base = None
-    if baseline is not None:
-        found = [s for s in results["systems"] if s["name"] == baseline]
-        require(found, f"--baseline {baseline}: no such system in the results")
-        base = found[0]
-        head += f" BLEU greedy vs {baseline} | BLEU beam vs {baseline} |"
-        rule += "---:|---:|"
-    lines = [head, rule]
+    lines = [head + "".join(f" {h} |" for h, _ in columns), rule + "---:|" * len(columns)]
     for s in results["systems"]:
         g, b = s["greedy"], s["beam"]
         row = (f"| {s['name']} | {s['params'] / 1e6:.1f}M | {g['bleu']:.1f} | {g['chrf']:.1f} | "
                f"{g['sentences_per_s']:.0f} | {b['bleu']:.1f} | {b['chrf']:.1f} | {b['sentences_per_s']:.0f} |")
-        if base is not None:
-            # from the stored scores (2 decimals), then rounded like the columns
-            row += "".join(f" {round(s[d]['bleu'] - base[d]['bleu'], 1) + 0.0:+.1f} |"  # + 0.0: no "-0.0"
-                           for d in ("greedy", "beam"))
-        lines.append(row)
+        lines.append(row + "".join(f" {cell(s)} |" for _, cell in columns))
     lines.append("")
     lines.append(f"BLEU signature: `{results.get('bleu_signature', '')}`  ")
     lines.append(f"chrF signature: `{results.get('chrf_signature', '')}`  ")
+    if teacher is not None:
+        lines.append(f"vs {teacher} beam: the row's BLEU minus {teacher}'s beam BLEU ({top['beam']['bleu']:.2f})  ")
+    if significance is not None:
+        lines.append(f"p: sacreBLEU's paired bootstrap resampling test of the BLEU difference from {baseline} "
+                     "(same decoding; * p < 0.05); 95% CI: the BLEU's interval over the same resamples "
+                     f"(bootstrap mean ± half-width); signature `{significance['signature']}`  ")
     lines.append(f"beam search: beam {results['systems'][0]['beam']['beam']}; device: {results.get('device')}")
     return "\n".join(lines) + "\n"
+
+
+def p_value_note(significance, decoding, system):
+    """The p-value after a "vs baseline" difference, " (p 0.0123)", starred below 0.05;
+    empty without a test, and for the baseline itself."""
+    p = significance[decoding][system["name"]]["p"] if significance is not None else None
+    return "" if p is None else f" (p {p:.4f}{'*' if p < 0.05 else ''})"
+
+
+def interval(result):
+    """A bootstrap result's 95% interval of BLEU, "low–high"."""
+    return f"{result['mean'] - result['ci']:.1f}–{result['mean'] + result['ci']:.1f}"

@@ -42,7 +42,7 @@ def imported_modules(stderr):
 def test_help_imports_neither_fairseq_nor_torch():
     e = dict(env(), PYTHONPROFILEIMPORTTIME="1")
     quick = [[tool("fairseq-kd"), "--help"]] + [[tool("fairseq-kd"), c, "--help"]
-                                                 for c in ("table", "plot", "spm", "translate")]
+                                                 for c in ("table", "plot", "curves", "hypotheses", "spm", "translate")]
     for cmd in quick:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -107,6 +107,40 @@ def test_table_of_a_good_file(capsys, tmp_path):
     assert cli.main(["table", str(path), "--baseline", "teacher"]) == 0
     out = capsys.readouterr().out
     assert "| student | 1.4M | 18.5 |" in out and "device: CPU (2 cores)" in out
+
+
+def test_curves_plots_and_prints_only_the_summary(tmp_path):
+    from test_curves import train_line, valid_line
+
+    logs = []
+    for name, bleus in (("baseline", (10.0, 12.5, 12.0)), ("seq_kd", (11.0, 13.0, 14.25))):
+        lines = [line for k, bleu in enumerate(bleus, 1)
+                 for line in (valid_line(k, 100 * k, bleu, 6.0), train_line(k, 100 * k, 360, 400 * k))]
+        (tmp_path / f"{name}.log").write_text("\n".join(lines) + "\n")
+        logs += ["--log", f"{name}={tmp_path / f'{name}.log'}"]
+    out = tmp_path / "plots" / "curves.png"
+    proc = run([tool("fairseq-kd"), "curves", *logs, "--out", out])
+    assert proc.stderr == ""
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = proc.stdout.splitlines()
+    assert rows[2] == "| baseline | 12.50 | 200 (2) | 300 (3) | 1 | 0.30 |"
+    assert rows[3] == "| seq_kd | 14.25 | 300 (3) | 300 (3) | 0 | 0.30 |"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("baseline", "--log baseline: expected NAME=LOGFILE"),
+    ("=x.log", "--log =x.log: expected NAME=LOGFILE"),
+    ("a=missing.log", "training log not found: missing.log"),
+])
+def test_curves_bad_log_is_one_line_error(capsys, tmp_path, spec, message):
+    assert message in cli_error(capsys, "curves", "--log", spec, "--out", tmp_path / "c.png")
+
+
+def test_curves_same_name_twice_is_one_line_error(capsys, tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text("")
+    assert "--log: a name given twice" in cli_error(capsys, "curves", "--log", f"a={log}", "--log", f"a={log}",
+                                                    "--out", tmp_path / "c.png")
 
 
 # ---------------------------------------------------------------------- spm

@@ -1,10 +1,11 @@
-"""fairseq_kd.plots: label spreading against scipy's constrained optimum, and labels that never overlap."""
+"""fairseq_kd.plots: label spreading against scipy's constrained optimum, labels that never overlap,
+and learning curves drawn from their points in one colour per system."""
 import itertools
 import random
 
 import pytest
 
-from fairseq_kd.plots import draw_results, label_groups, lanes, spread_positions, system_name
+from fairseq_kd.plots import draw_curves, draw_results, label_groups, lanes, plot_curves, spread_positions, system_name
 
 
 def cost(positions, desired):
@@ -100,3 +101,37 @@ def test_no_two_labels_overlap(x):
     moved = [t for t in labels if t.arrow_patch is not None]
     assert moved  # 0.3 BLEU apart is closer than a label is tall: some are moved and get a line
     plt.close(fig)
+
+
+def curves(systems=8):
+    """Made-up validation BLEU curves of different lengths, each peaking at a different update."""
+    rng = random.Random(3)
+    result = {}
+    for k in range(systems):
+        n = rng.randint(4, 12)
+        result[f"method_{k}"] = [(267 * (i + 1), round(20 - (i - n // 2) ** 2 * 0.3 + rng.random(), 2))
+                                 for i in range(n)]
+    return result
+
+
+def test_curves_are_drawn_from_their_points_one_colour_each_best_starred(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    data = curves()
+    best = {name: max(points, key=lambda p: p[1]) for name, points in data.items()}
+    fig = draw_curves(data, best, title="t")
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == list(data)
+    for line, points in zip(ax.lines, data.values()):
+        assert list(zip(line.get_xdata(), line.get_ydata())) == points
+    colours = [to_hex(line.get_color()) for line in ax.lines]
+    assert len(set(colours)) == len(data)
+    stars = ax.collections
+    assert [tuple(map(float, c.get_offsets()[0])) for c in stars] == list(best.values())
+    assert [to_hex(c.get_facecolor()[0]) for c in stars] == colours  # a star in its curve's colour
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(data)
+    plt.close(fig)
+    out = tmp_path / "new" / "curves.png"
+    plot_curves(data, out, best)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

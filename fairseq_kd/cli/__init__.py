@@ -5,8 +5,8 @@ Each module in ``SUBCOMMANDS`` defines ``add_arguments(parser)`` and
 written in ``SUBCOMMANDS``, a test keeps the two equal).  A module is
 imported only when its subcommand is named, and fairseq (seconds to import)
 only when a subcommand that uses it runs (a module without fairseq sets
-``USES_FAIRSEQ = False``), so ``fairseq-kd --help``, ``fairseq-kd table`` and
-``fairseq-kd plot`` are quick.
+``USES_FAIRSEQ = False``), so ``fairseq-kd --help``, ``fairseq-kd table``,
+``fairseq-kd plot`` and ``fairseq-kd curves`` are quick.
 """
 import argparse
 import importlib
@@ -37,6 +37,12 @@ SUBCOMMANDS = {
               "sacreBLEU signatures."),
     "plot": ("fairseq_kd.cli.plot",
              "Plot BLEU against translation speed (or parameters) for the systems of a results file."),
+    "curves": ("fairseq_kd.cli.curves",
+               "Plot validation scores against updates from fairseq-train logs and print how each run "
+               "converged."),
+    "hypotheses": ("fairseq_kd.cli.hypotheses",
+                   "Write every system's test hypotheses (greedy and beam) xz-compressed into a folder, "
+                   "to ship with the results."),
     "cache-teacher": ("fairseq_kd.cli.cache_teacher",
                       "Run a teacher once over binarized splits and cache its top-k distributions for "
                       "word-level KD."),
@@ -44,9 +50,9 @@ SUBCOMMANDS = {
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 # Loggers that talk at INFO/DEBUG about things irrelevant to these commands:
-# fairseq's speech tasks advertise tensorboardX when fairseq is imported, and
-# matplotlib lists its font search.
-QUIET_LOGGERS = ("fairseq.tasks.text_to_speech", "matplotlib", "PIL")
+# fairseq's speech tasks advertise tensorboardX when fairseq is imported,
+# matplotlib lists its font search, sacreBLEU narrates each paired test.
+QUIET_LOGGERS = ("fairseq.tasks.text_to_speech", "matplotlib", "PIL", "sacrebleu")
 
 
 def build_parser(commands=tuple(SUBCOMMANDS)):

@@ -1,14 +1,34 @@
 """Print the systems of a results file (from fairseq-kd evaluate) as a Markdown table with sacreBLEU signatures."""
+from fairseq_kd.errors import require
 from fairseq_kd.results import markdown_table, read_results
 
 USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fairseq_kd.cli)
 
 
 def add_arguments(p):
+    from fairseq_kd.study import BOOTSTRAP_SAMPLES
+
     p.add_argument("results", help="results JSON from fairseq-kd evaluate")
     p.add_argument("--baseline", default=None,
                    help="system whose BLEU the others are compared with (adds two 'vs NAME' columns)")
+    p.add_argument("--teacher", default=None,
+                   help="system whose beam BLEU the others are compared with (adds two 'vs NAME beam' "
+                        "columns: each decoding's BLEU minus the teacher's beam BLEU)")
+    p.add_argument("--significance", default=None, metavar="REF",
+                   help="the test reference: adds sacreBLEU's paired bootstrap p-value of each BLEU "
+                        "difference from --baseline and each BLEU's 95%% interval, from the hypotheses "
+                        "fairseq-kd evaluate wrote beside RESULTS (seed: SACREBLEU_SEED, default 12345)")
+    p.add_argument("--bootstrap-samples", type=int, default=BOOTSTRAP_SAMPLES,
+                   help="resamples of the paired bootstrap test")
 
 
 def run(args):
-    print(markdown_table(read_results(args.results), args.baseline), end="")
+    results = read_results(args.results)
+    significance = None
+    if args.significance is not None:
+        from fairseq_kd.study import paired_significance
+
+        require(args.baseline is not None, "--significance compares with --baseline: name one")
+        significance = paired_significance(args.results, results, args.significance, args.baseline,
+                                           args.bootstrap_samples)
+    print(markdown_table(results, args.baseline, args.teacher, significance), end="")

@@ -1,0 +1,135 @@
+"""Learning curves from fairseq-train logs: validation scores by update, and when training converged.
+
+With ``--log-format simple`` fairseq logs one line per validation::
+
+    ... | valid | epoch 003 | valid on 'valid' subset | loss 6.1 | ... | bleu 12.34 | ... | num_updates 801 | best_bleu 12.34
+
+and one summary line per training epoch::
+
+    ... | train | epoch 003 | loss 6.4 | ... | num_updates 801 | lr ... | train_wall 95 | wall 130
+
+A run resumed from its checkpoint appends to the same log (the recipes' ``>>``) and
+repeats whatever came after that checkpoint, so the line read last wins: for each
+validation's ``num_updates`` and for each training epoch.  ``fairseq-kd curves``
+plots the curves (:func:`fairseq_kd.plots.plot_curves`) and prints
+:func:`summary_table`.  Neither fairseq nor torch is imported here.
+"""
+import dataclasses
+import os
+import re
+
+from fairseq_kd.errors import require
+
+VALID_LINE = re.compile(r"\| epoch (?P<epoch>\d+) \| valid on '(?P<subset>[^']*)' subset \|(?P<stats>.*)$")
+# the epoch summary (not train_inner's "epoch 003:  50 / 267 loss=..." progress lines)
+TRAIN_EPOCH_LINE = re.compile(r"\| train \| epoch (?P<epoch>\d+) \|(?P<stats>.*)$")
+# Metrics for which higher is better (fairseq's --maximize-best-checkpoint-metric); any other is a loss.
+HIGHER_IS_BETTER = frozenset({"bleu"})
+
+
+@dataclasses.dataclass
+class Curve:
+    """One training run's log, read: ``validations`` maps num_updates to that validation's
+    stats (with its "epoch"), ``epochs`` maps an epoch to its training summary's stats."""
+    name: str
+    validations: dict
+    epochs: dict
+
+    def points(self, metric):
+        """(update, value) of every validation, by update."""
+        return [(update, stats[metric]) for update, stats in sorted(self.validations.items())]
+
+
+def line_stats(text):
+    """The numeric ``key value`` fields of a log line's " | "-separated stats."""
+    stats = {}
+    for field in text.split("|"):
+        key, _, value = field.strip().partition(" ")
+        try:
+            stats[key] = float(value)
+        except ValueError:
+            continue  # not a number (fairseq writes none today; a later version might)
+    return stats
+
+
+def read_log(path, name, subset="valid"):
+    """The :class:`Curve` of the fairseq-train log ``path``: the validations of ``subset``
+    and the epoch summaries, the last line of each update or epoch kept (resumed runs)."""
+    require(os.path.isfile(path), f"training log not found: {path}")
+    validations, epochs = {}, {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            valid, train = VALID_LINE.search(line), TRAIN_EPOCH_LINE.search(line)
+            if valid and valid["subset"] == subset:
+                stats = line_stats(valid["stats"])
+                require("num_updates" in stats, f"{path}: a validation line without num_updates: {line.strip()}")
+                validations[int(stats["num_updates"])] = {**stats, "epoch": int(valid["epoch"])}
+            elif train:
+                epochs[int(train["epoch"])] = line_stats(train["stats"])
+    require(validations, f"{path}: no validation on the '{subset}' subset (not a fairseq-train log "
+                         f"with --log-format simple?)")
+    return Curve(name, validations, epochs)
+
+
+@dataclasses.dataclass
+class Convergence:
+    """How one run converged (see :func:`convergence`)."""
+    name: str
+    best: float
+    best_update: int
+    best_epoch: int
+    last_update: int
+    last_epoch: int
+    validations_after_best: int
+    train_hours: float
+
+
+def best_point(curve, metric):
+    """(update, value) of the best validation: the first to reach the best value, as
+    fairseq's checkpoint_best.pt is replaced only by a strictly better one."""
+    points = curve.points(metric)
+    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    best = max(sign * value for _, value in points)
+    return next((update, value) for update, value in points if sign * value == best)
+
+
+def convergence(curve, metric="bleu"):
+    """The best validation, where training stopped and its time in training updates.
+
+    ``train_hours`` sums fairseq's per-epoch ``train_wall``: the time spent in
+    training updates (forward, backward, optimizer step); validation (with
+    --eval-bleu, a greedy translation of the valid set), checkpoint saving and time
+    lost to an interrupted epoch are not in it.  fairseq's cumulative
+    ``previous_training_time`` of a checkpoint includes those, and a resumed run's
+    ``wall`` restarts from zero, so neither says how much training a method needed.
+    """
+    missing = [u for u, stats in curve.validations.items() if metric not in stats]
+    require(not missing, f"{curve.name}: validations without '{metric}' (at updates "
+                         f"{', '.join(map(str, sorted(missing)[:3]))}); is it logged (--eval-bleu)?")
+    no_wall = sorted(e for e, stats in curve.epochs.items() if "train_wall" not in stats)
+    require(curve.epochs and not no_wall, f"{curve.name}: epoch summaries without train_wall "
+                                         f"({'epochs ' + ', '.join(map(str, no_wall)) if no_wall else 'none logged'})")
+    best_update, best = best_point(curve, metric)
+    last_update = max(curve.validations)
+    return Convergence(
+        name=curve.name, best=best, best_update=best_update,
+        best_epoch=curve.validations[best_update]["epoch"], last_update=last_update,
+        last_epoch=curve.validations[last_update]["epoch"],
+        validations_after_best=sum(u > best_update for u in curve.validations),
+        train_hours=sum(stats["train_wall"] for stats in curve.epochs.values()) / 3600)
+
+
+def summary_table(curves, metric="bleu"):
+    """Markdown: per run, the best validation ``metric``, its update, where training
+    stopped and the hours in training updates (:func:`convergence`)."""
+    label = "BLEU" if metric == "bleu" else metric
+    lines = [f"| system | best valid {label} | at update (epoch) | last validation: update (epoch) | "
+             "validations after the best | training h |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for c in (convergence(curve, metric) for curve in curves):
+        lines.append(f"| {c.name} | {c.best:.2f} | {c.best_update} ({c.best_epoch}) | "
+                     f"{c.last_update} ({c.last_epoch}) | {c.validations_after_best} | {c.train_hours:.2f} |")
+    lines.append("")
+    lines.append("training h: fairseq's `train_wall` summed over the epochs, the time in training updates "
+                 "(validation and checkpoint saving excluded; an epoch a resumed run repeated counted once).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,135 @@
+"""A study's test translations: paired significance against a baseline, and shipped hypotheses.
+
+``fairseq-kd evaluate`` leaves each results row's detokenized hypotheses, greedy
+and beam, beside the results file (:func:`fairseq_kd.evaluation.hypotheses_file`).
+From them:
+
+* :func:`paired_significance` runs sacreBLEU's own paired bootstrap resampling
+  (:class:`sacrebleu.significance.PairedTest`, as ``sacrebleu REF -i BASE SYS ...
+  --paired-bs``) of every row against a baseline row, per decoding
+  (``fairseq-kd table --significance``);
+* :func:`export_hypotheses` copies them xz-compressed, with the reference and a
+  README saying how to rescore them (``fairseq-kd hypotheses``).
+
+Both first check that each file scores the BLEU the results file records, so
+neither reports on translations other than the ones in the table.
+"""
+import glob
+import lzma
+import os
+
+from fairseq_kd.errors import require
+from fairseq_kd.evaluation import hypotheses_file, read_lines
+from fairseq_kd.results import DECODINGS, find_system
+
+BOOTSTRAP_SAMPLES = 1000  # sacreBLEU's default for --paired-bs
+
+
+def row_hypotheses(results_path, system, decoding, n_refs):
+    """The hypotheses fairseq-kd evaluate wrote for one row and decoding, one per reference."""
+    path = hypotheses_file(results_path, system["name"], decoding)
+    require(os.path.isfile(path), f"{system['name']} {decoding}: hypotheses not found: {path} "
+                                  f"(written by fairseq-kd evaluate beside {results_path})")
+    hyps = read_lines(path)
+    require(len(hyps) == n_refs, f"{path}: {len(hyps)} lines for {n_refs} references")
+    return hyps
+
+
+def require_recorded_score(score, system, decoding, results_path, ref_path):
+    """A row's hypotheses rescored must give the BLEU its results entry records (2 decimals)."""
+    recorded = system[decoding]["bleu"]
+    require(round(score, 2) == recorded,
+            f"{hypotheses_file(results_path, system['name'], decoding)} scores BLEU {score:.2f} against "
+            f"{ref_path}, {results_path} records {recorded}: not the translations evaluated, or another reference")
+
+
+def paired_significance(results_path, results, ref_path, baseline, n_samples=BOOTSTRAP_SAMPLES):
+    """sacreBLEU's paired bootstrap test of every row's BLEU against ``baseline``'s, per decoding.
+
+    Returns {"signature": the test's BLEU signature, "greedy"/"beam": {row name:
+    {"p": p-value (None for the baseline), "mean": the bootstrap mean BLEU, "ci":
+    half-width of its 95% interval}}}.  sacreBLEU seeds the resampling from
+    SACREBLEU_SEED (default 12345, in the signature), as its command line does, so
+    the numbers are those of ``sacrebleu REF -i BASE SYS --paired-bs`` with the
+    same samples.
+    """
+    from sacrebleu.metrics import BLEU
+    from sacrebleu.significance import PairedTest
+
+    require(n_samples > 0, f"bootstrap samples must be positive, got {n_samples}")
+    base = find_system(results, baseline, "--baseline")
+    rows = [base] + [s for s in results["systems"] if s is not base]
+    refs = read_lines(ref_path)
+    significance = {}
+    for decoding in DECODINGS:
+        named = [(s["name"], row_hypotheses(results_path, s, decoding, len(refs))) for s in rows]
+        # references given to the metric, as sacrebleu's command line does: their statistics once
+        signatures, scores = PairedTest(named, {"BLEU": BLEU(references=[refs])}, references=None,
+                                        test_type="bs", n_samples=n_samples)()
+        significance[decoding] = {}
+        for system, result in zip(rows, scores["BLEU"]):
+            require_recorded_score(result.score, system, decoding, results_path, ref_path)
+            significance[decoding][system["name"]] = {"p": result.p_value, "mean": result.mean, "ci": result.ci}
+        significance["signature"] = str(signatures["BLEU"])
+    return significance
+
+
+def exported_name(results_path, name, decoding):
+    """The shipped file of a row's hypotheses: its file in the work folder, xz-compressed."""
+    return os.path.basename(hypotheses_file(results_path, name, decoding)) + ".xz"
+
+
+def write_xz(path, data):
+    # written whole then renamed: a folder in docs/ never holds half a file
+    with lzma.open(path + ".tmp", "wb", preset=9) as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def export_hypotheses(results_path, results, ref_path, out_dir, names=None):
+    """Write each row's hypotheses (greedy and beam) xz-compressed into ``out_dir``, with
+    the reference and a README.md on rescoring them; return the files written.
+
+    ``names`` limits the rows (default: all).  Hypotheses files a previous export left
+    in ``out_dir`` are removed first, so the folder holds exactly the table's rows.
+    """
+    from sacrebleu.metrics import BLEU
+
+    rows = results["systems"] if names is None else [find_system(results, n, "--systems") for n in names]
+    refs = read_lines(ref_path)
+    bleu = BLEU(references=[refs])
+    os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(out_dir, "*.txt.xz")):
+        os.remove(stale)
+    written, scores = [], []
+    for system in rows:
+        for decoding in DECODINGS:
+            hyps = row_hypotheses(results_path, system, decoding, len(refs))
+            score = bleu.corpus_score(hyps, None).score
+            require_recorded_score(score, system, decoding, results_path, ref_path)
+            with open(hypotheses_file(results_path, system["name"], decoding), "rb") as f:
+                data = f.read()
+            written.append(os.path.join(out_dir, exported_name(results_path, system["name"], decoding)))
+            write_xz(written[-1], data)
+            scores.append((os.path.basename(written[-1]), system[decoding]["bleu"]))
+    ref_name = os.path.basename(ref_path)
+    with open(ref_path, "rb") as f:
+        write_xz(os.path.join(out_dir, ref_name + ".xz"), f.read())
+    readme = os.path.join(out_dir, "README.md")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(hypotheses_readme(ref_name, scores, str(bleu.get_signature())))
+    return written + [os.path.join(out_dir, ref_name + ".xz"), readme]
+
+
+def hypotheses_readme(ref_name, scores, signature):
+    """The exported folder's README: what the files are, how to rescore them, the BLEU of each."""
+    example = scores[0][0]
+    lines = ["# Test hypotheses", "",
+             "Detokenized test translations of the results table's systems, one sentence per line (written",
+             "by `fairseq-kd evaluate`, exported by `fairseq-kd hypotheses`), and the reference",
+             f"`{ref_name}.xz`.  Rescore one with sacreBLEU (`-w 2`: the two decimals below):", "",
+             f"    xz -dk {ref_name}.xz", f"    xz -dc {example} | sacrebleu {ref_name} -w 2", "",
+             "| file | BLEU |", "|---|---:|"]
+    lines += [f"| {name} | {score:.2f} |" for name, score in scores]
+    lines += ["", f"BLEU signature: `{signature}`"]
+    return "\n".join(lines) + "\n"

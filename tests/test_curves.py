@@ -1,0 +1,147 @@
+"""fairseq_kd.curves: validation curves read from fairseq-train logs (a resumed run's log
+appended to, the last line of each update kept), checked against a real run's epoch
+checkpoints, and how each run converged."""
+import pytest
+import torch
+
+import helpers
+from fairseq_kd.curves import best_point, convergence, read_log, summary_table
+from fairseq_kd.errors import KDError
+
+STAMP = "2026-12-01 10:00:00 | INFO"
+
+
+def valid_line(epoch, updates, bleu, loss, subset="valid"):
+    """A validation line as fairseq-train --log-format simple writes it."""
+    return (f"{STAMP} | valid | epoch {epoch:03d} | valid on '{subset}' subset | loss {loss} | nll_loss {loss - 0.2} "
+            f"| ppl 59.4 | bleu {bleu} | wps 900.1 | wpb 1070 | bsz 18.7 | num_updates {updates} | best_bleu {bleu}")
+
+
+def train_line(epoch, updates, train_wall, wall):
+    return (f"{STAMP} | train | epoch {epoch:03d} | loss 6.4 | nll_loss 6.2 | ppl 73.5 | wps 5000 | ups 4.1 | "
+            f"wpb 1222.7 | bsz 20 | num_updates {updates} | lr 0.001 | gnorm 0.3 | train_wall {train_wall} | wall {wall}")
+
+
+def inner_line(epoch, updates):
+    return (f"{STAMP} | train_inner | epoch {epoch:03d}:     50 / 267 loss=6.5, nll_loss=6.3, ppl=78.8, "
+            f"wps=5000, ups=4, wpb=1200, bsz=20, num_updates={updates}, lr=0.001, gnorm=0.3, train_wall=12, wall=50")
+
+
+# Run 1: epochs 1-3, killed during epoch 4.  Run 2 resumed from epoch 2's checkpoint: epoch 3
+# again (other values at the same update), then 4 and 5.  (epoch, updates, bleu, loss, train_wall)
+RUN_1 = [(1, 267, 5.0, 7.1, 100), (2, 534, 9.5, 6.5, 110), (3, 801, 11.25, 6.2, 120)]
+RUN_2 = [(3, 801, 11.0, 6.3, 130), (4, 1068, 12.5, 6.0, 140), (5, 1335, 12.5, 6.05, 150)]
+
+
+def epochs_lines(epochs, wall_start=0):
+    lines, wall = [], wall_start
+    for epoch, updates, bleu, loss, train_wall in epochs:
+        wall += train_wall + 30
+        lines += [inner_line(epoch, updates - 10), valid_line(epoch, updates, bleu, loss),
+                  valid_line(epoch, updates, 99.0, 1.0, subset="test"),  # another subset: not the curve
+                  f"{STAMP} | fairseq.checkpoint_utils | Saved checkpoint checkpoint{epoch}.pt "
+                  f"(epoch {epoch} @ {updates} updates, score {bleu})",
+                  train_line(epoch, updates, train_wall, wall)]
+    return lines
+
+
+@pytest.fixture
+def resumed_log(tmp_path):
+    lines = [f"{STAMP} | fairseq_cli.train | {{'_name': None}}", *epochs_lines(RUN_1),
+             inner_line(4, 850), inner_line(4, 900),  # killed here
+             f"{STAMP} | fairseq.trainer | Loaded checkpoint checkpoint2.pt (epoch 3 @ 534 updates)",
+             *epochs_lines(RUN_2),
+             f"{STAMP} | fairseq_cli.train | early stop since valid performance hasn't improved for last 1 runs"]
+    path = tmp_path / "student_baseline.log"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_resumed_log_keeps_the_last_validation_of_each_update(resumed_log):
+    curve = read_log(resumed_log, "baseline")
+    assert curve.points("bleu") == [(267, 5.0), (534, 9.5), (801, 11.0), (1068, 12.5), (1335, 12.5)]
+    assert curve.points("loss") == [(267, 7.1), (534, 6.5), (801, 6.3), (1068, 6.0), (1335, 6.05)]
+    assert [curve.validations[u]["epoch"] for u in sorted(curve.validations)] == [1, 2, 3, 4, 5]
+    assert {e: s["train_wall"] for e, s in curve.epochs.items()} == {1: 100, 2: 110, 3: 130, 4: 140, 5: 150}
+    assert read_log(resumed_log, "baseline", subset="test").points("bleu")[0] == (267, 99.0)
+
+
+def test_convergence_of_a_resumed_run(resumed_log):
+    c = convergence(read_log(resumed_log, "baseline"))
+    # the first update to reach the best BLEU: fairseq replaces checkpoint_best only when beaten
+    assert (c.best, c.best_update, c.best_epoch) == (12.5, 1068, 4)
+    assert (c.last_update, c.last_epoch, c.validations_after_best) == (1335, 5, 1)
+    assert c.train_hours == pytest.approx((100 + 110 + 130 + 140 + 150) / 3600)  # epoch 3 counted once
+    lowest = convergence(read_log(resumed_log, "baseline"), "loss")  # a loss: the lowest is best
+    assert (lowest.best, lowest.best_update) == (6.0, 1068)
+    table = summary_table([read_log(resumed_log, "baseline")]).splitlines()
+    assert table[2] == f"| baseline | 12.50 | 1068 (4) | 1335 (5) | 1 | {630 / 3600:.2f} |"
+
+
+def test_logs_without_the_metric_or_validations_are_one_line_errors(tmp_path):
+    log = tmp_path / "loss_only.log"
+    log.write_text(valid_line(1, 10, 1.0, 6.0).replace(" | bleu 1.0", "") + "\n" + train_line(1, 10, 5, 6) + "\n")
+    with pytest.raises(KDError, match=r"loss_only: validations without 'bleu' \(at updates 10\); .*--eval-bleu"):
+        convergence(read_log(log, "loss_only"))
+    log.write_text(inner_line(1, 10) + "\n")
+    with pytest.raises(KDError, match="no validation on the 'valid' subset"):
+        read_log(log, "x")
+    with pytest.raises(KDError, match="training log not found"):
+        read_log(tmp_path / "missing.log", "x")
+
+
+# ------------------------------------------------------------- a real fairseq-train log
+TINY_STUDENT = [
+    "--arch", "transformer", "--share-all-embeddings", "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+    "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+
+
+@pytest.fixture(scope="module")
+def bleu_run(tiny_data, tmp_path_factory):
+    """Four epochs validated by greedy BLEU, every epoch's checkpoint kept: (log, checkpoint folder).
+
+    BLEU is of the SentencePiece pieces (no --eval-bleu-remove-bpe): this untrained
+    model's first outputs are strings of "▁", empty once decoded, and fairseq logs no
+    BLEU for empty hypotheses (its validation then fails on the missing metric).
+    """
+    save = tmp_path_factory.mktemp("bleu_run")
+    proc = helpers.fairseq_train(
+        tiny_data / "bin", save, *TINY_STUDENT, "--task", "translation", "--criterion",
+        "label_smoothed_cross_entropy", "--lr", "0.01", "--log-interval", "10", "--max-epoch", "4",
+        "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_a": 1.2, "max_len_b": 10}',
+        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric")
+    log = save / "train.log"
+    log.write_text(proc.stdout + proc.stderr)
+    return log, save
+
+
+def checkpoint_state(path):
+    state = torch.load(path, map_location="cpu", weights_only=False)  # the test's own files
+    return state["optimizer_history"][-1]["num_updates"], state["extra_state"]
+
+
+def test_real_log_matches_the_epoch_checkpoints(bleu_run):
+    """Each epoch checkpoint records its update and validation BLEU (fairseq's val_loss is the
+    --best-checkpoint-metric); checkpoint_best.pt is the update the summary calls best."""
+    log, save = bleu_run
+    curve = read_log(log, "tiny")
+    expected = []
+    for epoch in range(1, 5):
+        updates, extra = checkpoint_state(save / f"checkpoint{epoch}.pt")
+        expected.append((updates, extra["val_loss"]))
+        assert curve.validations[updates]["epoch"] == epoch
+    assert [u for u, _ in curve.points("bleu")] == [u for u, _ in expected]
+    for (_, logged), (_, stored) in zip(curve.points("bleu"), expected):
+        assert logged == pytest.approx(stored, abs=0.005 + 1e-9)  # the log rounds to 2 decimals
+    c = convergence(curve)
+    best_updates, best_extra = checkpoint_state(save / "checkpoint_best.pt")
+    assert (c.best_update, c.best) == (best_updates, pytest.approx(best_extra["best"], abs=0.005 + 1e-9))
+    assert best_point(curve, "bleu") == (c.best_update, c.best)
+    last_updates, last_extra = checkpoint_state(save / "checkpoint_last.pt")
+    assert c.last_update == last_updates and c.last_epoch == 4
+    assert c.validations_after_best == sum(u > best_updates for u, _ in expected)
+    # train_wall leaves out validation, which fairseq's cumulative training time includes
+    # (train_wall is logged in whole seconds per epoch)
+    assert 0 < c.train_hours * 3600 <= last_extra["previous_training_time"] + 0.5 * len(curve.epochs)
