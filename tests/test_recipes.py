@@ -454,3 +454,67 @@ def test_gpu_profile_without_a_gpu_is_refused_and_early_stopping_ends_its_traini
     # gpu: no clock limit sized for one corpus on one GPU; --patience decides
     trained = [c for c in dry_run_commands("custom", tmp_path) if c[0] == "fairseq-train"]
     assert trained and all("--stop-time-hours" not in c and "--patience" in c for c in trained)
+
+
+def test_converged_report_adds_curves_significance_and_hypotheses(tmp_path):
+    """PROFILE=cpu_converged's report: every student's learning curve, the table against the
+    teacher and with paired significance against the baseline, the test hypotheses shipped."""
+    work, docs = tmp_path / "bible_es_en", tmp_path / "docs"
+    cmds = dry_run_commands("bible_es_en", tmp_path, "report", PROFILE="cpu_converged", GPUS="",
+                            RESULTS_MD=str(docs / "results.md"), PLOT_DIR=str(docs))
+    for cmd in cmds:
+        check_options(cmd)
+    kd = {c[1]: c for c in cmds if c[0] == "fairseq-kd" and c[1] != "plot"}
+    table, curves, hypotheses = kd["table"], kd["curves"], kd["hypotheses"]
+    assert train_option(table, "--baseline") == "baseline" and train_option(table, "--teacher") == "teacher"
+    assert train_option(table, "--significance") == str(work / "raw" / "test.en")
+    students = ["baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd", "ckd", "a2d", "seq_inter", "pruned_seq_kd"]
+    assert [curves[i + 1] for i, a in enumerate(curves) if a == "--log"] == [
+        f"{name}={work}/logs/student_{name}.log" for name in students]
+    assert train_option(curves, "--metric") == "bleu"
+    assert train_option(curves, "--out") == str(docs / "bible_es_en_cpu_converged.curves.png")
+    assert hypotheses[2] == str(work / "results.json") and train_option(hypotheses, "--ref") == str(work / "raw" / "test.en")
+    assert train_option(hypotheses, "--out") == str(docs / "hypotheses" / "bible_es_en_cpu_converged")
+    # the other profiles' reports are as they were
+    cmds = dry_run_commands("bible_es_en", tmp_path, "report", PROFILE="cpu", GPUS="")
+    assert [c[1] for c in cmds if c[0] == "fairseq-kd"] == ["plot", "plot", "table"]
+    assert [c for c in cmds if c[1:2] == ["table"]][0][3:] == ["--baseline", "baseline"]
+
+
+def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monkeypatch):
+    """The report step on a work folder of made-up results and training logs: the page's
+    section has the curves, the convergence table and the significance columns, links its
+    files relative to itself and names no path of this machine."""
+    from test_curves import train_line, valid_line
+    from test_study import make_study
+
+    monkeypatch.delenv("SACREBLEU_SEED", raising=False)
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    (work / "raw").mkdir(parents=True)
+    (work / "logs").mkdir()
+    rows = {"teacher": (0.1, 0.05), "baseline": (0.4, 0.3), "seq_kd": (0.3, 0.25)}
+    results, ref = make_study(str(work), rows, ref_path=work / "raw" / "test.en")
+    for split, lang in (("valid", "en"), ("train", "es")):
+        (work / "raw" / f"{split}.{lang}").write_text("a verse\n" * 7)
+    for name, bleus in (("baseline", (10.0, 12.0, 11.0)), ("seq_kd", (12.0, 14.5, 14.0))):
+        lines = [line for k, b in enumerate(bleus, 1) for line in (valid_line(k, 100 * k, b, 6.0),
+                                                                    train_line(k, 100 * k, 720, 800 * k))]
+        (work / "logs" / f"student_{name}.log").write_text("\n".join(lines) + "\n")
+    run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu_converged", "GPUS": "cpu", "CT2_QUANT": "",
+                               "METHODS": "baseline seq_kd", "PRUNE_FROM": "", "RESULTS_MD": str(docs / "results.md"),
+                               "PLOT_DIR": str(docs)}, "report")
+    page = (docs / "results.md").read_text()
+    assert str(tmp_path) not in page and str(REPO) not in page
+    assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
+    assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| seq_kd | 14.50 | 200 (2) | 300 (3) | 1 | 0.60 |" in page
+    assert "| BLEU greedy vs teacher beam | BLEU beam vs teacher beam | BLEU greedy 95% CI |" in page
+    assert re.search(r"\| seq_kd \|.* \| [+-]\d+\.\d \(p \d\.\d{4}\*?\) \|", page)
+    assert "the 7 sentences of `raw/valid.en`" in page
+    assert "[`hypotheses/bible_es_en_cpu_converged/`](hypotheses/bible_es_en_cpu_converged/)" in page
+    shipped = docs / "hypotheses" / "bible_es_en_cpu_converged"
+    assert sorted(p.name for p in shipped.iterdir()) == sorted(
+        [f"results.{n}.{d}.txt.xz" for n in rows for d in ("greedy", "beam")] + ["test.en.xz", "README.md"])
+    # the repository's paths, not this machine's
+    assert "--teacher-path examples/teacher/teacher.pt --criterion seq_kd" in page
+    assert "| teacher | `examples/teacher/teacher.pt` (TEACHER_PATH: not trained by the recipe) |" in page

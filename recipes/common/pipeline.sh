@@ -13,7 +13,9 @@
 #             as a stock-fairseq checkpoint                          -> $WORK/exported
 #   evaluate  fairseq-kd evaluate: greedy + beam, sacreBLEU/chrF, speed   -> $WORK/results.json
 #             (+ a "NAME (ct2 Q)" row per system and quantization Q in $CT2_QUANT)
-#   report    fairseq-kd table + plot -> $RESULTS_MD, $PLOT_DIR/*.png
+#   report    fairseq-kd table + plot -> $RESULTS_MD, $PLOT_DIR/*.png; cpu_converged adds
+#             the learning curves (fairseq-kd curves), the gap to the teacher and paired
+#             significance in the table, and the test hypotheses (fairseq-kd hypotheses)
 # and, only when named:
 #   ship      the teacher for inference (float16, no optimizer), its SentencePiece
 #             model and dictionary, scored on the test split, with a provenance
@@ -384,9 +386,48 @@ step_report() {
     --title "$RECIPE ($PROFILE): BLEU vs greedy speed"
   run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x params --decoding beam --out "$PLOT_DIR/$(plot_name).params.png" \
     --title "$RECIPE ($PROFILE): BLEU (beam $BEAM) vs parameters"
-  if [ -n "$DRY_RUN" ]; then run_cmd fairseq-kd table "$RESULTS" --baseline baseline; return; fi
-  write_results_md | replace_section "$RESULTS_MD" "$RECIPE $PROFILE"
+  if [ "$PROFILE" = cpu_converged ]; then
+    log "report: test hypotheses -> $(hypotheses_dir), learning curves -> $PLOT_DIR/$(plot_name).curves.png"
+    run_logged "$WORK/logs/report.log" fairseq-kd hypotheses "$RESULTS" --ref "$WORK/raw/test.$TGT" \
+      --out "$(hypotheses_dir)"
+  fi
+  if [ -n "$DRY_RUN" ]; then
+    table_args
+    run_cmd fairseq-kd table "$RESULTS" "${TABLE_ARGS[@]}"
+    [ "$PROFILE" != cpu_converged ] || learning_curves
+    return
+  fi
+  # the whole section first: a failing command leaves the page as it was
+  local section; section=$(write_results_md)
+  replace_section "$RESULTS_MD" "$RECIPE $PROFILE" <<<"$section"
   cat "$RESULTS_MD"
+}
+
+# reported NAME: whether results.json holds the system NAME (a dry run, without
+# results, assumes so and prints every command).
+reported() { [ -n "$DRY_RUN" ] || has_result "$1"; }
+
+# table_args: TABLE_ARGS becomes fairseq-kd table's options for the page: the
+# baseline's columns; cpu_converged adds each BLEU's gap to the teacher's beam
+# BLEU and the paired bootstrap p-value of each difference from the baseline.
+table_args() {
+  TABLE_ARGS=()
+  if reported baseline; then TABLE_ARGS+=(--baseline baseline); fi
+  [ "$PROFILE" = cpu_converged ] || return 0
+  if reported teacher; then TABLE_ARGS+=(--teacher teacher); fi
+  if reported baseline; then TABLE_ARGS+=(--significance "$WORK/raw/test.$TGT"); fi
+}
+
+# cpu_converged: where the test hypotheses are shipped, beside the results page.
+hypotheses_dir() { echo "${HYPOTHESES_DIR:-$(dirname "$RESULTS_MD")/hypotheses/$(plot_name)}"; }
+
+# learning_curves: every student's validation BLEU by update -> $PLOT_DIR/NAME.curves.png;
+# prints the table of how each converged.
+learning_curves() {
+  local name logs=()
+  for name in $(student_names); do logs+=(--log "$name=$WORK/logs/student_$name.log"); done
+  run_cmd fairseq-kd curves "${logs[@]}" --metric bleu --out "$PLOT_DIR/$(plot_name).curves.png" \
+    --title "$RECIPE ($PROFILE): greedy validation BLEU by update"
 }
 
 # The plots' file name: one pair per recipe and profile.
@@ -420,11 +461,11 @@ results_device() {
 # The results page: the settings that produced it, the table and the plots
 # (relative links, so it can live in docs/ next to the PNGs).
 write_results_md() {
-  local rel
-  rel=$(python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], os.path.dirname(sys.argv[2])))' \
-    "$PLOT_DIR" "$RESULTS_MD")
+  local rel table
+  rel=$(page_relative "$PLOT_DIR") || return 1
   [ "$rel" = . ] && rel= || rel=$rel/
-  local baseline=(); has_result baseline && baseline=(--baseline baseline)
+  table_args
+  table=$(fairseq-kd table "$RESULTS" "${TABLE_ARGS[@]}") || return 1
   cat <<MD
 ## $RECIPE, PROFILE=$PROFILE
 
@@ -436,24 +477,67 @@ $EVAL_BATCH_SIZE sentences, and for the "(ct2 ...)" rows the model converted to
 CTranslate2 with fairseq-kd evaluate's batch size for it.
 Students are evaluated from their \`fairseq-kd export\` files with stock fairseq.
 
-$(fairseq-kd table "$RESULTS" "${baseline[@]}")
+$table
 
 ![BLEU vs speed](${rel}$(plot_name).speed.png)
 ![BLEU vs parameters](${rel}$(plot_name).params.png)
+MD
+  if [ "$PROFILE" = cpu_converged ]; then converged_md "$rel" || return 1; fi
+  cat <<MD
 
 ### Settings
 
 | | |
 |---|---|
 | data | $RECIPE, train $(wc -l < "$WORK/raw/train.$SRC") pairs, SentencePiece joint vocabulary $VOCAB |
-| teacher | \`$TEACHER_ARGS $TEACHER_TRAIN\` |
+| teacher | $(teacher_setting) |
 | students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | Seq-KD beam $BEAM; Seq-Inter $SEQ_INTER_N-best, sentence BLEU |
 | pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
-$(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g")"; done)
+$(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g; s|$REPO/||g")"; done)
 
 Training logs: \`logs/\` of the work folder.
+MD
+}
+
+# The page's teacher: how the recipe trained it, or TEACHER_PATH (its path in the
+# repository, or only its file name: the page names no path of this machine).
+teacher_setting() {
+  [ -n "$TEACHER_PATH" ] || { echo "\`$TEACHER_ARGS $TEACHER_TRAIN\`"; return; }
+  local path=${TEACHER_PATH#"$REPO"/}
+  [ "$path" != "$TEACHER_PATH" ] || path=$(basename "$TEACHER_PATH")
+  echo "\`$path\` (TEACHER_PATH: not trained by the recipe)"
+}
+
+# page_relative PATH: PATH relative to the results page's folder (the page links it).
+page_relative() {
+  python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], os.path.dirname(sys.argv[2])))' "$1" "$RESULTS_MD"
+}
+
+# converged_md PLOT_PREFIX: the page's part for cpu_converged: the learning curves,
+# how each student converged, and where its test hypotheses are.
+converged_md() {
+  local summary hyps
+  summary=$(learning_curves) || return 1
+  hyps=$(page_relative "$(hypotheses_dir)") || return 1
+  cat <<MD
+
+### Convergence
+
+Validation BLEU (greedy, the $(wc -l < "$WORK/raw/valid.$TGT") sentences of \`raw/valid.$TGT\`) of every student after each
+epoch, from its training log (\`logs/student_NAME.log\`); a star marks its best validation
+(\`checkpoint_$STUDENT_CHECKPOINT.pt\` is the one evaluated above).  Training stops after
+\`--patience\` validations without a better one.
+
+![validation BLEU by update](${1}$(plot_name).curves.png)
+
+$summary
+
+Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: the hours include that.
+
+Test hypotheses of every row, greedy and beam, detokenized and xz-compressed, with the reference:
+[\`$hyps/\`]($hyps/); rescore one with \`xz -dc FILE | sacrebleu test.$TGT\` (its README.md).
 MD
 }
 
