@@ -6,7 +6,8 @@ config as an ``argparse.Namespace``, which the weights-only unpickler refuses,
 so stock ``fairseq-generate`` and ``--restore-file`` fail.  Two remedies:
 
 * :func:`register_safe_globals` (run when the plugin is imported) allow-lists
-  the few plain classes fairseq puts into checkpoints.  Loading stays
+  the few plain classes fairseq puts into checkpoints (``argparse.Namespace``;
+  numpy arrays and scalars, which ``--eval-bleu`` runs store).  Loading stays
   weights-only, so untrusted files still cannot run code; fairseq's own
   ``load_checkpoint_to_cpu`` (generate, resume) then works unchanged.
 * :func:`load_checkpoint_state` with ``trusted=True`` loads a file the user
@@ -29,10 +30,23 @@ SAFE_GLOBALS = [argparse.Namespace]
 UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
+def numpy_globals():
+    """What a checkpoint of a run with ``--eval-bleu`` holds besides tensors: the
+    BLEU meters' numpy arrays and scalars in ``extra_state["metrics"]`` (plain
+    data: an array of objects would still need its objects allow-listed)."""
+    import numpy as np
+
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    # numpy >= 1.25 pickles a dtype by its class (numpy.dtypes.Float64DType, ...)
+    numeric = {type(np.dtype(code)) for code in np.typecodes["AllFloat"] + np.typecodes["AllInteger"] + "?"}
+    return [multiarray.multiarray._reconstruct, multiarray.multiarray.scalar, np.ndarray, np.dtype,
+            *sorted(numeric, key=str)]
+
+
 def register_safe_globals():
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:  # torch < 2.4 has no allow-list and no weights-only default
-        add(SAFE_GLOBALS)
+        add(SAFE_GLOBALS + numpy_globals())
 
 
 def load_checkpoint_state(path, trusted=False):

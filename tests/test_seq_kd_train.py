@@ -156,7 +156,7 @@ def test_export_loads_in_stock_fairseq_and_translates_identically(retrained, dis
     out = kd_cli("export", "--path", original, "--out", tmp_path / "student.pt")
     assert "dropped" in out and "MB" in out
     exported = torch.load(tmp_path / "student.pt", map_location="cpu", weights_only=True)  # no Namespace
-    assert set(exported) == {"args", "cfg", "model", "optimizer_history", "extra_state"}
+    assert set(exported) == {"args", "cfg", "model", "optimizer_history", "extra_state", "fairseq_kd"}
     assert exported["args"] is None  # CTranslate2's converter reads it first
     assert exported["cfg"]["model"]["arch"] == "transformer"
     assert exported["cfg"]["task"]["_name"] == "translation" and "prune_mask" not in exported["cfg"]["task"]

@@ -29,6 +29,7 @@ from typing import Optional
 
 from fairseq import utils
 from fairseq.data import indexed_dataset
+from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
@@ -40,6 +41,16 @@ from fairseq_kd.teacher import Teacher, TeacherSource, teacher_paths
 from fairseq_kd.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
+
+
+def bleu_has_hypotheses(logging_outputs):
+    """Whether fairseq's --eval-bleu statistics of a validation count any
+    hypothesis unigram (only then does fairseq's translation task log BLEU).
+    Training updates carry no such statistics and count as having them."""
+    key = "_bleu_totals_0"
+    if not any(key in log for log in logging_outputs):
+        return True
+    return sum(log.get(key, 0) for log in logging_outputs) > 0
 
 
 @dataclass
@@ -219,6 +230,11 @@ class TranslationKDTask(TranslationTask, KDTask):
 
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
+        if self.cfg.eval_bleu and not bleu_has_hypotheses(logging_outputs):
+            # fairseq logs no BLEU when the hypotheses hold no n-gram (an untrained
+            # student that only writes EOS), and --best-checkpoint-metric bleu then
+            # stops training with a KeyError: such a validation scores 0
+            metrics.log_scalar("bleu", 0.0)
         # fairseq calls this once per update with the logging outputs it has
         # summed over --update-freq micro-batches and DDP ranks: every rank
         # then updates the same running statistics, equal to a single process
