@@ -11,12 +11,13 @@ from helpers import STUDENT_ARCH, build_training, fairseq_train
 
 EPOCH_LINE = re.compile(r"\| train \| epoch (\d+) \| .*?tok_loss ([\d.]+) \| sent_loss ([\d.]+)")
 INNER_GATE = re.compile(r"train_inner \| epoch (\d+):.*? gate=([\d.]+), gate_std=([\d.]+)")
+VALID_GATE = re.compile(r"valid on 'valid' subset \|.*? \| gate ([\d.]+) \| gate_std ([\d.]+)")
 
 
 def hybrid_args(teacher, distilled):
     return [*STUDENT_ARCH, "--task", "translation_kd", "--teacher-path", teacher,
             "--distilled-data", distilled, "--criterion", "hybrid_kd", "--gate", "complexity",
-            "--kd-temperature", "2", "--label-smoothing", "0.1"]
+            "--gate-complexity-warmup", "100", "--kd-temperature", "2", "--label-smoothing", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,10 @@ def test_training_lowers_both_terms_and_logs_the_gate(hybrid_run):
     gates = [(float(g), float(s)) for _, g, s in INNER_GATE.findall(log)]
     assert len(gates) > 10
     assert all(0.05 < g < 0.95 for g, _ in gates)
-    # the first update has no complexity statistics yet: every sentence at the level, then apart
+    # the first update is before the warm-up (100 sentences): every sentence at the level, then apart
     assert gates[0][1] == 0.0 and any(s > 0 for _, s in gates[1:])
+    # validation: the fixed mixture g = --gate-prior (0.5) for every sentence, whatever was learned
+    assert VALID_GATE.findall(log) == [("0.5", "0")] * 3, log[-3000:]
 
 
 def test_checkpoint_holds_gate_and_fairseq_restores_it(hybrid_run, tiny_data):
@@ -45,11 +48,13 @@ def test_checkpoint_holds_gate_and_fairseq_restores_it(hybrid_run, tiny_data):
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert all(k.startswith(("encoder.", "decoder.")) for k in state["model"])  # student only
     crit = state["criterion"]
-    assert set(crit) == {"gate.weight", "loss_scales", "scale_updates", "complexity_stats"}
+    assert set(crit) == {"gate.weight", "loss_scales", "scale_updates", "complexity_stats", "complexity_seen"}
     assert crit["gate.weight"].abs() > 0  # the level was trained (it starts at zero)
     assert int(crit["scale_updates"]) == state["optimizer_history"][-1]["num_updates"]
     assert (crit["loss_scales"] > 0).all()
-    mean, mean_sq = crit["complexity_stats"].tolist()  # teacher entropy, nats per token
+    assert int(crit["complexity_seen"]) == 3 * 600  # every training sentence, each epoch
+    n, total, total_sq = crit["complexity_stats"].tolist()  # decayed sums of the teacher's entropy
+    mean, mean_sq = total / n, total_sq / n  # nats per token
     # E[c^2] >= E[c]^2 up to float32 rounding (this weak teacher's entropies differ little)
     assert 0 < mean < math.log(400) and mean_sq >= mean * mean * (1 - 1e-6)
     # fairseq's own restore path (what --restore-file / resume runs)

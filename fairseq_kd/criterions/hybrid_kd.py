@@ -27,11 +27,11 @@ KD suits simple cases, sentence-level KD complex ones, so
     g_i = sigmoid(level - spread * tanh(z_i)),   z_i = (c_i - mean c) / std c
 
 where c_i is the sentence's complexity (``--gate-complexity``), standardized
-by running statistics over training sentences, ``spread`` is
-``--gate-complexity-spread`` and ``level`` the learned level of the scalar
-gate below.  A sentence more complex than average gets less token-level and
-more sentence-level KD.  Complexity measures (both available at training
-time, both computed without gradient):
+by running statistics over training sentences (each sentence weighs the
+same, see below), ``spread`` is ``--gate-complexity-spread`` and ``level``
+the learned level of the scalar gate below.  A sentence more complex than
+average gets less token-level and more sentence-level KD.  Complexity
+measures (both available at training time, both computed without gradient):
 
 * ``teacher_entropy`` (default): the mean entropy of the teacher's T = 1
   distribution over the gold target's positions.  A high entropy says the
@@ -45,46 +45,74 @@ time, both computed without gradient):
   measure needs no teacher.  fairseq batches sentences of similar lengths, so
   the standardization uses running statistics over updates, never the batch.
 
+The statistics are decayed sums over sentences, ``n``, ``sum c`` and
+``sum c^2`` (each multiplied by ``--gate-scale-decay`` per update), divided
+when used: every sentence weighs the same within an update, however many
+short sentences share its batch (a running mean of per-update means would
+weigh each sentence by 1 / (sentences in its update) and overrate long
+sentences).  Until ``--gate-complexity-warmup`` sentences (default 2000) have
+been seen the offsets are 0 and every gate is at the level: the first
+updates are a few length buckets, whose spread says nothing of the corpus's
+(after one bucket the std is about 0 and every z would be huge).
+
 ``scalar``: one learned g = sigmoid(level), the paper's learnable parameter.
 ``relative_loss``: g_i = sigmoid(a . mean-pooled encoder states of x_i + b),
 learned from each sentence's losses relative to their running means (see
 below): it gives a sentence more token-level KD when it is relatively harder
 at sentence level, the *opposite* of Wei et al.'s hypothesis; a diagnostic.
-``fixed``: g = --gate-value (0.5: both terms equally; 1 = word_kd; 0 = seq-KD).
+``fixed``: g = --gate-value (0.5: both terms equally).  1 gives the value of
+``word_kd --kd-alpha 1`` and 0 that of seq-KD, but only without dropout: the
+student still runs once over 2B rows, so it draws other dropout masks and
+costs about twice as much; train those two with ``word_kd`` / seq-KD.
+
+Validation
+----------
+fairseq's ``checkpoint_best.pt`` and ``--patience`` compare validation
+losses across epochs, so in validation (``not self.training``) every gate
+is one fixed mixture: g = ``--gate-prior`` for every sentence (``--gate
+fixed``: ``--gate-value``).  The learned level, the loss references and the
+complexity statistics move during training; with them the same student
+would score differently from one validation to the next.
 
 Why the learned gates have their own objective
 ----------------------------------------------
 If g were learned by minimising L itself, dL/dg_i = L_tok_i - L_sent_i: the
-gate would run to whichever term is numerically smaller (a KL that can reach
-0 versus an NLL that cannot), i.e. to the *units* of the two losses rather
-than to what suits the sentence; and because L is linear in g, always to 0
-or 1.  Instead:
+gate would run to whichever term is numerically smaller, to the units of
+the two losses as much as to what suits the sentence; and because L is
+linear in g, always to 0 or 1.  Instead:
 
 1. the student is trained on L with g *detached*: the gate is not a way for
    the student to lower its loss;
-2. the gate minimises the mixed loss with both terms on one, unit-free scale,
-   plus a prior:
+2. the gate minimises the mixed loss with each term divided by a reference
+   of its own, plus a prior:
 
        J_i = g_i * r_tok_i + (1 - g_i) * r_sent_i + lambda * KL(Bern(g_i) || Bern(--gate-prior))
 
-   where r is the sentence's per-token loss divided by a reference of that
-   term, so multiplying either term by any constant changes nothing for the
-   gate.  J is strictly convex in the gate's logit, with minimiser
+   where r is the sentence's per-token loss divided by the reference, so
+   multiplying either term by a constant changes nothing for the gate.  J
+   has a single minimum in the gate's logit (it is quasi-convex, not convex:
+   its second derivative is negative far from the minimum), at
    sigmoid(logit(prior) + (r_sent_i - r_tok_i) / lambda): more weight on the
-   term that is lower *on its own scale*, never all-or-nothing;
-3. the scale.  ``scalar`` and ``complexity``: the reference is the term's
-   per-token value at the first update (the untrained student), frozen, so
-   r is the fraction of that term still left: a term that falls faster than
-   the other ("the other is consistently harder") draws weight to itself.
-   (Dividing each term by its own *running* mean, as this gate once did,
-   makes both r about 1 on average: a scalar gate then cannot leave the
-   prior.)  ``relative_loss``: the reference is the running mean of each
-   term, so the gate sees only which sentences are relatively harder for
-   which term;
+   term with the lower ratio, never all-or-nothing;
+3. the reference.  ``scalar`` and ``complexity``: the term's per-token value
+   at the first update (the untrained student), frozen, so r is the fraction
+   of the term's first-update value still left, and the level moves toward
+   the term that has fallen more relative to its start.  That includes the
+   terms' floors: a KL that can reach 0 ends with a lower r than an NLL
+   that cannot, even when both learn equally fast, so the gate drifts
+   toward token-level KD for that reason too; the division removes a
+   term's units, not its floor.  (Dividing each term by its own *running*
+   mean, as this gate once did, makes both r about 1 on average: a scalar
+   gate then cannot leave the prior.)  ``relative_loss``: the running mean
+   of each term, so the gate sees only which sentences are relatively harder
+   for which term;
 4. bounds.  The learned level is ``logit(prior) + --gate-level-range *
    tanh(w)``, the complexity offset is within +-spread: with the defaults
    (prior 0.5, range 1, spread 1) every g_i of the complexity gate lies in
-   [0.119, 0.881] and the scalar gate in [0.269, 0.731].
+   [0.119, 0.881] and the scalar gate in [0.269, 0.731].  The optimizer
+   bounds it further: under the Bible recipe's schedule (Adam, lr 1e-3,
+   inverse_sqrt with 1,000 warm-up updates, 1,600 updates) the level moves
+   at most 0.77 logits (docs/hybrid_kd.md).
 
 The references, running means and complexity statistics are float32 buffers
 of this criterion (also under --fp16/--bf16, see ``_apply``), updated once
@@ -92,9 +120,10 @@ per update from the logging outputs fairseq has summed over micro-batches and
 ranks (``on_update``, see ``fairseq_kd.contract``), hence identical on every rank,
 exact under ``--update-freq``, saved in checkpoints (every learned gate has a
 parameter, so fairseq's trainer saves the criterion's state) and restored on
-resume.  Until the first update has set them the gate objective is zero and
-the complexity offsets are 0 (the gate waits one update).  The gate objective
-adds zero to the reported loss (it enters as ``J - J.detach()``): ``loss`` is L.
+resume.  Until the first update has set the references the gate objective is
+zero (the gate waits one update); the complexity offsets wait for the
+warm-up.  The gate objective adds zero to the reported loss (it enters as
+``J - J.detach()``): ``loss`` is L.
 
 DDP: the student runs once, on gold and distilled targets stacked along the
 batch dimension (``model(**net_input)`` with 2B rows; causal self-attention
@@ -118,6 +147,7 @@ from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_
 from fairseq_kd.errors import require
 from fairseq_kd.hidden_states import unwrap_model
 from fairseq_kd.losses import (
+    complexity_moments,
     complexity_offsets,
     gate_objective,
     hybrid_mix,
@@ -146,11 +176,16 @@ class HybridKDConfig(WordKDOptions):
                   "more complex the sentence (--gate-complexity), around a learned level; "
                   "scalar: one learned g; relative_loss: g_i from the pooled encoder, learned "
                   "from relative losses (a diagnostic, against Wei et al.'s hypothesis); "
-                  "fixed: g = --gate-value. L_tok is summed over gold tokens, L_sent over "
+                  "fixed: g = --gate-value. Validation uses a fixed mixture: g = --gate-prior "
+                  "(fixed: --gate-value) for every sentence, whatever the gate has learned. "
+                  "L_tok is summed over gold tokens, L_sent over "
                   "distilled tokens, both divided by the gold token count (sample_size)"},
     )
     gate_value: float = field(
-        default=0.5, metadata={"help": "g of --gate fixed, in [0, 1] (1 = word_kd, 0 = seq-KD)"},
+        default=0.5,
+        metadata={"help": "g of --gate fixed, in [0, 1]; 1 (0) gives word_kd's (seq-KD's) loss only "
+                  "without dropout: the student runs over 2B rows (other dropout masks, about "
+                  "twice the cost)"},
     )
     gate_complexity: COMPLEXITY_CHOICES = field(
         default="teacher_entropy",
@@ -163,6 +198,12 @@ class HybridKDConfig(WordKDOptions):
         metadata={"help": "--gate complexity: logits a sentence's gate moves with its "
                   "complexity, at most, each way (spread * tanh(standardized complexity))"},
     )
+    gate_complexity_warmup: int = field(
+        default=2000,
+        metadata={"help": "--gate complexity: training sentences the running statistics must have "
+                  "seen before they standardize; until then every offset is 0 (the gate at its "
+                  "level): fairseq batches by length, so the first updates are a few length buckets"},
+    )
     gate_level_range: float = field(
         default=1.0,
         metadata={"help": "logits the learned level of --gate scalar/complexity may move "
@@ -170,17 +211,20 @@ class HybridKDConfig(WordKDOptions):
     )
     gate_prior: float = field(
         default=0.5,
-        metadata={"help": "prior mean of a learned gate, in (0, 1); also its initial value"},
+        metadata={"help": "prior mean of a learned gate, in (0, 1); also its initial value, and the "
+                  "fixed g of every learned gate in validation"},
     )
     gate_prior_weight: float = field(
         default=0.5,
         metadata={"help": "weight lambda > 0 of the prior KL in the gate's objective: a "
-                  "difference d of the two unit-free losses moves the gate's logit by d / lambda"},
+                  "difference d of the two relative losses (each divided by its reference) moves "
+                  "the gate's logit by d / lambda"},
     )
     gate_scale_decay: float = field(
         default=0.99,
-        metadata={"help": "decay of the running statistics of the learned gates (relative_loss: "
-                  "the loss means; complexity: the complexity mean and spread), in [0, 1)"},
+        metadata={"help": "decay per update of the running statistics of the learned gates "
+                  "(relative_loss: the loss means; complexity: the per-sentence sums of c and "
+                  "c^2 and the sentence count), in [0, 1)"},
     )
 
 
@@ -272,7 +316,7 @@ class HybridKDCriterion(KDCriterionBase):
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  gate, gate_value, gate_complexity, gate_complexity_spread, gate_level_range,
-                 gate_prior, gate_prior_weight, gate_scale_decay,
+                 gate_prior, gate_prior_weight, gate_scale_decay, gate_complexity_warmup=2000,
                  ignore_prefix_size=0, report_accuracy=False):
         check_unit_interval("--gate-value", gate_value)
         require(0.0 < gate_prior < 1.0, f"--gate-prior must be in (0, 1), got {gate_prior}")
@@ -282,6 +326,8 @@ class HybridKDCriterion(KDCriterionBase):
         require(gate_complexity_spread >= 0,
                 f"--gate-complexity-spread must be >= 0, got {gate_complexity_spread}")
         require(gate_level_range >= 0, f"--gate-level-range must be >= 0, got {gate_level_range}")
+        require(gate_complexity_warmup >= 0,
+                f"--gate-complexity-warmup must be >= 0, got {gate_complexity_warmup}")
         gate, gate_complexity = str(gate), str(gate_complexity)
         uses_tok = not (gate == "fixed" and gate_value == 0.0)
         kd_in_tok = uses_tok and kd_alpha > 0
@@ -294,9 +340,9 @@ class HybridKDCriterion(KDCriterionBase):
                 "--distilled-data DIR (a corpus built by fairseq-kd corpus)")
         self.gate_kind, self.gate_value = gate, gate_value
         self.complexity_kind, self.complexity_spread = gate_complexity, gate_complexity_spread
+        self.complexity_warmup = int(gate_complexity_warmup)
         self.prior, self.prior_weight, self.scale_decay = gate_prior, gate_prior_weight, gate_scale_decay
         self.kd_in_tok = kd_in_tok  # the KL term of L_tok is computed (the teacher may run for the gate only)
-        self.uses_teacher = kd_in_tok or entropy_gate
         init_logit = math.log(gate_prior / (1.0 - gate_prior))
         if gate in LEVEL_GATES:
             self.gate = LevelGate(init_logit, gate_level_range)
@@ -309,8 +355,22 @@ class HybridKDCriterion(KDCriterionBase):
             self.register_buffer("loss_scales", torch.zeros(2))
             self.register_buffer("scale_updates", torch.zeros((), dtype=torch.long))
         if gate == "complexity":
-            # running mean and mean of squares of the sentences' complexity
-            self.register_buffer("complexity_stats", torch.zeros(2))
+            # decayed sums over sentences [n, sum c, sum c^2] and the sentences seen (for the warm-up)
+            self.register_buffer("complexity_stats", torch.zeros(3))
+            self.register_buffer("complexity_seen", torch.zeros((), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A checkpoint from before per-sentence sums restarts the complexity statistics.
+
+        It holds ``complexity_stats = [mean, mean of squares]`` of per-update
+        means, weighted per update and without a count: nothing to convert, so
+        the statistics start again (with their warm-up), the rest is restored.
+        """
+        stats_key, seen_key = prefix + "complexity_stats", prefix + "complexity_seen"
+        if self.gate_kind == "complexity" and state_dict.get(stats_key, self.complexity_stats).numel() == 2:
+            state_dict[stats_key] = torch.zeros_like(self.complexity_stats)
+            state_dict.setdefault(seen_key, torch.zeros_like(self.complexity_seen))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         """Module casts move the running statistics but keep them float32.
@@ -337,7 +397,7 @@ class HybridKDCriterion(KDCriterionBase):
                     "check that --distilled-data holds the training split")
         else:
             net_input = stacked_net_input(net_input, hyp["prev_output_tokens"], self.padding_idx)
-        if self.gate_kind != "relative_loss":
+        if self.gate_kind != "relative_loss" or not self.training:  # validation: no learned gate
             return model(**net_input), hyp, None
         with capture(model, CaptureSpec(encoder_out=True)) as seen:
             net_output = model(**net_input)
@@ -356,10 +416,10 @@ class HybridKDCriterion(KDCriterionBase):
         return sentence_means(entropy, target.ne(self.padding_idx))
 
     def complexity_z(self, complexity):
-        """Standardized complexity by the running statistics; 0 until they exist."""
-        if int(self.scale_updates) == 0:
+        """Standardized complexity by the running statistics; 0 until the warm-up is over."""
+        if int(self.complexity_seen) < max(self.complexity_warmup, 1):
             return torch.zeros_like(complexity)
-        mean, mean_sq = self.complexity_stats.float().to(complexity.device)
+        mean, mean_sq = complexity_moments(self.complexity_stats.float().to(complexity.device))
         return standardized(complexity, mean, mean_sq)
 
     def gate_logits(self, pooled, complexity, batch_size, device):
@@ -372,7 +432,14 @@ class HybridKDCriterion(KDCriterionBase):
             return self.gate(complexity_offsets(self.complexity_z(complexity), self.complexity_spread))
         return None
 
+    def fixed_gate_value(self):
+        """g when no learned gate applies: --gate-value for ``fixed``; in validation, for the
+        learned gates, --gate-prior, so the validation loss moves with the student only."""
+        return self.gate_value if self.gate is None else self.prior
+
     def forward(self, model, sample, reduce=True):
+        learned = self.gate is not None and self.training
+        complexity_needed = learned and self.gate_kind == "complexity"
         net_output, hyp, pooled = self.student_forward(model, sample)
         batch_size, gold_len = sample["target"].shape
         logits, extra = net_output[0], net_output[1]
@@ -381,20 +448,20 @@ class HybridKDCriterion(KDCriterionBase):
         hyp_target = None if hyp is None else hyp["target"]
         hyp_ntokens = sample["ntokens"] if hyp is None else hyp["ntokens"]
 
+        entropy_needed = complexity_needed and self.complexity_kind == "teacher_entropy"
         teacher = (self.task.teacher.distribution(sample, self.topk, like=model)
-                   if self.uses_teacher else None)
+                   if self.kd_in_tok or entropy_needed else None)
         # every term from the logits by one fused per-row function: no B x T x V log-probs kept
         tok, sent, nll, kd = hybrid_sentence_losses(
             logits, sample["target"], hyp_target, teacher if self.kd_in_tok else None,
             self.padding_idx, self.alpha if self.kd_in_tok else 0.0, self.temperature, self.eps,
         )
 
-        complexity = (self.sentence_complexity(sample, teacher)
-                      if self.gate_kind == "complexity" else None)
-        z = self.gate_logits(pooled, complexity, batch_size, tok.device)
-        gate = (torch.full_like(tok, self.gate_value) if z is None else torch.sigmoid(z))
+        complexity = self.sentence_complexity(sample, teacher) if complexity_needed else None
+        z = self.gate_logits(pooled, complexity, batch_size, tok.device) if learned else None
+        gate = torch.full_like(tok, self.fixed_gate_value()) if z is None else torch.sigmoid(z)
         loss = hybrid_mix(gate.detach(), tok, sent)
-        if z is not None and self.training:
+        if z is not None:
             j = self.gate_objective(z, tok, sent, sample["target"],
                                     sample["target"] if hyp is None else hyp_target)
             loss = loss + (j - j.detach())  # gradient for the gate only, adds 0 to the value
@@ -420,7 +487,7 @@ class HybridKDCriterion(KDCriterionBase):
         if self.gate_kind in LEVEL_GATES:
             stats["gate_level"] = torch.sigmoid(self.gate.level().detach()).item()
         if self.gate_kind == "complexity":
-            mean, mean_sq = self.complexity_stats.float().tolist()
+            mean, mean_sq = (float(v) for v in complexity_moments(self.complexity_stats.double()))
             stats.update(complexity_mean=mean, complexity_std=math.sqrt(max(mean_sq - mean * mean, 0.0)))
         return stats
 
@@ -450,7 +517,7 @@ class HybridKDCriterion(KDCriterionBase):
         the logging outputs of a whole update (all micro-batches, all ranks).  ``relative_loss``:
         running means of the per-token L_tok and L_sent; ``scalar`` and
         ``complexity``: those of the first update, then frozen; ``complexity``:
-        running mean and mean of squares of the sentences' complexity.
+        decayed sums of the sentences' complexity (:meth:`fold_complexity`).
         """
         if self.gate is None:
             return
@@ -461,20 +528,30 @@ class HybridKDCriterion(KDCriterionBase):
         first = int(self.scale_updates) == 0
         # float64 until stored: E[c^2] - E[c]^2 must not drown in accumulated rounding
         losses = torch.tensor([total("tok_loss") / ntok, total("sent_loss") / nhyp], dtype=torch.float64)
-        stats = torch.tensor([total("complexity_sum") / nsent, total("complexity_sqsum") / nsent],
-                             dtype=torch.float64)
-        if not torch.isfinite(torch.cat([losses, stats])).all():
+        sums = torch.tensor([nsent, total("complexity_sum"), total("complexity_sqsum")], dtype=torch.float64)
+        if not torch.isfinite(torch.cat([losses, sums])).all():
             return
         if first or self.gate_kind == "relative_loss":
             self.loss_scales.copy_(self.running(self.loss_scales, losses, first))
         if self.gate_kind == "complexity":
-            self.complexity_stats.copy_(self.running(self.complexity_stats, stats, first))
+            self.fold_complexity(sums)
         self.scale_updates += 1
 
     def running(self, mean, current, first):
         if first:
             return current
         return self.scale_decay * mean.double().cpu() + (1 - self.scale_decay) * current
+
+    def fold_complexity(self, update_sums):
+        """Add an update's ``[sentences, sum c, sum c^2]`` to the decayed sums.
+
+        Sums, not a running mean of each update's mean: every sentence weighs
+        the same (``decay^age``), whatever the size of its length-bucketed
+        batch; :func:`fairseq_kd.losses.complexity_moments` divides them.
+        """
+        sums = self.scale_decay * self.complexity_stats.double().cpu() + update_sums
+        self.complexity_stats.copy_(sums)
+        self.complexity_seen += int(update_sums[0])
     # -- metrics -------------------------------------------------------------
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:

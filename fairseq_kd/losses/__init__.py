@@ -30,6 +30,7 @@ Conventions (Kim & Rush 2016; Hinton et al. 2015):
 from fairseq_kd.losses.attention import attention_kl
 from fairseq_kd.losses.hybrid import (
     bernoulli_kl_from_logits,
+    complexity_moments,
     complexity_offsets,
     gate_objective,
     hybrid_mix,
@@ -53,8 +54,8 @@ from fairseq_kd.losses.word import (
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "NORM_EPS", "TeacherDistribution", "attention_kl",
-    "bernoulli_kl_from_logits", "combine_teacher_layers", "complexity_offsets",
-    "ensemble_scores", "gate_objective", "hybrid_mix", "hybrid_sentence_losses",
+    "bernoulli_kl_from_logits", "combine_teacher_layers", "complexity_moments",
+    "complexity_offsets", "ensemble_scores", "gate_objective", "hybrid_mix", "hybrid_sentence_losses",
     "kd_kl_divergence", "kd_kl_rows", "layer_kd_loss", "mix_word_kd", "normalized_mse",
     "optimal_gate", "sentence_means", "standardized", "teacher_entropy_rows",
     "token_losses", "word_kd_loss",

@@ -68,11 +68,17 @@ def gate_objective(gate_logits, rel_tok, rel_sent, prior, strength):
 
         J_i = g_i * r_tok_i + (1 - g_i) * r_sent_i + strength * KL(Bern(g_i) || Bern(prior))
 
-    ``rel_tok``/``rel_sent`` are *unit-free* losses (each per-token loss
-    divided by that term's running mean), so rescaling either term leaves J
-    unchanged.  J is convex in the gate's logit with minimiser
-    :func:`optimal_gate`: the prior keeps g inside (0, 1), the data move it
-    by ``(r_sent - r_tok) / strength`` logits.
+    ``rel_tok``/``rel_sent`` are each sentence's per-token loss divided by a
+    reference of that term (hybrid_kd's ``scalar`` and ``complexity`` gates:
+    the term's per-token value at the first update, frozen; ``relative_loss``:
+    its running mean), so multiplying either term by a constant leaves J
+    unchanged.  That is all the division removes: a term whose floor is lower
+    relative to its reference (a KL that can reach 0 against an NLL that
+    cannot) still ends with the lower ratio and draws weight to itself.
+    J has a single minimum in the gate's logit, at :func:`optimal_gate`: it is
+    quasi-convex, not convex (its second derivative is negative far from the
+    minimum, where the sigmoid flattens).  The prior keeps g inside (0, 1),
+    the data move it by ``(r_sent - r_tok) / strength`` logits.
     """
     g = torch.sigmoid(gate_logits)
     return (g * rel_tok + (1.0 - g) * rel_sent
@@ -105,6 +111,22 @@ def sentence_means(rows, mask):
     """Mean of ``rows`` (B, T) over each sentence's ``mask`` (B, T) positions, (B,)."""
     mask = mask.to(rows.dtype)
     return (rows * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def complexity_moments(sums):
+    """(mean, mean of squares) per sentence from running sums ``[n, sum c, sum c^2]`` (last dim).
+
+    Dividing sums, not averaging per-batch means, gives every sentence the
+    same weight: fairseq batches by length, so a batch of short sentences
+    holds many more of them than a batch of long ones, and a mean of batch
+    means would weigh each sentence by 1 / (sentences in its batch).  With
+    decayed sums (each multiplied by ``decay`` per update) the weights are
+    ``decay^age``, and dividing by the decayed count ``n`` corrects the bias
+    toward 0 of a young sum (as Adam's bias correction does).
+    """
+    count, total, total_sq = sums.unbind(-1)
+    count = count.clamp(min=torch.finfo(sums.dtype).tiny)
+    return total / count, total_sq / count
 
 
 def standardized(values, mean, mean_sq, eps=1e-6):
