@@ -3,9 +3,17 @@
 fairseq's command-line tools let exceptions propagate to the interpreter, so a
 configuration mistake (a missing teacher file, ``--kd-alpha 1.5``) would end in
 a long traceback from deep inside fairseq.  Every check in this package raises
-:class:`KDError`; importing the plugin installs an excepthook that prints such
-errors as ``fairseq_kd: error: <message>`` (exit status 1, as for any
-uncaught exception).  Any other exception keeps its normal traceback.
+:class:`KDError`, printed as one line with one of two prefixes:
+
+- inside fairseq's tools (``fairseq-train``, ``fairseq-generate`` with
+  ``--user-dir fairseq_kd``), importing the plugin installs an excepthook that
+  prints ``fairseq_kd: error: <message>`` (exit status 1, as for any uncaught
+  exception);
+- the ``fairseq-kd`` commands catch it themselves and print
+  ``fairseq-kd COMMAND: error: <message>`` (exit status 2, as argparse does
+  for a bad option; :func:`fairseq_kd.cli.main`).
+
+Any other exception keeps its normal traceback.
 """
 import sys
 

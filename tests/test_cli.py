@@ -242,3 +242,52 @@ def test_cache_teacher_missing_dictionary(capsys, tiny_data, tiny_teacher, tmp_p
                     "--out", tmp_path / "cache", "-s", "en", "-t", "de", "--cpu")
     assert msg.endswith(f"missing dictionary {os.path.join(tiny_data / 'bin', 'dict.de.txt')}")
     assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------- --help
+def help_entries(text):
+    """``{option string: its whole help entry on one line}`` of an argparse --help output."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):  # an option: its flags, then (maybe on the next line) its help
+            current = [line.strip()]
+            for flag in line.strip().split("  ")[0].split(", "):
+                entries[flag.split()[0]] = current
+        elif current is not None and line.startswith("    "):  # the help, continued
+            current.append(line.strip())
+        else:
+            current = None
+    return {flag: " ".join(lines) for flag, lines in entries.items()}
+
+
+def options_with_defaults(command):
+    """Options of ``command`` that take a value and have a default other than None."""
+    import argparse
+
+    module = importlib.import_module(cli.SUBCOMMANDS[command][0])
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return {a.option_strings[0]: a.default for a in parser._actions
+            if a.option_strings and a.nargs != 0 and a.default not in (None, argparse.SUPPRESS)}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "translate", "cache-teacher", "spm"])
+def test_help_shows_every_default(capsys, command):
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    assert stop.value.code == 0
+    entries = help_entries(capsys.readouterr().out)
+    defaults = options_with_defaults(command)
+    assert {"evaluate": "--beam", "translate": "--max-len-a", "cache-teacher": "--topk",
+            "spm": "--vocab-size"}[command] in defaults
+    missing = {flag: default for flag, default in defaults.items()
+               if f"(default: {default}" not in entries[flag]}
+    assert not missing, f"fairseq-kd {command} --help hides the defaults {missing}"
+
+
+@pytest.mark.parametrize("command", ["evaluate", "translate"])
+def test_help_says_why_the_length_bound_differs_from_corpus(capsys, command):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    entry = help_entries(capsys.readouterr().out)["--max-len-a"]
+    assert "(default: 1.5)" in entry and "fairseq-kd corpus keeps fairseq-generate's 0 x source + 200" in entry

@@ -46,6 +46,9 @@ SUBCOMMANDS = {
     "cache-teacher": ("fairseq_kd.cli.cache_teacher",
                       "Run a teacher once over binarized splits and cache its top-k distributions for "
                       "word-level KD."),
+    "options": ("fairseq_kd.cli.options",
+                "List the training options of a fairseq_kd criterion or of the translation_kd task, "
+                "with defaults."),
 }
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"

@@ -33,25 +33,30 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="cache directory (created; rerun to resume)")
     p.add_argument("--splits", default="train,valid",
                    help="comma-separated splits; fairseq-train's validation needs 'valid' too "
-                   "(default: train,valid)")
-    p.add_argument("--topk", type=int, default=8, help="tokens kept per target position (k)")
+                   "(default: %(default)s)")
+    p.add_argument("--topk", type=int, default=8,
+                   help="tokens kept per target position (k) (default: %(default)s)")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
                    help="storage type of the log-probabilities (token ids are uint16 when "
-                   "the vocabulary has <= 65536 entries, else int32)")
+                   "the vocabulary has <= 65536 entries, else int32) (default: %(default)s)")
     p.add_argument("--source-lang", "-s", default=None, help="default: inferred from DATA")
     p.add_argument("--target-lang", "-t", default=None, help="default: inferred from DATA")
-    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per teacher batch")
+    p.add_argument("--max-tokens", type=int, default=4096,
+                   help="tokens per teacher batch (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, help="sentences per teacher batch")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     p.add_argument("--fp16", action="store_true", help="run the teacher in float16 (CUDA)")
     p.add_argument("--workers", type=int, default=1,
-                   help="shards run as parallel processes on this machine (GPU i %% n_gpus each)")
-    p.add_argument("--num-shards", type=int, default=1, help="total shards (separate jobs)")
-    p.add_argument("--shard-id", type=int, default=0, help="this job's shard, 0-based")
+                   help="shards run as parallel processes on this machine, for GPUs: worker i "
+                   "on GPU i %% n_gpus. On CPU keep 1: every process uses all cores "
+                   "(default: %(default)s)")
+    p.add_argument("--num-shards", type=int, default=1,
+                   help="total shards (separate jobs) (default: %(default)s)")
+    p.add_argument("--shard-id", type=int, default=0, help="this job's shard, 0-based (default: %(default)s)")
     p.add_argument("--max-batches", type=int, default=None,
                    help="stop after computing this many batches (per split and shard), "
                    "e.g. for time-limited jobs; rerun to continue")
-    p.add_argument("--no-progress-bar", action="store_true")
+    p.add_argument("--no-progress-bar", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)
 
 

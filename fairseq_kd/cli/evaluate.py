@@ -22,6 +22,7 @@ thread each).  Its row is NAME (ct2 QUANTIZATION), next to NAME's.
 import glob
 import os
 
+from fairseq_kd.cli.translate import MAX_LEN_WHY
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
 from fairseq_kd.errors import require
 from fairseq_kd.evaluation import Evaluation, evaluate
@@ -33,22 +34,24 @@ def add_arguments(p):
     p.add_argument("--name", required=True, help="system name in the results file")
     p.add_argument("--ref", required=True, help="detokenized reference of the split")
     p.add_argument("--results", required=True, help="JSON file to update")
-    p.add_argument("--gen-subset", default="test")
-    p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search run")
+    p.add_argument("--gen-subset", default="test", help="split of --data to translate (default: %(default)s)")
+    p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sentences per batch (default: 128; with --backend ctranslate2, 24 on CPU)")
-    p.add_argument("--max-len-a", type=float, default=1.5)
-    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--max-len-a", type=float, default=1.5,
+                   help=f"hypotheses stop at a * source tokens + b (default: %(default)s). {MAX_LEN_WHY}")
+    p.add_argument("--max-len-b", type=int, default=10, help="(default: %(default)s)")
     p.add_argument("--post-process", default="sentencepiece",
-                   help="fairseq --post-process to detokenize hypotheses")
+                   help="fairseq --post-process to detokenize hypotheses (default: %(default)s)")
     p.add_argument("--cpu", action="store_true", help="decode on CPU")
     p.add_argument("--fp16", action="store_true", help="decode in fp16 (GPU)")
     p.add_argument("--no-user-dir", action="store_true",
                    help="run stock fairseq-generate without the plugin (exported checkpoints)")
     p.add_argument("--backend", choices=["fairseq", "ctranslate2"], default="fairseq",
-                   help="fairseq-generate (default), or the checkpoint converted to CTranslate2")
+                   help="fairseq-generate, or the checkpoint converted to CTranslate2 "
+                   "(default: %(default)s)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
-                   help="--backend ctranslate2: the model's weights (default: int8)")
+                   help="--backend ctranslate2: the model's weights (default: %(default)s)")
 
 
 def check_inputs(args):

@@ -19,12 +19,16 @@ def add_arguments(p):
     p.add_argument("--input-dir", required=True, help="folder with SPLIT.LANG text files")
     p.add_argument("--src", required=True, help="source language suffix, e.g. es")
     p.add_argument("--tgt", required=True, help="target language suffix, e.g. en")
-    p.add_argument("--splits", default="train,valid,test", help="comma-separated split names")
-    p.add_argument("--train-split", default="train", help="split the model is trained on")
-    p.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size")
-    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"])
+    p.add_argument("--splits", default="train,valid,test",
+                   help="comma-separated split names (default: %(default)s)")
+    p.add_argument("--train-split", default="train",
+                   help="split the model is trained on (default: %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=8000, help="joint vocabulary size (default: %(default)s)")
+    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe"],
+                   help="SentencePiece model type (default: %(default)s)")
     p.add_argument("--input-sentence-size", type=int, default=2_000_000,
-                   help="sentences sampled for training the model (bounds memory on large corpora)")
+                   help="sentences sampled for training the model (bounds memory on large corpora; "
+                   "0 = all) (default: %(default)s)")
     p.add_argument("--model", default=None,
                    help="encode with this SentencePiece model (copied to OUT/spm.model) instead of "
                         "training one; --vocab-size, --model-type and --train-split are then unused")

@@ -15,23 +15,34 @@ import time
 
 from fairseq_kd.errors import KDError, require
 
+# Why translate and evaluate bound the output length more tightly than fairseq-kd corpus
+# (part of both commands' --max-len-a help).
+MAX_LEN_WHY = ("This bound stops a poorly trained student that repeats itself long before "
+               "fairseq-generate's default of 200 tokens, so such runaway output does not dominate "
+               "the time taken; fairseq-kd corpus keeps fairseq-generate's 0 x source + 200 so that "
+               "its output is stock fairseq-generate's (the recipes pass one MAX_LEN_A/MAX_LEN_B, "
+               "1.5 and 10 by default, to corpus and evaluate).")
+
 USES_FAIRSEQ = False
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="model folder (fairseq-kd export --format ctranslate2)")
-    p.add_argument("--input", nargs="*", default=[], help="input files (default: stdin)")
+    p.add_argument("--input", nargs="*", default=None, help="input files (default: stdin)")
     p.add_argument("--output", help="output file (default: stdout)")
-    p.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default: 5)")
-    p.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: 1)")
-    p.add_argument("--max-len-a", type=float, default=1.5, help="max length = a * source pieces + b")
-    p.add_argument("--max-len-b", type=int, default=10)
+    p.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default: %(default)s)")
+    p.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: %(default)s)")
+    p.add_argument("--max-len-a", type=float, default=1.5,
+                   help=f"translations stop at a * source pieces + b (default: %(default)s). {MAX_LEN_WHY}")
+    p.add_argument("--max-len-b", type=int, default=10, help="(default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="sentences per batch (default: 24 on CPU, 128 on CUDA)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU: batches translated at once, one thread each (default: all cores)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--no-progress-bar", action="store_true")
+                   help="CPU: batches translated at once, one thread each (default: %(default)s = all cores)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where CTranslate2 translates (default: %(default)s)")
+    p.add_argument("--no-progress-bar", action="store_true",
+                   help="no progress bar (one is shown on stderr when reading --input files)")
 
 
 def read_inputs(paths):
