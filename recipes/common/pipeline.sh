@@ -208,7 +208,8 @@ step_teacher() {
 corpus() {
   local name=$1; shift
   if is_done "$name"; then skip "$name"; return; fi
-  # CORPUS_WORKERS unset: fairseq-kd's default, one process per GPU (or per CPU core, up to 8)
+  # CORPUS_WORKERS unset: fairseq-kd corpus's default (--workers 0), one process per visible GPU;
+  # on CPU one process using every core (its --threads default: the cores / workers)
   local workers=${CORPUS_WORKERS:-0}
   log "corpus $name: $* (workers: ${CORPUS_WORKERS:-default}; log: $WORK/logs/$name.log)"
   run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/bin" --path "$(teacher_checkpoint)" \
