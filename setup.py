@@ -7,6 +7,16 @@ setup(
     description="Knowledge distillation for NMT as a fairseq plugin (--user-dir fairseq_kd)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    # MIT, like fairseq.  No "License ::" classifier: setuptools >= 77 deprecates
+    # them in favour of this field (a warning at every install).
+    license="MIT",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["fairseq_kd", "fairseq_kd.*"]),
     python_requires=">=3.11",
     install_requires=[
