@@ -518,3 +518,12 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     # the repository's paths, not this machine's
     assert "--teacher-path examples/teacher/teacher.pt --criterion seq_kd" in page
     assert "| teacher | `examples/teacher/teacher.pt` (TEACHER_PATH: not trained by the recipe) |" in page
+
+
+def test_custom_recipe_keeps_each_profiles_work_in_its_own_folder(tmp_path):
+    base = {"DRY_RUN": "1", "DATA_DIR": str(tmp_path), "SRC": "de", "TGT": "en", "GPUS": "cpu"}
+    folders = set()
+    for profile in ("gpu", "cpu", "cpu_converged"):
+        out = run_recipe("custom", {**base, "PROFILE": profile}, "prepare").stdout
+        folders.add(re.search(r"work folder (\S+),", out).group(1))
+    assert {f.rsplit("/", 1)[1] for f in folders} == {"custom_de-en", "custom_de-en_cpu", "custom_de-en_cpu_converged"}

@@ -30,7 +30,8 @@ profile_value() {
 }
 
 # --- where and on what
-WORK=${WORK:-$REPO/work/$RECIPE$(profile_value "" _cpu _cpu_converged)}  # everything the recipe writes, but the report
+# everything the recipe writes but the report, one folder per profile
+WORK=${WORK:-$REPO/work/${WORK_NAME:-$RECIPE}$(profile_value "" _cpu _cpu_converged)}
 # CUDA ids "0,1", "auto" (all; PROFILE=gpu refuses to run when there is none) or "cpu"
 GPUS=${GPUS:-$(profile_value auto cpu)}
 FP16=${FP16:-1}                               # fp16 training and decoding on GPU

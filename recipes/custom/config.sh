@@ -14,5 +14,5 @@ if [ -n "$missing" ]; then
 fi
 [ -d "$DATA_DIR" ] || { echo "custom: DATA_DIR $DATA_DIR is not a folder" >&2; exit 2; }
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
-WORK=${WORK:-$REPO/work/${RECIPE}_$SRC-$TGT}
+WORK_NAME=${RECIPE}_$SRC-$TGT  # the work folder is work/WORK_NAME plus the profile (settings.sh)
 source "$REPO/recipes/common/settings.sh"
