@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 from fairseq_kd.errors import require
 from fairseq_kd.results import FP16_NOTE, check_same_device, record_system, results_to_update
@@ -43,6 +44,9 @@ class Evaluation:
     no_user_dir: bool  # stock fairseq-generate, without the plugin (exported checkpoints)
     backend: str  # "fairseq" or "ctranslate2"
     quantization: str  # the CTranslate2 model's weights
+    model_dir: str  # a model folder of fairseq-kd export --format ctranslate2, scored from raw text
+    src_text: str  # with model_dir: the raw source text it translates
+    latency: int  # CTranslate2: sentences timed one at a time (batch size 1); 0 for none
 
     @classmethod
     def from_args(cls, args):
@@ -50,7 +54,10 @@ class Evaluation:
 
     @property
     def system_name(self):
-        """The results row: NAME, or NAME (ct2 QUANTIZATION) for the CTranslate2 model."""
+        """The results row: NAME, NAME (ct2 QUANTIZATION) for the converted checkpoint, or
+        NAME (ct2 QUANTIZATION raw text) for a model folder scored from raw text."""
+        if self.model_dir:
+            return f"{self.name} (ct2 {self.quantization} raw text)"
         return f"{self.name} (ct2 {self.quantization})" if self.backend == "ctranslate2" else self.name
 
 
@@ -125,20 +132,27 @@ def generate(spec, beam, hyp_path):
     return len(hyps), float(speed.group(4))
 
 
-def ct2_translator(spec):
-    """(translator, source, target) of the checkpoint converted to CTranslate2, on the evaluation's cores."""
-    from fairseq.data import data_utils
+def ct2_device(spec):
+    """Where CTranslate2 translates: the GPU whenever it sees one, unless --cpu."""
+    return "cpu" if spec.cpu or not cuda_available_to_ct2() else "cuda"
 
-    from fairseq_kd.deploy.ct2 import cached_model, load_translator
+
+def ct2_translators(model_dir, spec):
+    """(throughput translator, latency translator or None) of a CTranslate2 model, on the evaluation's cores.
+
+    Throughput translates as many batches at once as there are cores, one
+    thread each; latency (one sentence at a time) gets every core for its one
+    sentence, as an interactive service would configure it.
+    """
+    from fairseq_kd.deploy.ct2 import load_translator
     from fairseq_kd.processes import usable_cores
 
-    src, tgt = data_utils.infer_language_pair(spec.data)
-    require(src and tgt, f"--data: cannot tell the languages from the file names in {spec.data}")
-    model = cached_model(spec.checkpoint, spec.data, src, tgt, spec.quantization)
-    if spec.cpu or not cuda_available_to_ct2():
-        threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
-        return load_translator(model, "cpu", threads=1, parallel=threads), src, tgt
-    return load_translator(model, "cuda"), src, tgt
+    device = ct2_device(spec)
+    if device == "cuda":
+        return load_translator(model_dir, "cuda"), (load_translator(model_dir, "cuda") if spec.latency else None)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
+    return (load_translator(model_dir, "cpu", threads=1, parallel=threads),
+            load_translator(model_dir, "cpu", threads=threads, parallel=1) if spec.latency else None)
 
 
 def cuda_available_to_ct2():
@@ -147,16 +161,68 @@ def cuda_available_to_ct2():
     return ctranslate2.get_cuda_device_count() > 0
 
 
-def generate_ct2(spec, translator, langs, beam, hyp_path):
-    """CTranslate2's translation of the split, as :func:`generate`: (sentences, sentences/s)."""
-    from fairseq_kd.deploy.ct2 import translate_binarized
+def write_lines(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
 
-    hyps, speed = translate_binarized(translator, spec.data, spec.gen_subset, *langs, spec.batch_size,
-                                      spec.post_process, beam=beam, max_len_a=spec.max_len_a,
-                                      max_len_b=spec.max_len_b)
-    with open(hyp_path, "w", encoding="utf-8") as f:
-        f.write("".join(h + "\n" for h in hyps))
-    return len(hyps), round(speed, 2)
+
+@dataclasses.dataclass
+class Ct2Decoder:
+    """How a CTranslate2 row translates: its translators, its sources (token lists) and its detokenizer."""
+    translator: object
+    latency_translator: object  # None: no latency measured
+    sources: list
+    detokenize: object  # hypotheses (token lists) -> their text
+
+    def translate(self, spec, beam, hyp_path):
+        """Translate every source, as :func:`generate`: (sentences, sentences/s).
+
+        The speed counts translation and detokenizing (what a user of
+        ``fairseq-kd translate`` waits for), not loading.
+        """
+        from fairseq_kd.deploy.ct2 import translate_in_order
+
+        started = time.perf_counter()
+        hyps = self.detokenize(translate_in_order(self.translator, self.sources, spec.batch_size, beam=beam,
+                                                  max_len_a=spec.max_len_a, max_len_b=spec.max_len_b))
+        speed = len(hyps) / max(time.perf_counter() - started, 1e-9)
+        write_lines(hyp_path, hyps)
+        return len(hyps), round(speed, 2)
+
+    def latency(self, spec, beam):
+        """Median and p90 milliseconds per sentence over the first ``spec.latency`` non-empty sources."""
+        from fairseq_kd.deploy.ct2 import latency_ms, latency_summary
+
+        sources = [s for s in self.sources if s][: spec.latency]
+        return latency_summary(latency_ms(self.latency_translator, sources, beam=beam,
+                                          max_len_a=spec.max_len_a, max_len_b=spec.max_len_b))
+
+
+def binarized_decoder(spec):
+    """The checkpoint converted to CTranslate2 (cached), translating the binarized split."""
+    from fairseq.data import data_utils
+
+    from fairseq_kd.deploy.ct2 import binarized_sources, cached_model
+
+    src, tgt = data_utils.infer_language_pair(spec.data)
+    require(src and tgt, f"--data: cannot tell the languages from the file names in {spec.data}")
+    model = cached_model(spec.checkpoint, spec.data, src, tgt, spec.quantization)
+    return Ct2Decoder(*ct2_translators(model, spec), binarized_sources(spec.data, spec.gen_subset, src, tgt),
+                      lambda hyps: [data_utils.post_process(" ".join(h), spec.post_process) for h in hyps])
+
+
+def folder_decoder(spec, folder, entry, report):
+    """A model folder translating raw text exactly as ``fairseq-kd translate`` does: its own
+    SentencePiece model, sources cut to the model's maximum (counted in ``entry`` and reported)."""
+    from fairseq_kd.deploy.ct2 import sentencepiece_postprocess
+
+    pieces = folder.encode(read_lines(spec.src_text))
+    long = folder.too_long(pieces)
+    entry["truncated_sources"] = len(long)
+    if long:
+        report(folder.truncation_note(len(long), len(pieces)))
+    return Ct2Decoder(*ct2_translators(folder.path, spec), [p[: folder.max_source] for p in pieces],
+                      lambda hyps: [sentencepiece_postprocess(h) for h in hyps])
 
 
 # fairseq state-dict entries that are buffers, not parameters (module versions, the
@@ -187,36 +253,64 @@ def count_parameters(checkpoint):
     return unique_parameter_count(state["model"], checkpoint_model_cfg(state))
 
 
+def model_folder(spec):
+    """The model folder of ``spec.model_dir``; its quantization becomes the row's."""
+    from fairseq_kd.deploy.ct2 import ModelFolder
+
+    folder = ModelFolder(spec.model_dir)
+    spec.quantization = folder.info.get("quantization", "unknown")
+    return folder
+
+
+def params_checkpoint(spec, folder):
+    """The checkpoint whose parameters are counted: --checkpoint, else the folder's source checkpoint."""
+    if spec.checkpoint or folder is None:
+        return spec.checkpoint
+    made_from = folder.info.get("made_from", {}).get("checkpoint", "")
+    require(os.path.isfile(made_from), f"--model-dir: the checkpoint it was made from ({made_from or 'none'}) "
+            f"is not here; pass --checkpoint to count the model's parameters")
+    return made_from
+
+
 def evaluate(spec, report=print):
     """Decode greedy and with beam ``spec.beam``, score both, and record the system in
     ``spec.results``; ``report`` gets a line per decoding."""
     from sacrebleu.metrics import BLEU, CHRF
 
     os.makedirs(os.path.dirname(os.path.abspath(spec.results)), exist_ok=True)
+    folder = model_folder(spec) if spec.model_dir else None
     device = decoding_device(spec)
     results = results_to_update(spec.results)
     name = spec.system_name
     check_same_device(results, spec.results, name, device)
     refs = read_lines(spec.ref)
-    entry = {"name": name, "checkpoint": spec.checkpoint, "params": count_parameters(spec.checkpoint),
+    checkpoint = params_checkpoint(spec, folder)
+    entry = {"name": name, "checkpoint": checkpoint, "params": count_parameters(checkpoint),
              "device": device, "sentences": len(refs)}
-    if spec.backend == "ctranslate2":
+    decoder = None
+    if folder is not None:
+        entry.update(backend="ctranslate2", quantization=spec.quantization,
+                     model_dir=os.path.abspath(spec.model_dir), src_text=os.path.abspath(spec.src_text))
+        decoder = folder_decoder(spec, folder, entry, report)
+    elif spec.backend == "ctranslate2":
         entry.update(backend="ctranslate2", quantization=spec.quantization)
-        translator, *langs = ct2_translator(spec)
+        decoder = binarized_decoder(spec)
     bleu, chrf = BLEU(), CHRF()
     for label, beam in (("greedy", 1), ("beam", spec.beam)):
         hyp_path = hypotheses_file(spec.results, name, label)
-        if spec.backend == "ctranslate2":
-            n, speed = generate_ct2(spec, translator, langs, beam, hyp_path)
-        else:
-            n, speed = generate(spec, beam, hyp_path)
+        n, speed = decoder.translate(spec, beam, hyp_path) if decoder else generate(spec, beam, hyp_path)
         require(n == len(refs), f"{name}: {n} hypotheses for {len(refs)} references")
         hyps = read_lines(hyp_path)
         entry[label] = {"beam": beam, "bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),
                         "chrf": round(chrf.corpus_score(hyps, [refs]).score, 2),
                         "sentences_per_s": speed}
-        report(f"{name} {label}: BLEU {entry[label]['bleu']}, chrF {entry[label]['chrf']}, "
-               f"{speed} sentences/s")
+        line = (f"{name} {label}: BLEU {entry[label]['bleu']}, chrF {entry[label]['chrf']}, "
+                f"{speed} sentences/s")
+        if decoder and spec.latency:
+            entry[label]["latency_ms"] = latency = decoder.latency(spec, beam)
+            line += (f", {latency['median_ms']} ms median / {latency['p90_ms']} ms p90 per sentence "
+                     f"one at a time")
+        report(line)
     record_system(results, spec.results, entry, str(bleu.get_signature()), str(chrf.get_signature()),
                   device)
     return entry

@@ -278,3 +278,99 @@ def test_evaluate_records_the_ct2_row(memorized, tmp_path):
         assert len(hyps) == N_LINES
         assert system[label]["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
         assert system[label]["sentences_per_s"] > 0
+
+
+def test_raw_text_scoring_equals_the_binarized_path(memorized, model_folder, tmp_path):
+    """evaluate --model-dir (raw text through the folder's own SentencePiece model, as translate)
+    gives the binarized CTranslate2 path's hypotheses and BLEU for the same float32 model and settings:
+    re-encoding the detokenized source gives the binarized pieces back, and no source is cut."""
+    data, model = memorized
+    ref, src = tmp_path / "ref.en", tmp_path / "src.es"
+    ref.write_text("".join(post(r) + "\n" for r in read_lines(data / "raw" / "train.en")), encoding="utf-8")
+    src.write_text("".join(post(r) + "\n" for r in read_lines(data / "raw" / "train.es")), encoding="utf-8")
+    common = ["--name", "m", "--ref", str(ref), "--results", str(tmp_path / "r.json"), "--cpu", "--beam", "2",
+              "--max-len-a", "1.2", "--max-len-b", "5", "--latency", "4"]
+    assert cli.main(["evaluate", "--data", str(data), "--gen-subset", "train", "--checkpoint", str(model),
+                     "--backend", "ctranslate2", "--quantization", "float32", *common]) == 0
+    assert cli.main(["evaluate", "--model-dir", str(model_folder), "--src-text", str(src), *common]) == 0
+    binarized, raw = json.loads((tmp_path / "r.json").read_text())["systems"]
+    assert raw["name"] == "m (ct2 float32 raw text)" and raw["quantization"] == "float32"
+    assert raw["truncated_sources"] == 0 and raw["params"] == binarized["params"]
+    refs = read_lines(ref)
+    for label in ("greedy", "beam"):
+        hyps = read_lines(tmp_path / f"r.m.ct2-float32-raw-text.{label}.txt")
+        assert hyps == read_lines(tmp_path / f"r.m.ct2-float32.{label}.txt")
+        assert raw[label]["bleu"] == binarized[label]["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
+        for row in (raw, binarized):
+            latency = row[label]["latency_ms"]
+            assert latency["sentences"] == 4 and 0 < latency["median_ms"] <= latency["p90_ms"]
+
+
+def test_model_dir_inputs_are_one_line_errors(model_folder, tiny_data, tmp_path, capsys):
+    ref = tmp_path / "ref.en"
+    ref.write_text("a\nb\n")
+    (tmp_path / "one.es").write_text("a\n")
+    base = ["evaluate", "--name", "m", "--ref", str(ref), "--results", str(tmp_path / "r.json"), "--cpu"]
+    for extra, message in [([], "--data and --checkpoint are required (or --model-dir and --src-text)"),
+                           (["--model-dir", str(model_folder)], "--model-dir needs --src-text"),
+                           (["--model-dir", str(model_folder), "--src-text", str(tmp_path / "one.es")],
+                            "--src-text has 1 lines, --ref 2")]:
+        assert cli.main(base + extra) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+
+
+def long_input(model_folder, memorized, tmp_path):
+    """(input file, the model's maximum in pieces): three raw lines, the second longer than the maximum."""
+    import sentencepiece
+    import torch
+
+    data, model = memorized
+    cfg = torch.load(model, map_location="cpu", weights_only=False)["cfg"]["model"]
+    maximum = cfg.max_source_positions - 1  # room for </s>
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(model_folder / "sentencepiece.model"))
+    raw = [post(line) for line in read_lines(data / "raw" / "train.es")]
+    long = raw[0]
+    while len(spm.encode(long, out_type=str)) <= maximum:
+        long += " " + raw[0]
+    path = tmp_path / "in.es"
+    path.write_text(f"{raw[1]}\n{long}\n{raw[2]}\n", encoding="utf-8")
+    return path, maximum
+
+
+def test_translate_reports_truncated_inputs(model_folder, memorized, tmp_path):
+    path, maximum = long_input(model_folder, memorized, tmp_path)
+    short = ["--beam", "1", "--max-len-a", "0", "--max-len-b", "5", "--threads", "1"]
+    proc = run([tool("fairseq-kd"), "translate", "--model", model_folder, "--input", path,
+                "--output", tmp_path / "out.en", "--no-progress-bar", *short])
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"1 of 3 inputs were longer than the model's maximum of {maximum} pieces and were truncated")
+    assert len(read_lines(tmp_path / "out.en")) == 3
+    line = kd_error(run([tool("fairseq-kd"), "translate", "--model", model_folder, "--input", path, "--output",
+                         tmp_path / "refused.en", "--refuse-long", *short], check=False), "translate")
+    assert f"1 of 3 inputs are longer than the model's maximum of {maximum} pieces (the first is line 2" in line
+    assert not (tmp_path / "refused.en").exists()
+
+
+def test_latency_times_each_sentence_alone_after_warmup():
+    import numpy
+
+    from fairseq_kd.deploy.ct2 import latency_ms, latency_summary
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def translate_batch(self, batch, **options):
+            self.calls.append((batch, options["max_decoding_length"], options["beam_size"]))
+
+    recorder = Recorder()
+    sources = [["a"] * n for n in (3, 1, 4, 2, 5)]
+    times = latency_ms(recorder, sources, warmup=2, beam=3, max_len_a=2.0, max_len_b=1)
+    assert len(times) == 5 and all(t >= 0 for t in times)
+    # two untimed, then each alone, its own maximum length (2 x (tokens + </s>) + 1)
+    assert recorder.calls == [([s], 2 * (len(s) + 1) + 1, 3) for s in sources[:2] + sources]
+    sample = [5.0, 1.0, 3.0, 9.0, 2.0, 7.0, 4.0]
+    summary = latency_summary(sample)
+    assert summary == {"sentences": 7, "median_ms": round(float(numpy.median(sample)), 2),
+                       "p90_ms": round(float(numpy.percentile(sample, 90)), 2)}

@@ -18,6 +18,17 @@ converted to CTranslate2 with --quantization (cached, like fairseq-kd corpus's
 teacher), translating the same binarized split with the same settings on the
 same cores (OMP_NUM_THREADS, else every core: as many batches at once, one
 thread each).  Its row is NAME (ct2 QUANTIZATION), next to NAME's.
+
+--model-dir FOLDER --src-text TEXT scores what a user ships and runs: a
+model folder of ``fairseq-kd export --format ctranslate2`` translating raw
+source text exactly as ``fairseq-kd translate`` does (the folder's own
+SentencePiece model, sources longer than the model's maximum cut and
+counted); no --data is read.  Its row is NAME (ct2 QUANTIZATION raw text),
+its parameters those of --checkpoint, else of the checkpoint it was made from.
+
+--latency N (CTranslate2 rows) also times N sentences translated one at a
+time (batch size 1, the interactive case, every core on the one sentence,
+after a warm-up) and records the median and p90 milliseconds per sentence.
 """
 import glob
 import os
@@ -29,15 +40,20 @@ from fairseq_kd.evaluation import Evaluation, evaluate
 
 
 def add_arguments(p):
-    p.add_argument("--data", required=True, help="fairseq binary data folder")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint to evaluate")
+    p.add_argument("--data", help="fairseq binary data folder (not with --model-dir)")
+    p.add_argument("--checkpoint",
+                   help="model checkpoint to evaluate (with --model-dir: whose parameters to count; "
+                   "default: the checkpoint the folder was made from)")
+    p.add_argument("--model-dir", help="score this model folder (fairseq-kd export --format ctranslate2) "
+                   "on raw text, as fairseq-kd translate translates it, instead of a checkpoint on --data")
+    p.add_argument("--src-text", help="--model-dir: raw source text, one sentence a line, aligned with --ref")
     p.add_argument("--name", required=True, help="system name in the results file")
     p.add_argument("--ref", required=True, help="detokenized reference of the split")
     p.add_argument("--results", required=True, help="JSON file to update")
     p.add_argument("--gen-subset", default="test", help="split of --data to translate (default: %(default)s)")
     p.add_argument("--beam", type=int, default=5, help="beam size of the beam-search run (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="sentences per batch (default: 128; with --backend ctranslate2, 24 on CPU)")
+                   help="sentences per batch (default: 128; with --backend ctranslate2 or --model-dir, 24 on CPU)")
     p.add_argument("--max-len-a", type=float, default=1.5,
                    help=f"hypotheses stop at a * source tokens + b (default: %(default)s). {MAX_LEN_WHY}")
     p.add_argument("--max-len-b", type=int, default=10, help="(default: %(default)s)")
@@ -51,7 +67,11 @@ def add_arguments(p):
                    help="fairseq-generate, or the checkpoint converted to CTranslate2 "
                    "(default: %(default)s)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
-                   help="--backend ctranslate2: the model's weights (default: %(default)s)")
+                   help="--backend ctranslate2: the model's weights (default: %(default)s; "
+                   "--model-dir: the folder's own)")
+    p.add_argument("--latency", type=int, default=0, metavar="N",
+                   help="CTranslate2 rows: also time N sentences translated one at a time (batch size 1) "
+                   "and record the median and p90 ms per sentence (default: %(default)s = not measured)")
 
 
 def check_inputs(args):
@@ -60,21 +80,39 @@ def check_inputs(args):
     if args.batch_size is None:
         args.batch_size = default_batch_size(args)
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    require(args.latency == 0 or args.latency >= 2, f"--latency must be 0 or >= 2 sentences, got {args.latency}")
     require(os.path.isfile(args.ref), f"--ref: reference file not found: {args.ref}")
+    if args.model_dir:
+        check_model_dir_inputs(args)
+        return
+    require(args.data and args.checkpoint, "--data and --checkpoint are required (or --model-dir and --src-text)")
+    require(args.latency == 0 or args.backend == "ctranslate2",
+            "--latency is measured on CTranslate2 rows (--backend ctranslate2 or --model-dir)")
     require(os.path.isdir(args.data), f"--data: data folder not found: {args.data}")
     require(glob.glob(os.path.join(glob.escape(args.data), f"{args.gen_subset}.*-*.*.idx")),
             f"--data: no binarized '{args.gen_subset}' split in {args.data} "
             f"(expected {args.gen_subset}.SRC-TGT.SRC.idx/.bin from fairseq-preprocess)")
 
 
+def check_model_dir_inputs(args):
+    """--model-dir reads raw text, not a binarized split: no --data, a --src-text as long as --ref."""
+    from fairseq_kd.evaluation import read_lines
+
+    require(not args.data, "--model-dir translates --src-text, not --data: give one of them")
+    require(args.src_text, "--model-dir needs --src-text (the raw source text of --ref)")
+    require(os.path.isfile(args.src_text), f"--src-text: file not found: {args.src_text}")
+    sources, refs = len(read_lines(args.src_text)), len(read_lines(args.ref))
+    require(sources == refs, f"--src-text has {sources} lines, --ref {refs}")
+
+
 def default_batch_size(args):
     """128 sentences, as fairseq-generate is run here; CTranslate2's own size on its device."""
-    if args.backend != "ctranslate2":
+    if args.backend != "ctranslate2" and not args.model_dir:
         return 128
     from fairseq_kd.deploy.ct2 import default_batch_size as ct2_batch_size
-    from fairseq_kd.evaluation import cuda_available_to_ct2
+    from fairseq_kd.evaluation import ct2_device
 
-    return ct2_batch_size("cpu" if args.cpu or not cuda_available_to_ct2() else "cuda")
+    return ct2_batch_size(ct2_device(args))
 
 
 def run(args):

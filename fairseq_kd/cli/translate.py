@@ -4,6 +4,9 @@ Reads raw sentences, one a line (--input files, or stdin), applies the
 folder's SentencePiece model, translates with CTranslate2 (beam search, or
 greedy with --beam 1) and writes the detokenized translations, one a line in
 input order (--output, or stdout; an empty line gives an empty line).
+An input longer than the model's maximum source length (in pieces) is
+translated from its first pieces only; how many were is said on stderr at
+the end, and --refuse-long makes such an input an error instead.
 Neither fairseq nor torch is loaded.
 
   fairseq-kd translate --model student_ct2 < input.es > output.en
@@ -41,6 +44,9 @@ def add_arguments(p):
                    help="CPU: batches translated at once, one thread each (default: %(default)s = all cores)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where CTranslate2 translates (default: %(default)s)")
+    p.add_argument("--refuse-long", action="store_true",
+                   help="fail (translating nothing) when an input is longer than the model's maximum "
+                   "source length in pieces, instead of translating its first pieces and saying so")
     p.add_argument("--no-progress-bar", action="store_true",
                    help="no progress bar (one is shown on stderr when reading --input files)")
 
@@ -72,14 +78,20 @@ def run(args):
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     folder = ModelFolder(args.model)
     lines = read_inputs(args.input)
+    pieces = folder.encode(lines)
+    long = folder.too_long(pieces)
+    if long and args.refuse_long:
+        raise KDError(f"--refuse-long: {len(long)} of {len(lines)} inputs are longer than the model's maximum "
+                      f"of {folder.max_source} pieces (the first is line {long[0] + 1}, "
+                      f"{len(pieces[long[0]])} pieces)")
     threads = args.threads or usable_cores()
     translator = load_translator(folder.path, args.device, threads=1,
                                  parallel=threads if args.device == "cpu" else 1)
     started = time.perf_counter()
     with tqdm(total=len(lines), unit="sent", disable=args.no_progress_bar or not args.input or None,
               file=sys.stderr) as bar:
-        out = folder.translate(translator, lines, args.batch_size, progress=bar.update, beam=args.beam,
-                               lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
+        out = folder.translate_pieces(translator, pieces, args.batch_size, progress=bar.update, beam=args.beam,
+                                      lenpen=args.lenpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b)
     seconds = time.perf_counter() - started
     text = "".join(line + "\n" for line in out)
     if args.output:
@@ -90,4 +102,6 @@ def run(args):
               f"sentences/s) -> {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if long:  # on stderr, last: where a user sees it after the progress bar and the speed
+        print(folder.truncation_note(len(long), len(lines)), file=sys.stderr)
     return 0

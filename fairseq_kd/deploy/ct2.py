@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -166,22 +167,42 @@ def translate_in_order(translator, sources, batch_size, progress=lambda n: None,
     return out
 
 
-def translate_binarized(translator, data_dir, split, src, tgt, batch_size, post_process, **options):
-    """Translate a binarized split (as fairseq-generate): (detokenized hypotheses in order, sentences/s).
+def latency_ms(translator, sources, warmup=3, **options):
+    """Milliseconds each of ``sources`` (token lists) takes translated alone, in order.
 
-    The speed counts translation only, not loading, like fairseq-generate's.
+    Batch size 1, one sentence after the other: the interactive case, which
+    throughput (big length-sorted batches, several at once) says nothing
+    about.  The first ``warmup`` sources are translated once untimed before,
+    so that one-off allocations do not count as a sentence's latency.
     """
-    from fairseq.data import data_utils
+    def translate(source):
+        translator.translate_batch([source], **decoding_options(longest_source=len(source) + 1, **options))
 
+    for source in sources[:warmup]:
+        translate(source)
+    times = []
+    for source in sources:
+        started = time.perf_counter()
+        translate(source)
+        times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def latency_summary(times_ms):
+    """{"sentences", "median_ms", "p90_ms"} of per-sentence latencies (p90 interpolated, as numpy's)."""
+    require(len(times_ms) >= 2, f"latency needs at least 2 sentences, got {len(times_ms)}")
+    p90 = statistics.quantiles(times_ms, n=10, method="inclusive")[8]
+    return {"sentences": len(times_ms), "median_ms": round(statistics.median(times_ms), 2),
+            "p90_ms": round(p90, 2)}
+
+
+def binarized_sources(data_dir, split, src, tgt):
+    """The source tokens (without </s>) of a binarized split, in order."""
     from fairseq_kd.corpus.data import SplitData
 
     data = SplitData(argparse.Namespace(data=data_dir, source_lang=src, target_lang=tgt, split=split))
     symbols = data.src_dict.symbols
-    sources = [[symbols[t] for t in data.src[i][:-1].tolist()] for i in range(len(data))]
-    started = time.perf_counter()
-    hyps = translate_in_order(translator, sources, batch_size, **options)
-    speed = len(hyps) / max(time.perf_counter() - started, 1e-9)
-    return [data_utils.post_process(" ".join(h), post_process) for h in hyps], speed
+    return [[symbols[t] for t in data.src[i][:-1].tolist()] for i in range(len(data))]
 
 
 # ---------------------------------------------------------------- model folders
@@ -249,8 +270,29 @@ class ModelFolder:
         self.spm = sentencepiece.SentencePieceProcessor(model_file=spm_file)
         self.max_source = int(self.info.get("max_source_tokens", 1024)) - 1  # room for </s>
 
-    def translate(self, translator, lines, batch_size, progress=lambda n: None, **options):
-        """Raw lines -> raw translations, in order; ``progress(n)`` after each n lines."""
-        pieces = [self.spm.encode(line.strip(), out_type=str)[: self.max_source] for line in lines]
+    def encode(self, lines):
+        """The SentencePiece pieces of raw lines, whole (:meth:`translate_pieces` cuts long ones)."""
+        return [self.spm.encode(line.strip(), out_type=str) for line in lines]
+
+    def too_long(self, pieces):
+        """Indices of the sources (pieces) longer than the model's maximum, which get cut."""
+        return [i for i, p in enumerate(pieces) if len(p) > self.max_source]
+
+    def truncation_note(self, truncated, total):
+        """The line that says how many inputs were cut to the model's maximum."""
+        return (f"{truncated} of {total} inputs were longer than the model's maximum of "
+                f"{self.max_source} pieces and were truncated")
+
+    def translate_pieces(self, translator, pieces, batch_size, progress=lambda n: None, **options):
+        """Sources (pieces) -> raw translations, in order; ``progress(n)`` after each n sources.
+
+        Sources beyond the model's maximum are cut to it: the model has no
+        position embeddings past it (:meth:`too_long` finds them beforehand).
+        """
+        cut = [p[: self.max_source] for p in pieces]
         return [sentencepiece_postprocess(h)
-                for h in translate_in_order(translator, pieces, batch_size, progress, **options)]
+                for h in translate_in_order(translator, cut, batch_size, progress, **options)]
+
+    def translate(self, translator, lines, batch_size, progress=lambda n: None, **options):
+        """Raw lines -> raw translations, in order (:meth:`translate_pieces`)."""
+        return self.translate_pieces(translator, self.encode(lines), batch_size, progress, **options)
