@@ -1,14 +1,29 @@
 """Offline teacher cache: the teacher's top-k distributions, computed once.
 
-``fairseq-kd cache-teacher`` (:mod:`fairseq_kd.teacher_cache_build`) runs the teacher (or ensemble) over binarized
-splits on gold prefixes and stores, for every target token, its k most
-probable token ids and their **T=1 log-probabilities** (log of the ensemble's
-averaged probabilities), sorted best first.  ``translation_kd --teacher-cache
-DIR`` then serves ``TeacherDistribution(scores=log-probs, index=ids)`` for each
-batch; the loss applies the temperature as ``softmax(scores / T)`` over the k
-tokens, which equals the online top-k teacher at temperature T exactly
-(softmax is invariant to the shift by log Z), so one cache serves every T
-and every ``--kd-topk`` up to k (the top of the cached k).
+``fairseq-kd cache-teacher`` (:mod:`fairseq_kd.teacher_cache_build`) runs
+the teacher (or ensemble) over binarized splits on the prefixes of their
+targets (teacher forcing) and stores, for every target token, its k most
+probable token ids and their **T=1 log-probabilities** (log of the
+ensemble's averaged probabilities), sorted best first.  ``translation_kd
+--teacher-cache DIR`` then serves ``TeacherDistribution(scores=log-probs,
+index=ids)`` for each batch; the loss applies the temperature as
+``softmax(scores / T)`` over the k tokens, which equals the online top-k
+teacher at temperature T exactly (softmax is invariant to the shift by
+log Z), so one cache serves every T and every ``--kd-topk`` up to k (the
+top of the cached k).
+
+The cache holds the teacher on the prefixes of the *targets of the folder it
+was built over*, and serves ``sample["target"]`` of the batches of that
+folder.  Hence which folder to build it over depends on the criterion:
+
+* ``word_kd``, ``hybrid_kd`` (its ``L_tok`` and ``--gate-complexity
+  teacher_entropy``), ``ckd``/``a2d`` without their extra terms: the gold
+  training folder DATA (``hybrid_kd``'s ``sample["distilled"]`` never reaches
+  the cache: it reads the teacher on the gold prefixes only);
+* ``seq_kd --word-kd-alpha a`` (Seq-KD + Word-KD), trained on the distilled
+  folder of ``fairseq-kd corpus``: that folder, whose training targets are
+  the teacher's translations, so the cache holds the teacher on its own
+  output prefixes.
 
 Layout of a cache directory (one set of ``.npy`` files per split, memory-mapped):
 
@@ -159,8 +174,9 @@ _NEEDS_MODEL = ("this criterion needs the teacher model itself (its hidden state
 class TeacherCache(TeacherSource):
     """Read side of a cache directory: ``translation_kd --teacher-cache``'s teacher.
 
-    Serves :meth:`distribution` as the online teacher does (on gold prefixes
-    only); :meth:`forward` and :meth:`model` are one-line errors.
+    Serves :meth:`distribution` as the online teacher does, on the prefixes of
+    the batch's own targets only (those of the folder the cache was built
+    over); :meth:`forward` and :meth:`model` are one-line errors.
     """
 
     def __init__(self, directory):
@@ -179,6 +195,18 @@ class TeacherCache(TeacherSource):
     @property
     def splits(self):
         return sorted(self.meta["splits"])
+
+    @property
+    def built_from(self):
+        """The data folder the cache was built over (absolute, as at build time)."""
+        return self.meta.get("data", "?")
+
+    def check_topk(self, topk):
+        """``--kd-topk`` must be one the cache can serve: 1..k (criterions check at build time)."""
+        require(topk > 0, f"--kd-topk 0 asks for the teacher's full distribution, but the "
+                f"teacher cache holds its top {self.k}: pass --kd-topk {self.k} (or less)")
+        require(topk <= self.k, f"--kd-topk {topk} is larger than the teacher cache's k = "
+                f"{self.k}: pass --kd-topk {self.k} or less, or rebuild the cache with --topk {topk}")
 
     def check_dictionaries(self, src_dict, tgt_dict):
         self._pads = (src_dict.pad(), tgt_dict.pad())
@@ -202,9 +230,11 @@ class TeacherCache(TeacherSource):
         require(tgt_sizes is not None, f"split '{split}' has no target side: nothing to distil")
         n, tokens = len(dataset), int(np.asarray(tgt_sizes, dtype=np.int64).sum())
         require(n == info["sentences"] and tokens == info["tokens"],
-                f"teacher cache {self.directory} was built from a '{split}' split of "
-                f"{info['sentences']:,} sentences / {info['tokens']:,} target tokens, the data "
-                f"has {n:,} / {tokens:,}: rebuild the cache on this data")
+                f"teacher cache {self.directory} was built from the '{split}' split of "
+                f"{self.built_from} ({info['sentences']:,} sentences / {info['tokens']:,} target "
+                f"tokens), the data has {n:,} / {tokens:,}: build the cache over the folder "
+                f"training reads (hybrid_kd, word_kd: the gold DATA; seq_kd --word-kd-alpha: "
+                f"the distilled corpus)")
         self._open(split)
 
     def _open(self, split):
@@ -222,8 +252,8 @@ class TeacherCache(TeacherSource):
                 return self._splits[name]
             reasons.append(f"split '{name}': {why}")
         require(False, f"teacher cache {self.directory} does not match this batch: "
-                f"{'; '.join(reasons)}. The cache was built from other data or other "
-                f"data options (--truncate-source, ...): rebuild it")
+                f"{'; '.join(reasons)}. The cache was built from other data ({self.built_from}) "
+                f"or other data options (--truncate-source, ...): rebuild it")
 
     def forward(self, net_input, like=None, capture=None):
         require(False, _NEEDS_MODEL)
@@ -237,14 +267,12 @@ class TeacherCache(TeacherSource):
         float32: ``scores`` are the teacher's T=1 log-probs of its top ``topk``
         (``like`` is not used)."""
         require(net_input is None or net_input is sample["net_input"],
-                "--teacher-cache holds the teacher on the gold prefixes only; this "
-                "criterion runs the teacher on other inputs: pass --teacher-path instead")
+                "--teacher-cache holds the teacher on the prefixes of the training data's "
+                "targets only; this criterion runs the teacher on other inputs: pass "
+                "--teacher-path instead")
         require(self._pads is not None, "TeacherCache.check_dictionaries must run first")
         src_pad, tgt_pad = self._pads
-        require(topk > 0, f"--kd-topk 0 asks for the teacher's full distribution, but the "
-                f"teacher cache holds its top {self.k}: pass --kd-topk {self.k} (or less)")
-        require(topk <= self.k, f"--kd-topk {topk} is larger than the teacher cache's k = "
-                f"{self.k}: pass --kd-topk {self.k} or less, or rebuild the cache with --topk {topk}")
+        self.check_topk(topk)
         target = sample["target"]
         mask = target.detach().ne(tgt_pad).cpu().numpy()
         ids = sample["id"].detach().cpu().numpy().astype(np.int64)

@@ -191,7 +191,8 @@ def test_other_split_size_or_dictionary_is_an_error(tiny_data, cache32, tmp_path
         f: bin_ / f.replace("train.", "valid.") for f in os.listdir(bin_) if f.startswith("train.")})
     _, task, _, _ = build_training(small, "--task", "translation_kd", "--teacher-cache", cache32[0],
                                    *STUDENT_ARCH, *WORD_KD, "--kd-topk", "8")
-    with pytest.raises(KDError, match=r"built from a 'train' split of 600 sentences .* the data has 60 /"):
+    with pytest.raises(KDError, match=r"built from the 'train' split of \S+ \(600 sentences "
+                                      r".* the data has 60 /"):
         task.load_dataset("train")
     # same size, two symbols swapped
     lines = (bin_ / "dict.en.txt").read_text(encoding="utf-8").splitlines()
@@ -213,9 +214,12 @@ def cached_training(tiny_data, cache, *args):
     ("9", r"--kd-topk 9 is larger than the teacher cache's k = 8"),
 ])
 def test_topk_the_cache_cannot_serve_is_an_error(tiny_data, cache32, topk, message):
-    _, task, model, criterion = cached_training(tiny_data, cache32[0], *WORD_KD, "--kd-topk", topk)
+    """When the criterion is built (before any data is read), and when a batch asks."""
     with pytest.raises(KDError, match=message):
-        criterion(model, first_batch(task))
+        cached_training(tiny_data, cache32[0], *WORD_KD, "--kd-topk", topk)
+    _, task, model, _ = cached_training(tiny_data, cache32[0], *WORD_KD, "--kd-topk", "8")
+    with pytest.raises(KDError, match=message):
+        task.teacher.distribution(first_batch(task), int(topk), like=model)
 
 
 @pytest.mark.parametrize("criterion,kd_term", [

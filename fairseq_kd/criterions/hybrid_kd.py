@@ -39,7 +39,8 @@ measures (both available at training time, both computed without gradient):
   the student a blend of modes at every position, while the teacher's
   translation commits to one mode, which is the case sequence-level KD is
   argued for (Kim & Rush 2016; a multi-modal target is "harder text" in Wei
-  et al.'s sense).  It needs the teacher, which word-level KD runs anyway.
+  et al.'s sense).  It needs the teacher (or its cache, below), which
+  word-level KD uses anyway.
 * ``source_length``: the number of source tokens; longer sentences are harder
   to translate and to decode (Wei et al.'s "harder decoding"), and the
   measure needs no teacher.  fairseq batches sentences of similar lengths, so
@@ -125,6 +126,18 @@ zero (the gate waits one update); the complexity offsets wait for the
 warm-up.  The gate objective adds zero to the reported loss (it enters as
 ``J - J.detach()``): ``loss`` is L.
 
+Teacher cache: the teacher is used on the gold prefixes only (the KL of
+L_tok and ``teacher_entropy``), so ``--teacher-cache DIR`` built by
+``fairseq-kd cache-teacher`` over the gold DATA folder replaces it; the
+distilled targets need no teacher.  The cache is looked up by the batch's
+``id`` and gold ``target`` (``sample["distilled"]`` is never read), and a
+cache built over the ``--distilled-data`` folder is refused at start-up.
+With the cache's top k, the complexity is the entropy of the renormalised
+top k (the same as the online teacher with ``--kd-topk k``; with
+``--kd-topk 0`` the online teacher gives the full-vocabulary entropy, which
+a cache cannot), and a cached run equals an online run with the same
+``--kd-topk`` (tests/test_teacher_cache_distilled.py).
+
 DDP: the student runs once, on gold and distilled targets stacked along the
 batch dimension (``model(**net_input)`` with 2B rows; causal self-attention
 makes right-padding the shorter targets harmless), so DDP sees one forward
@@ -190,8 +203,9 @@ class HybridKDConfig(WordKDOptions):
     gate_complexity: COMPLEXITY_CHOICES = field(
         default="teacher_entropy",
         metadata={"help": "complexity of a sentence for --gate complexity: teacher_entropy "
-                  "(mean entropy of the teacher on the gold target's positions) or "
-                  "source_length (source tokens)"},
+                  "(mean entropy of the teacher on the gold target's positions; of its "
+                  "renormalised top k with --kd-topk k, as from a --teacher-cache) or "
+                  "source_length (source tokens, no teacher)"},
     )
     gate_complexity_spread: float = field(
         default=1.0,

@@ -11,6 +11,11 @@ needed (``--task translation`` works).  With a > 0 it is Seq-KD + Word-KD:
 the teacher is run on the targets of the distilled corpus, i.e. on its own
 output prefixes.  The maths are ``word_kd``'s (:func:`fairseq_kd.losses.word_kd_loss`,
 through the base class's skeleton); only the flag of alpha differs.
+
+Instead of running the teacher, ``--teacher-cache DIR --kd-topk k`` reads its
+top-k from a cache built over the *distilled* folder (``fairseq-kd
+cache-teacher DISTILLED``): that folder's training targets are y_hat, so the
+cache holds q(.|x, y_hat<j), the same as the online teacher with --kd-topk k.
 """
 from dataclasses import dataclass, field
 

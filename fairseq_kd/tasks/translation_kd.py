@@ -53,6 +53,15 @@ def bleu_has_hypotheses(logging_outputs):
     return sum(log.get(key, 0) for log in logging_outputs) > 0
 
 
+def check_cache_not_over_distilled(cache, distilled_data):
+    """With --distilled-data the cache serves the gold targets' prefixes (``sample["target"]``),
+    so it must be built over DATA; a cache of the distilled folder is the usual mix-up."""
+    require(os.path.realpath(cache.built_from) != os.path.realpath(distilled_data),
+            f"--teacher-cache {cache.directory} was built over the --distilled-data folder "
+            f"{distilled_data}, but it is read on the gold targets of DATA (the teacher's "
+            f"distribution on gold prefixes): build it with fairseq-kd cache-teacher DATA")
+
+
 @dataclass
 class TranslationKDConfig(TranslationConfig):
     teacher_path: Optional[str] = field(
@@ -91,7 +100,8 @@ class TranslationKDConfig(TranslationConfig):
     teacher_cache: Optional[str] = field(
         default=None,
         metadata={
-            "help": "directory written by 'fairseq-kd cache-teacher': read the teacher's "
+            "help": "directory written by 'fairseq-kd cache-teacher' over DATA (for "
+            "--distilled-data too: the cache serves the gold targets): read the teacher's "
             "cached top-k distributions instead of running a teacher (no teacher is "
             "loaded; use --kd-topk <= the cache's k)"
         },
@@ -140,6 +150,8 @@ class TranslationKDTask(TranslationTask, KDTask):
             task.teacher = cache
         if cfg.distilled_data:
             task._check_distilled_data_dir()
+            if cache is not None:
+                check_cache_not_over_distilled(cache, cfg.distilled_data)
         return task
 
     def build_model(self, cfg, from_checkpoint=False):
@@ -154,6 +166,11 @@ class TranslationKDTask(TranslationTask, KDTask):
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
         check_criterion(self, criterion, cfg._name, self.student_logits)
+        topk = getattr(criterion, "topk", None)
+        if isinstance(self.teacher, TeacherCache) and getattr(criterion, "needs_teacher", False) \
+                and topk is not None:
+            # now, not at the first batch after the data has loaded
+            self.teacher.check_topk(topk)
         return criterion
 
     def max_positions(self):
