@@ -9,7 +9,8 @@ test can check them against a brute-force formula.
 * :mod:`~fairseq_kd.losses.attention`: attention-map KL (``a2d``);
 * :mod:`~fairseq_kd.losses.layers`: normalised layer MSE (``ckd``);
 * :mod:`~fairseq_kd.losses.hybrid`: per-sentence terms, gated mix, gate
-  objective and complexity (``hybrid_kd``).
+  objective and complexity (``hybrid_kd``);
+* :mod:`~fairseq_kd.losses.jsd`: the generalized JSD(beta) (``onpolicy_kd``).
 
 Conventions (Kim & Rush 2016; Hinton et al. 2015):
 
@@ -51,6 +52,7 @@ from fairseq_kd.losses.word import (
     token_losses,
     word_kd_loss,
 )
+from fairseq_kd.losses.jsd import jsd_kd_loss, jsd_rows, log_mixture_ratios
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "NORM_EPS", "TeacherDistribution", "attention_kl",
@@ -59,4 +61,5 @@ __all__ = [
     "kd_kl_divergence", "kd_kl_rows", "layer_kd_loss", "mix_word_kd", "normalized_mse",
     "optimal_gate", "sentence_means", "standardized", "teacher_entropy_rows",
     "token_losses", "word_kd_loss",
+    "jsd_kd_loss", "jsd_rows", "log_mixture_ratios",
 ]
