@@ -389,8 +389,19 @@ def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_p
     names = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in trained]
     assert names == ["student_" + m for m in ("baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd",
                                                "ckd", "a2d", "seq_inter", "pruned_seq_kd")]
+    # word-level terms read the teacher's top-8 from caches built once over the folder each trains on
+    caches = {train_option(c, "--out").rsplit("/", 1)[1]: c[2].rsplit("/", 1)[1]
+              for c in cmds if c[1:2] == ["cache-teacher"]}
+    assert caches == {"teacher_cache": "bin", "teacher_cache_distilled": "distilled"}
+    cached = {"student_word_kd": "teacher_cache", "student_hybrid_kd": "teacher_cache",
+              "student_seq_word_kd": "teacher_cache_distilled"}
+    for name, cmd in zip(names, trained):
+        if name in cached:
+            assert train_option(cmd, "--teacher-cache").rsplit("/", 1)[1] == cached[name]
+            assert train_option(cmd, "--kd-topk") == "8" and "--teacher-path" not in cmd
+        else:
+            assert train_option(cmd, "--teacher-path") == str(teacher / "teacher.pt")
     for cmd in trained:
-        assert train_option(cmd, "--teacher-path") == str(teacher / "teacher.pt")
         assert "--eval-bleu" in cmd and train_option(cmd, "--best-checkpoint-metric") == "bleu"
         assert "--maximize-best-checkpoint-metric" in cmd and "--no-epoch-checkpoints" not in cmd
         assert json.loads(train_option(cmd, "--eval-bleu-args"))["beam"] == 1
@@ -527,3 +538,10 @@ def test_custom_recipe_keeps_each_profiles_work_in_its_own_folder(tmp_path):
         out = run_recipe("custom", {**base, "PROFILE": profile}, "prepare").stdout
         folders.add(re.search(r"work folder (\S+),", out).group(1))
     assert {f.rsplit("/", 1)[1] for f in folders} == {"custom_de-en", "custom_de-en_cpu", "custom_de-en_cpu_converged"}
+
+
+def test_onpolicy_kd_is_a_method_name_trained_on_the_distilled_corpus(tmp_path):
+    cmds = dry_run_commands("bible_es_en", tmp_path, "students", PROFILE="cpu", METHODS="onpolicy_kd")
+    train, = [c for c in cmds if c[0] == "fairseq-train"]
+    assert check_options(train) == ("transformer_student_tiny", "onpolicy_kd")
+    assert train[1].endswith("/distilled") and train_option(train, "--jsd-beta") == "0.5"

@@ -7,6 +7,8 @@
 #   teacher   fairseq-train, early stopping on valid loss             -> $WORK/teacher
 #             (skipped with TEACHER_PATH: spm and binarize then use its vocabulary)
 #   corpus    fairseq-kd corpus: Seq-KD (beam) and Seq-Inter corpora, sharded over the GPUs
+#   cache     fairseq-kd cache-teacher: the teacher's top-$CACHE_TOPK distributions for the
+#             methods in $CACHE_METHODS (gold folder, or the distilled one for seq_word_kd)
 #   students  fairseq-train, one student per method in $METHODS, $STUDENT_JOBS at once
 #   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
 #   export    fairseq-kd export: every student's $STUDENT_CHECKPOINT checkpoint (best or last)
@@ -28,7 +30,7 @@
 # redo a step.  `run.sh STEP...` runs only the named steps; DRY_RUN=1 prints
 # the commands instead of running them.
 
-PIPELINE_STEPS="prepare spm binarize teacher corpus students prune export evaluate report"
+PIPELINE_STEPS="prepare spm binarize teacher corpus cache students prune export evaluate report"
 NAMED_STEPS="ship"  # run only when named: `run.sh ship`
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
@@ -226,6 +228,38 @@ step_corpus() {
   fi
 }
 
+# uses_cache METHOD: whether METHOD reads the teacher's cached distributions (CACHE_METHODS)
+uses_cache() { [[ " $CACHE_METHODS " == *" $1 "* ]]; }
+
+# The cache a method reads: over the folder it trains on (its target prefixes).
+cache_dir() {
+  case $1 in
+    seq_word_kd) echo "$WORK/teacher_cache_distilled" ;;
+    *) echo "$WORK/teacher_cache" ;;
+  esac
+}
+
+# cache_teacher DATA OUT: the teacher's top-k distributions on DATA's train and valid targets.
+cache_teacher() {
+  local data=$1 out=$2 name; name=$(basename "$2")
+  if is_done "$name"; then skip "$name"; return; fi
+  log "cache $name: top-$CACHE_TOPK of the teacher over $(basename "$data") (log: $WORK/logs/$name.log)"
+  run_logged "$WORK/logs/$name.log" fairseq-kd cache-teacher "$data" --teacher-path "$(teacher_checkpoint)" \
+    -s "$SRC" -t "$TGT" --out "$out" --splits train,valid --topk "$CACHE_TOPK" --dtype float16 \
+    --max-tokens "$MAX_TOKENS" --no-progress-bar "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}"
+  mark_done "$name"
+}
+
+step_cache() {
+  local m out built=" "
+  for m in $METHODS; do
+    uses_cache "$m" || continue
+    out=$(cache_dir "$m")
+    [[ "$built" == *" $out "* ]] || cache_teacher "$(method_data "$m")" "$out"
+    built+="$out "
+  done
+}
+
 # Method settings: config.sh (or the environment) may set ARGS_<method>;
 # these defaults are the settings of the README's examples.
 : "${ARGS_baseline=}"
@@ -233,6 +267,8 @@ step_corpus() {
 : "${ARGS_seq_kd=}"
 : "${ARGS_seq_inter=}"
 : "${ARGS_seq_word_kd=--word-kd-alpha 0.5 --kd-temperature 1}"
+# on-policy distillation (GKD) with the distilled corpus as its supervised branch; in no profile's METHODS
+: "${ARGS_onpolicy_kd=--onpolicy-ratio 0.5 --jsd-beta 0.5}"
 : "${ARGS_hybrid_kd=--gate complexity --kd-temperature 1}"
 # the same mixture with a fixed gate: does the learned gate earn its place?
 : "${ARGS_hybrid_fixed=--gate fixed --gate-value 0.5 --kd-temperature 1}"
@@ -242,7 +278,7 @@ step_corpus() {
 # The data folder and fairseq-train options of one method.
 method_data() {
   case $1 in
-    seq_kd | seq_word_kd) echo "$WORK/distilled" ;;
+    seq_kd | seq_word_kd | onpolicy_kd) echo "$WORK/distilled" ;;
     seq_inter) echo "$WORK/distilled_inter" ;;
     *) echo "$WORK/bin" ;;
   esac
@@ -252,13 +288,17 @@ method_data() {
 # use it (so ARGS_seq_kd="--word-kd-alpha 0.5" works too) and --prune-mask.
 method_args() {
   local extra_var="ARGS_$1"
-  echo "--task translation_kd --teacher-path $(teacher_checkpoint)"
+  if uses_cache "$1"; then
+    echo "--task translation_kd --teacher-cache $(cache_dir "$1") --kd-topk $CACHE_TOPK"
+  else
+    echo "--task translation_kd --teacher-path $(teacher_checkpoint)"
+  fi
   case $1 in
     baseline) echo "--criterion label_smoothed_cross_entropy" ;;
-    word_kd | ckd | a2d) echo "--criterion $1" ;;
+    word_kd | ckd | a2d | onpolicy_kd) echo "--criterion $1" ;;
     seq_kd | seq_inter | seq_word_kd) echo "--criterion seq_kd" ;;
     hybrid_kd | hybrid_fixed) echo "--distilled-data $WORK/distilled --num-batch-buckets 0 --criterion hybrid_kd" ;;
-    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_word_kd seq_inter hybrid_kd hybrid_fixed ckd a2d)" ;;
+    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_word_kd seq_inter hybrid_kd hybrid_fixed ckd a2d onpolicy_kd)" ;;
   esac
   echo "${!extra_var:-}"
 }

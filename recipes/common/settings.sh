@@ -106,6 +106,13 @@ METHODS=${METHODS:-$(profile_value \
   "baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d" \
   "baseline seq_kd seq_word_kd word_kd hybrid_kd ckd a2d seq_inter")}
 
+# Methods whose word-level term reads the teacher's top-CACHE_TOPK distributions from an
+# offline cache (fairseq-kd cache-teacher, built once by the cache step) instead of running
+# the teacher at every update (an online teacher cost 2-3x per update on CPU); ckd and a2d
+# need the teacher's internals and stay online.
+CACHE_METHODS=${CACHE_METHODS-$(profile_value "" "" "word_kd seq_word_kd hybrid_kd hybrid_fixed")}
+CACHE_TOPK=${CACHE_TOPK:-8}
+
 # --- distilled corpora, pruning, evaluation
 BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
 SEQ_INTER_N=${SEQ_INTER_N:-$(profile_value 35 8)}  # Seq-Inter n-best size (Kim & Rush: 35)
