@@ -179,7 +179,8 @@ def test_teacher_whose_best_checkpoint_is_patience_epochs_old_is_not_resumed(tmp
 
 def test_unknown_profile_is_one_line_error(tmp_path):
     proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "WORK": str(tmp_path), "PROFILE": "tpu"}, check=False)
-    assert proc.returncode == 2 and proc.stderr.strip() == "bible_es_en: PROFILE must be gpu or cpu, not 'tpu'"
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "bible_es_en: PROFILE must be gpu, cpu or cpu_converged, not 'tpu'")
 
 
 def test_custom_recipe_refuses_missing_or_misaligned_data(tmp_path):
@@ -190,8 +191,8 @@ def test_custom_recipe_refuses_missing_or_misaligned_data(tmp_path):
     for split in ("train", "valid", "test"):
         (data / f"{split}.xx").write_text("a\nb\n")
         (data / f"{split}.yy").write_text("a\nb\n" if split != "valid" else "a\n")
-    proc = run_recipe("custom", {"DATA_DIR": str(data), "SRC": "xx", "TGT": "yy", "WORK": str(tmp_path / "w")},
-                      "prepare", check=False)
+    proc = run_recipe("custom", {"DATA_DIR": str(data), "SRC": "xx", "TGT": "yy", "WORK": str(tmp_path / "w"),
+                                 "GPUS": "cpu"}, "prepare", check=False)
     assert proc.returncode != 0 and f"custom: {data}/valid.xx has 2 lines but valid.yy has 1" in proc.stderr
 
 

@@ -288,6 +288,8 @@ method_data() {
 # use it (so ARGS_seq_kd="--word-kd-alpha 0.5" works too) and --prune-mask.
 method_args() {
   local extra_var="ARGS_$1"
+  # onpolicy_kd's loss is a divergence between two distributions: no label smoothing
+  [ "$1" = onpolicy_kd ] || echo "--label-smoothing $LABEL_SMOOTHING"
   if uses_cache "$1"; then
     echo "--task translation_kd --teacher-cache $(cache_dir "$1") --kd-topk $CACHE_TOPK"
   else
@@ -309,7 +311,7 @@ train_student() {
   if ! early_stopped "$WORK/student_$name" $STUDENT_TRAIN; then
     # shellcheck disable=SC2046,SC2086
     CUDA_VISIBLE_DEVICES=${gpus/#cpu/} train "student_$name" "$(method_data "$name")" \
-      --label-smoothing "$LABEL_SMOOTHING" $(method_args "$name") $STUDENT_ARGS $STUDENT_TRAIN \
+      $(method_args "$name") $STUDENT_ARGS $STUDENT_TRAIN \
       $STUDENT_VALID $STUDENT_SAVE
   fi
   mark_done "student_$name"
@@ -355,7 +357,7 @@ step_prune() {
   # shellcheck disable=SC2086
   if ! early_stopped "$WORK/student_$name" $PRUNE_TRAIN; then
     # shellcheck disable=SC2046,SC2086
-    train "student_$name" "$(method_data "$PRUNE_FROM")" --label-smoothing "$LABEL_SMOOTHING" \
+    train "student_$name" "$(method_data "$PRUNE_FROM")" \
       $(method_args "$PRUNE_FROM") --prune-mask "${out%.pt}.mask.pt" "${start[@]}" \
       $STUDENT_ARGS $PRUNE_TRAIN $STUDENT_VALID $STUDENT_SAVE
   fi
