@@ -3,14 +3,15 @@
 All translate the same binarized split with the same teacher, beam, length
 penalty and max length, end to end (process start, model and data loading,
 CTranslate2 conversion into an empty cache, decoding, writing the pieces
-file): stock fairseq-generate, fairseq-kd corpus with the fairseq backend,
-and with the ctranslate2 backend in float32 and int8.  Prints one row each:
-wall time, speed-up over stock, corpus BLEU against the gold target, and the
+file): stock fairseq-generate, fairseq-kd corpus as a new user runs it (no
+--backend: auto, which logs its choice), with the fairseq backend, and with
+the ctranslate2 backend in float32 and int8.  Prints one row each: wall
+time, speed-up over stock, corpus BLEU against the gold target, and the
 share of lines identical to stock fairseq's output.
 
   python benchmarks/corpus_throughput.py DATA --path TEACHER.pt -s es -t en \\
       --split train --beam 5 [--cpu] [--workers N] [--max-lines N] [--allocator-baseline] \\
-      [--backends fairseq,ctranslate2:float32,ctranslate2:int8]
+      [--backends default,fairseq,ctranslate2:float32,ctranslate2:int8]
 
 --max-lines translates only the first N lines (a copy of that slice of the
 split is made with fairseq's own dataset tools).  Run on a GPU when one is
@@ -19,6 +20,7 @@ fairseq-generate uses one process with torch's default threads).
 """
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,10 +47,9 @@ def env(extra=None):
     return e
 
 
-def timed(cmd, stdout=None, extra_env=None):
+def timed(cmd, stdout=None, extra_env=None, stderr=subprocess.DEVNULL):
     start = time.perf_counter()
-    subprocess.run([str(c) for c in cmd], check=True, env=env(extra_env), stdout=stdout,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run([str(c) for c in cmd], check=True, env=env(extra_env), stdout=stdout, stderr=stderr)
     return time.perf_counter() - start
 
 
@@ -99,12 +100,15 @@ def stock(args, data, work, extra_env=None):
 
 
 def ours(args, data, work, backend="fairseq"):
-    """fairseq-kd corpus with ``backend`` (fairseq, or ctranslate2:QUANTIZATION), into a fresh folder."""
+    """(row label, seconds, lines) of fairseq-kd corpus with ``backend`` (default: no
+    --backend; auto, fairseq, or ctranslate2:QUANTIZATION), into a fresh folder."""
     name, _, quantization = backend.partition(":")
     out = work / f"kd-{name}-{quantization}"
     cmd = [BIN / "fairseq-kd", "corpus", data, "--path", args.path, "--out", out, "--split", args.split,
            "-s", args.source_lang, "-t", args.target_lang, *decoding_args(args),
-           "--formats", "pieces", "--no-progress-bar", "--backend", name]
+           "--formats", "pieces", "--no-progress-bar"]
+    if name != "default":
+        cmd += ["--backend", name]
     if quantization:
         cmd += ["--quantization", quantization]
     if args.cpu:
@@ -113,8 +117,19 @@ def ours(args, data, work, backend="fairseq"):
         cmd += ["--workers", args.workers]
     if args.chunk_size:
         cmd += ["--chunk-size", args.chunk_size]
-    seconds = timed(cmd, extra_env={"FAIRSEQ_KD_CACHE": str(out / "cache")})  # conversion included
-    return seconds, (out / f"{args.split}.{args.target_lang}").read_text(encoding="utf-8").split("\n")[:-1]
+    log = work / f"kd-{name}-{quantization}.log"
+    with open(log, "w") as f:  # conversion included
+        seconds = timed(cmd, extra_env={"FAIRSEQ_KD_CACHE": str(out / "cache")}, stderr=f)
+    lines = (out / f"{args.split}.{args.target_lang}").read_text(encoding="utf-8").split("\n")[:-1]
+    return row_label(backend, log.read_text(encoding="utf-8")), seconds, lines
+
+
+def row_label(backend, log):
+    """The row's name; for --backend auto (the default) with the backend it logged choosing."""
+    label = ("fairseq-kd corpus, default" if backend == "default"
+             else f"fairseq-kd corpus --backend {backend.replace(':', ' ')}")
+    chosen = re.search(r"--backend auto: decoding with (\w+)(?: \((\w+)\))?:", log)
+    return f"{label} (auto: {' '.join(filter(None, chosen.groups()))})" if chosen else label
 
 
 def bleu(lines, data, args):
@@ -148,8 +163,9 @@ def main():
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--chunk-size", type=int, default=0, help="fairseq-kd corpus --chunk-size (default: its own)")
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--backends", default="fairseq,ctranslate2:float32,ctranslate2:int8",
-                   help="fairseq-kd corpus runs: fairseq and/or ctranslate2:QUANTIZATION, comma-separated")
+    p.add_argument("--backends", default="default,fairseq,ctranslate2:float32,ctranslate2:int8",
+                   help="fairseq-kd corpus runs, comma-separated: default (no --backend), auto, fairseq, "
+                        "ctranslate2:QUANTIZATION")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -159,7 +175,7 @@ def main():
         if args.allocator_baseline:
             rows.append(("fairseq-generate, allocator env", *stock(args, data, work, GLIBC_ALLOCATOR_ENV)))
         for backend in filter(None, args.backends.split(",")):
-            rows.append((f"fairseq-kd corpus --backend {backend.replace(':', ' ')}", *ours(args, data, work, backend)))
+            rows.append(ours(args, data, work, backend))
         print(f"{len(stock_lines)} lines, beam {args.beam}, {'CPU' if args.cpu else 'GPU if available'}, "
               f"{os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
               f"fairseq-kd --workers {args.workers or 'default'}\n")

@@ -52,11 +52,14 @@ def corpus(data_bin, teacher, out, *args, check=True):
     """``fairseq-kd corpus`` in this process (the same entry point, without a second start-up).
 
     One worker unless ``args`` says otherwise: on CPU the default is one per core,
-    each a new process to start.
+    each a new process to start.  The fairseq backend unless ``args`` name
+    another: these tests hold it to fairseq-generate's output line for line
+    (on CPU the default, auto, would choose CTranslate2).
     """
     workers = [] if "--workers" in args else ["--workers", "1"]
+    backend = [] if "--backend" in args else ["--backend", "fairseq"]
     argv = ["corpus", str(data_bin), "--path", str(teacher), "--out", str(out), "-s", "es", "-t", "en",
-            "--cpu", "--no-progress-bar", *DECODE, *workers, *map(str, args)]
+            "--cpu", "--no-progress-bar", *DECODE, *workers, *backend, *map(str, args)]
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = cli.main(argv)
@@ -165,7 +168,8 @@ def test_worker_processes_merge_to_the_unsharded_output(unsharded, odd_lines_dat
     ref, _ = unsharded
     run([tool("fairseq-kd"), "corpus", odd_lines_data, "--path", tiny_teacher, "--out", tmp_path,
          "-s", "es", "-t", "en", "--cpu", "--no-progress-bar", *DECODE, "--chunk-size", "4",
-         "--max-source-tokens", "200", "--workers", "2", "--num-shards", "3"])  # 2 processes, 3 shards
+         "--max-source-tokens", "200", "--workers", "2", "--num-shards", "3",  # 2 processes, 3 shards
+         "--backend", "fairseq"])
     for name in ("train.en", "train.es", "train.es-en.en.bin", "train.es-en.en.idx"):
         assert filecmp.cmp(tmp_path / name, ref / name, shallow=False), name
 
@@ -174,7 +178,7 @@ def corpus_command(data, teacher, out, *args):
     """A ``fairseq-kd corpus`` process translating one sentence per batch (slow enough to kill midway)."""
     return [tool("fairseq-kd"), "corpus", data, "--path", teacher, "--out", out, "-s", "es", "-t", "en",
             "--cpu", "--no-progress-bar", *DECODE, "--max-source-tokens", "200", "--batch-size", "1",
-            *map(str, args)]
+            "--backend", "fairseq", *map(str, args)]
 
 
 def kill_midway(cmd, work):

@@ -2,10 +2,9 @@
 
 Reads the fairseq-binarized split DATA/SPLIT.SRC-TGT.* (the student's data),
 translates every source line with the teacher (beam search by fairseq's own
-SequenceGenerator, same settings and results as fairseq-generate; or, with
---backend ctranslate2, by the teacher converted to CTranslate2, several times
-faster on CPU) and writes, line-aligned with the source (same lines, same
-order):
+SequenceGenerator, same settings and results as fairseq-generate; or by the
+teacher converted to CTranslate2, over twice as fast on CPU) and writes,
+line-aligned with the source (same lines, same order):
 
   bin     OUT/SPLIT.SRC-TGT.{SRC,TGT}.{bin,idx} + OUT/dict.*.txt: what
           fairseq-preprocess --srcdict/--tgtdict writes; the source files are
@@ -22,6 +21,12 @@ OUT/SPLIT.report.json.  --seq-inter N decodes an N-best list (beam N) and keeps
 the hypothesis with the highest sentence BLEU (sacrebleu) against the gold
 target.
 
+--backend auto (the default) decodes with CTranslate2 in float32 where its
+speed and agreement with fairseq were measured: on CPU, one checkpoint, no
+--unkpen, no --seq-inter, and a teacher it converts; elsewhere (a GPU, an
+ensemble, ...) with fairseq.  It logs which one and why; a resumed run keeps
+the backend it was begun with.  --backend fairseq or ctranslate2 chooses.
+
 --backend ctranslate2 converts the teacher once (cached under
 $FAIRSEQ_KD_CACHE/ct2 or ~/.cache/fairseq_kd/ct2, keyed by the checkpoint's
 checksum and --quantization) and decodes with the same settings; on CPU each
@@ -36,7 +41,7 @@ processes splitting the cores); --num-shards/--shard-id run one shard (e.g.
 one cluster job per shard); a run without --shard-id translates what is
 missing and merges.
 """
-from fairseq_kd.corpus.translators import BACKENDS
+from fairseq_kd.corpus.translators import AUTO, BACKENDS
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
 
 
@@ -52,11 +57,12 @@ def add_arguments(p):
     p.add_argument("--copy-splits", default="valid,test",
                    help="gold splits copied into OUT with the bin format, when they exist "
                         "(default: valid,test); '' copies none")
-    p.add_argument("--backend", choices=BACKENDS, default="fairseq",
-                   help="fairseq (default): fairseq's SequenceGenerator; ctranslate2: the teacher "
-                        "converted to CTranslate2 (one checkpoint, no --unkpen)")
+    p.add_argument("--backend", choices=(AUTO, *BACKENDS), default=AUTO,
+                   help="auto (default): ctranslate2 in float32 on CPU where it applies, else fairseq "
+                        "(logged with the reason); fairseq: fairseq's SequenceGenerator; ctranslate2: "
+                        "the teacher converted to CTranslate2 (one checkpoint, no --unkpen)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
-                   help="ctranslate2 backend: weights and computation type (default: float32, "
+                   help="ctranslate2 backend only: weights and computation type (default: float32, "
                         "float16 with --fp16)")
     g = p.add_argument_group("decoding (as fairseq-generate)")
     g.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
@@ -75,7 +81,7 @@ def add_arguments(p):
                    help="source tokens per batch (default: 12000, fairseq-generate's default)")
     g.add_argument("--batch-size", type=int, default=None,
                    help="sentences per batch at most (default: 1000, bounded by --max-tokens; "
-                        "24 with --backend ctranslate2 on CPU, where small batches decode faster)")
+                        "24 with the ctranslate2 backend on CPU, where small batches decode faster)")
     g.add_argument("--fp16", action="store_true", help="decode in fp16 (GPU)")
     g.add_argument("--cpu", action="store_true", help="do not use a GPU")
     g = p.add_argument_group("input lines")

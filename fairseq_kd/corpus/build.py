@@ -15,8 +15,8 @@ import time
 from fairseq_kd.allocator import keep_freed_memory
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.corpus.data import SplitData, chunk_ranges, shard_chunks
-from fairseq_kd.corpus.translators import CT2Translator, FairseqTranslator
-from fairseq_kd.errors import require
+from fairseq_kd.corpus.translators import AUTO, CT2Translator, FairseqTranslator
+from fairseq_kd.errors import KDError, require
 from fairseq_kd.processes import die_with_parent, usable_cores
 
 logger = logging.getLogger("fairseq_kd.corpus")
@@ -28,6 +28,9 @@ OUTPUT_SETTINGS = ("path", "data", "split", "source_lang", "target_lang", "beam"
                    "max_source_tokens", "long_inputs", "chunk_size", "fp16")
 # Recorded only for the ctranslate2 backend, so runs begun before it existed still resume.
 CT2_SETTINGS = ("backend", "quantization")
+# --backend auto's choice on CPU, and why it may be made there (benchmarks/README.md).
+AUTO_CPU_REASON = ("on CPU CTranslate2 decoded the shipped teacher over twice as fast as fairseq-generate, "
+                   "the same lines in float32 (benchmarks/README.md)")
 
 
 # ---------------------------------------------------------------- work folder
@@ -35,7 +38,7 @@ class WorkDir:
     """OUT/SPLIT.work: settings.json and one chunk-XXXXXX.json per finished chunk."""
 
     def __init__(self, args, n_lines):
-        self.path = os.path.join(args.out, f"{args.split}.work")
+        self.path = work_path(args)
         self.chunks = chunk_ranges(n_lines, args.chunk_size)
         self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
         self.settings["data"] = os.path.abspath(args.data)
@@ -53,15 +56,12 @@ class WorkDir:
                 old = json.load(f)
             changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
             # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
-            require(not changed or not self._any_chunk(),
+            require(not changed or not has_saved_chunk(self.path),
                     f"{self.path} holds a run with other settings ({', '.join(changed)}); "
                     "use another --out or delete that folder")
             if not changed:
                 return
         write_atomic(settings_file, json.dumps(self.settings, indent=1))
-
-    def _any_chunk(self):
-        return bool(glob.glob(os.path.join(self.path, "chunk-*.json")))
 
     def chunk_file(self, c):
         return os.path.join(self.path, f"chunk-{c:06d}.json")
@@ -78,6 +78,25 @@ class WorkDir:
     def load(self, c):
         with open(self.chunk_file(c), encoding="utf-8") as f:
             return json.load(f)
+
+
+def work_path(args):
+    return os.path.join(args.out, f"{args.split}.work")
+
+
+def has_saved_chunk(path):
+    return bool(glob.glob(os.path.join(path, "chunk-*.json")))
+
+
+def resumed_backend(args):
+    """(backend, quantization) of the run saved in OUT/SPLIT.work, or None when it saved no chunk."""
+    path = work_path(args)
+    settings_file = os.path.join(path, "settings.json")
+    if not (os.path.isfile(settings_file) and has_saved_chunk(path)):
+        return None
+    with open(settings_file) as f:
+        saved = json.load(f)
+    return saved.get("backend", "fairseq"), saved.get("quantization")
 
 
 def file_fingerprint(path):
@@ -222,8 +241,7 @@ def parse_formats(spec):
 
 
 def check_args(args):
-    if args.batch_size is None:
-        args.batch_size = default_batch_size(args)
+    """The checks that hold for either backend (see :func:`check_backend_args`)."""
     formats = parse_formats(args.formats)
     require(not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file, not a folder")
     if "bin" in formats:  # checked before decoding: the bin files would overwrite the data's own
@@ -232,7 +250,8 @@ def check_args(args):
     require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
     require(args.seq_inter >= 0, f"--seq-inter must be >= 0, got {args.seq_inter}")
     require(args.chunk_size >= 1, f"--chunk-size must be >= 1, got {args.chunk_size}")
-    require(args.max_tokens >= 1 and args.batch_size >= 1, "--max-tokens and --batch-size must be >= 1")
+    require(args.max_tokens >= 1 and (args.batch_size is None or args.batch_size >= 1),
+            "--max-tokens and --batch-size must be >= 1")
     require(args.max_source_tokens >= 0, "--max-source-tokens must be >= 0")
     require(args.workers >= 0 and args.num_shards >= 0, "--workers and --num-shards must be >= 0")
     if args.shard_id is not None:
@@ -241,8 +260,73 @@ def check_args(args):
                 f"--shard-id must be in [0, {args.num_shards}), got {args.shard_id}")
     if args.fp16:
         require(not on_cpu(args), "--fp16 needs a GPU")
+
+
+def check_backend_args(args):
+    """Defaults and checks of the backend that decodes (after --backend auto has chosen)."""
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args)
     if args.backend == "ctranslate2":
         check_ct2_args(args)
+    else:
+        require(args.quantization is None, "--quantization is an option of --backend ctranslate2; "
+                "this run decodes with fairseq")
+
+
+def choose_backend(args):
+    """What --backend auto decodes a new run with, and why: (backend, reason).
+
+    CTranslate2 only where its speed and its agreement with fairseq were
+    measured (CPU, one checkpoint, the 1-best); fairseq everywhere else.
+    """
+    if not on_cpu(args):
+        return "fairseq", "a GPU is visible, and CTranslate2 was measured against fairseq on CPU only"
+    if ":" in args.path.strip(":"):
+        return "fairseq", "CTranslate2 translates with one checkpoint, not an ensemble"
+    if args.unkpen != 0:
+        return "fairseq", "CTranslate2 has no --unkpen"
+    if args.seq_inter:
+        return "fairseq", "CTranslate2's N-best lists (--seq-inter) were not compared with fairseq's"
+    return "ctranslate2", AUTO_CPU_REASON
+
+
+def convert_for_auto(args, reason):
+    """Convert the teacher (cached) for auto's choice of CTranslate2: (backend, reason).
+
+    A teacher CTranslate2's converter refuses (architecture, options) is
+    decoded by fairseq instead, the refusal being the reason.
+    """
+    asked = args.quantization
+    args.backend = "ctranslate2"
+    check_ct2_args(args)
+    try:
+        prepare_backend(args)
+    except KDError as e:
+        args.quantization = asked
+        return "fairseq", str(e)
+    return "ctranslate2", reason
+
+
+def resolve_backend(args):
+    """Replace --backend auto by its choice, logged with the reason.
+
+    A resumed run keeps the backend (and quantization) its saved chunks were
+    made with, so a default that changes does not stop it from resuming.
+    """
+    if args.backend != AUTO:
+        return
+    resumed = resumed_backend(args)
+    if resumed is not None:
+        backend, reason = resumed[0], f"the run being resumed in {work_path(args)} used it"
+        args.quantization = args.quantization or resumed[1]
+    else:
+        backend, reason = choose_backend(args)
+        if backend == "ctranslate2":
+            backend, reason = convert_for_auto(args, reason)
+    args.backend = backend
+    detail = f" ({args.quantization})" if backend == "ctranslate2" else ""
+    logger.info(f"--backend auto: decoding with {backend}{detail}: {reason}; "
+                "--backend fairseq or ctranslate2 chooses one")
 
 
 def check_ct2_args(args):
@@ -301,7 +385,7 @@ def set_cpu_threads(args, workers):
 
 def prepare_backend(args):
     """Convert the teacher for the ctranslate2 backend (once, cached) before any worker starts."""
-    if args.backend == "ctranslate2":
+    if args.backend == "ctranslate2" and not getattr(args, "ct2_model", None):
         from fairseq_kd.deploy.ct2 import cached_model
 
         args.ct2_model = cached_model(args.path.strip(":"), args.data, args.source_lang, args.target_lang,
@@ -315,6 +399,8 @@ def build(args):
         file_fingerprint(p)  # a missing teacher is reported before any work
     os.makedirs(args.out, exist_ok=True)
     data = SplitData(args)
+    resolve_backend(args)
+    check_backend_args(args)
     work = WorkDir(args, len(data))
     work.prepare()
     workers = args.workers or default_workers(args)

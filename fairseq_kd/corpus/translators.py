@@ -16,6 +16,8 @@ from fairseq_kd.corpus.data import length_sorted_batches, select_by_sentence_ble
 from fairseq_kd.errors import require
 
 BACKENDS = ("fairseq", "ctranslate2")
+# --backend auto: fairseq_kd.corpus.build.resolve_backend picks one of BACKENDS
+AUTO = "auto"
 
 
 class ChunkTranslator:
@@ -103,6 +105,7 @@ class FairseqTranslator(ChunkTranslator):
         # The task owns teacher loading and its dictionary checks.
         self.task = TranslationKDTask(cfg, data.src_dict, data.tgt_dict)
         self.models = self.task.teachers
+        unfreeze_for_decoding(self.models)
         super().__init__(args, data, min(m.max_positions()[0] for m in self.models))
         gen = GenerationConfig(beam=self.beam, nbest=self.nbest, lenpen=args.lenpen,
                                unkpen=args.unkpen, max_len_a=args.max_len_a, max_len_b=args.max_len_b,
@@ -132,6 +135,27 @@ class FairseqTranslator(ChunkTranslator):
                                 "src_lengths": self.torch.tensor([len(t) for t in tokens], device=self.device)}}
         hypos = self.task.inference_step(self.generator, self.models, sample)
         return [[h["tokens"].int().cpu() for h in sent[: self.nbest]] for sent in hypos]
+
+
+def unfreeze_for_decoding(models):
+    """Let the teacher's parameters require grad again, as fairseq-generate leaves them.
+
+    Why: the task loads the teacher frozen, and PyTorch's matmul folds a 3-D
+    input into one 2-D GEMM only when the weight requires grad (aten's
+    ``should_fold``, pytorch/pytorch#118548).  While decoding, the features
+    reaching the output projection (no bias, dim x vocabulary) are B x 1 x C
+    views of a T x B x C tensor, so with frozen weights each step ran as B
+    broadcast matrix-vector products (``aten::bmm``): with the shipped
+    teacher's 256 x 8008 projection that was 3-4x the CPU time of the one
+    product fairseq-generate computes (timed alternately in one process), the
+    bulk of why ``fairseq-kd corpus`` was slower than fairseq-generate, and the
+    scores differed from fairseq-generate's in the last bits.  Nothing is
+    trained: generation runs under ``torch.no_grad`` (the task's
+    ``inference_step``).
+    """
+    for m in models:
+        for p in m.parameters():
+            p.requires_grad_(True)
 
 
 class CT2Translator(ChunkTranslator):
