@@ -434,12 +434,13 @@ def test_student_whose_best_checkpoint_is_patience_epochs_old_is_not_resumed(tmp
 
 def test_teacher_path_replaces_teacher_training_and_its_vocabulary_encodes_the_corpus(tmp_path):
     teacher = REPO / "examples" / "teacher"
-    cmds = dry_run_commands("custom", tmp_path, TEACHER_PATH=str(teacher / "teacher.pt"))
+    cmds = dry_run_commands("custom", tmp_path, "spm", "binarize", "teacher", "corpus", "evaluate",
+                            TEACHER_PATH=str(teacher / "teacher.pt"))
     assert [train_option(c, "--model") for c in cmds if c[1:2] == ["spm"]] == [str(teacher / "spm.model")]
     preprocess, = [c for c in cmds if c[0] == "fairseq-preprocess"]
     assert train_option(preprocess, "--srcdict") == str(teacher / "dict.txt")
     saved = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in cmds if c[0] == "fairseq-train"]
-    assert "teacher" not in saved and saved[0] == "student_baseline"
+    assert saved == []  # the teacher step trains nothing
     evaluated = [train_option(c, "--checkpoint") for c in cmds if c[1:2] == ["evaluate"]]
     assert evaluated[0] == str(teacher / "teacher.pt")
     # a teacher without its SentencePiece model beside it: one line naming the file, nothing run
@@ -464,7 +465,8 @@ def test_gpu_profile_without_a_gpu_is_refused_and_early_stopping_ends_its_traini
                                 "SRC": "de", "TGT": "en", "GPUS": "auto", "PROFILE": "cpu"}, "spm")
     assert "GPUS=auto: no GPU found, the CPU" in cpu.stdout
     # gpu: no clock limit sized for one corpus on one GPU; --patience decides
-    trained = [c for c in dry_run_commands("custom", tmp_path) if c[0] == "fairseq-train"]
+    trained = [c for c in dry_run_commands("custom", tmp_path, "teacher", "students", "prune")
+               if c[0] == "fairseq-train"]
     assert trained and all("--stop-time-hours" not in c and "--patience" in c for c in trained)
 
 

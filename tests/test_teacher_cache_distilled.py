@@ -178,6 +178,7 @@ HYBRID_EPOCH_LINE = re.compile(
     r".*? complexity_mean ([\d.]+) \|")
 
 
+@pytest.mark.slow  # a real training run; the batch-level equalities above stay in the default suite
 def test_fairseq_train_hybrid_kd_from_the_cache(tiny_data, tiny_teacher, gold_cache, tiny_distilled,
                                                 tmp_path):
     """fairseq-train with --teacher-cache and --distilled-data: an epoch and a validation
@@ -234,6 +235,7 @@ def test_seq_word_kd_cache_over_the_distilled_folder_equals_online(
                                tgt_dict.encode_line(hyps[i], add_if_not_exist=False).long())
 
 
+@pytest.mark.slow  # a real training run; the batch-level equalities above stay in the default suite
 def test_fairseq_train_seq_word_kd_from_the_distilled_cache(distilled_folder, distilled_cache, tmp_path):
     proc = fairseq_train(distilled_folder, tmp_path / "ck", *STUDENT_ARCH, "--task", "translation_kd",
                          "--teacher-cache", distilled_cache, *SEQ_WORD_KD, "--max-epoch", "1", "--no-save")
