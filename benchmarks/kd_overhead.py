@@ -201,17 +201,23 @@ def current_rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_bench_arguments(ap, modes):
+    """The options this script shares with onpolicy_overhead.py (same data, teacher and work folder)."""
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--updates", type=int, default=10, help="timed updates per mode")
     ap.add_argument("--warmup", type=int, default=2, help="untimed updates first")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--train-lines", type=int, default=10000)
     ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fairseq_kd_bench"))
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fairseq_kd_bench"),
+                    help="data and teacher, built once and shared by the benchmark scripts")
+    ap.add_argument("--modes", default=",".join(modes), help="comma-separated subset of: " + ", ".join(modes))
     ap.add_argument("--_child", help=argparse.SUPPRESS)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_bench_arguments(ap, MODES)
     args = ap.parse_args()
     work = Path(args.workdir)
     data_bin = work / "bin"

@@ -28,7 +28,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from kd_overhead import STUDENT_ARCH, build, current_rss_bytes, make_teacher, prepare_data  # noqa: E402
+from kd_overhead import (  # noqa: E402
+    STUDENT_ARCH, add_bench_arguments, build, current_rss_bytes, make_teacher, prepare_data)
 
 ONPOLICY = ["--criterion", "onpolicy_kd"]
 MODES = {
@@ -111,17 +111,8 @@ def run_mode(mode, data_bin, teacher, device, updates, warmup, max_tokens, stude
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--updates", type=int, default=10, help="timed updates per mode")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed updates first")
-    ap.add_argument("--max-tokens", type=int, default=4096)
-    ap.add_argument("--train-lines", type=int, default=10000)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "fairseq_kd_bench"),
-                    help="shared with kd_overhead.py (data and teacher are built once)")
+    add_bench_arguments(ap, MODES)
     ap.add_argument("--student-checkpoint", help="trained student weights (transformer_student_small)")
-    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
-    ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
     data_bin, teacher = work / "bin", work / "teacher.pt"

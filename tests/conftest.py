@@ -1,4 +1,4 @@
-"""Session fixtures: one tiny binarized Bible slice and one tiny trained teacher."""
+"""Session fixtures: one tiny binarized Bible slice, one tiny trained teacher, and one thread for tiny models."""
 import sys
 from pathlib import Path
 
@@ -38,3 +38,14 @@ def tiny_distilled(tiny_data, tiny_teacher, tmp_path_factory):
     hyps = helpers.teacher_translations(tiny_data, tiny_teacher)
     dest = tmp_path_factory.mktemp("distilled")
     return helpers.make_distilled_data(tiny_data, dest, helpers.gold_sources(tiny_data), hyps), hyps
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, most of all on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,7 @@ from fairseq_kd.teacher import TeacherSource
 from helpers import STUDENT_ARCH, build_training, first_batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, most of all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def start_update(k, seed=1):

@@ -22,13 +22,7 @@ WORD_KD = ["--criterion", "word_kd", "--kd-alpha", "0.5", "--label-smoothing", "
 BUILD = ["--splits", "train,valid", "--topk", "8", "--max-tokens", "1000", "--no-progress-bar"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, most of all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cache_teacher(data_bin, teacher, out, *args):

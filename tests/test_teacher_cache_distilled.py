@@ -24,8 +24,9 @@ from fairseq import checkpoint_utils
 from fairseq_kd.errors import KDError
 from fairseq_kd.teacher_cache import TeacherCache
 from helpers import STUDENT_ARCH, build_training, fairseq_train, first_batch
-# one_thread: that module's autouse fixture, imported so that it applies here too
-from test_teacher_cache import EPOCH_LINE, cache_teacher, online_and_cached, one_thread  # noqa: F401
+from test_teacher_cache import EPOCH_LINE, cache_teacher, online_and_cached
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 8
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
