@@ -201,6 +201,16 @@ def current_rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def run_child(cmd, mode):
+    """Run one mode in its own process (a clean peak-memory reading); its RESULT line, parsed."""
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
 def add_bench_arguments(ap, modes):
     """The options this script shares with onpolicy_overhead.py (same data, teacher and work folder)."""
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -251,12 +261,7 @@ def main():
         cmd = [sys.executable, __file__, "--_child", mode, "--device", args.device,
                "--updates", str(args.updates), "--warmup", str(args.warmup),
                "--max-tokens", str(args.max_tokens), "--workdir", str(work)]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[0][7:]))
+        results.append(run_child(cmd, mode))
     base = results[0]
     print(f"\n{'mode':<32}{'s/update':>10}{'peak MiB':>10}{'time x':>8}{'mem x':>8}")
     for r in results:

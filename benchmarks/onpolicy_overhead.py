@@ -24,9 +24,7 @@ over the weights, or the growth of the process's peak RSS on CPU.
 """
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from kd_overhead import (  # noqa: E402
-    STUDENT_ARCH, add_bench_arguments, build, current_rss_bytes, make_teacher, prepare_data)
+    STUDENT_ARCH, add_bench_arguments, build, run_child, current_rss_bytes, make_teacher, prepare_data)
 
 ONPOLICY = ["--criterion", "onpolicy_kd"]
 MODES = {
@@ -140,12 +138,7 @@ def main():
                "--workdir", str(work)]
         if args.student_checkpoint:
             cmd += ["--student-checkpoint", args.student_checkpoint]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore"))
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if out.returncode or not line:
-            sys.exit(f"mode {mode} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(line[0][7:]))
+        results.append(run_child(cmd, mode))
     base = results[0]
     print(f"\n{'mode':<30}{'s/update':>10}{'gen s':>8}{'on-pol':>8}{'tokens':>8}{'peak MiB':>10}"
           f"{'time x':>8}{'mem x':>8}")
