@@ -274,3 +274,29 @@ def test_shipped_teacher_as_external_teacher_gives_the_built_in_paths_text_and_b
     assert ext == builtin
     refs = lines(raw / "test.en")
     assert sacrebleu.corpus_bleu(ext, [refs]).score == sacrebleu.corpus_bleu(builtin, [refs]).score > 25
+
+
+# ---------------------------------------------------------------- fairseq-kd evaluate --teacher-ct2
+def test_evaluate_scores_an_external_teacher_as_the_corpus_translates(teachers, raw, tmp_path):
+    results = tmp_path / "results.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["evaluate", "--teacher-ct2", teachers["m2m100"], "--source-prefix", "__es__",
+                         "--target-prefix", "__en__", "--src-text", raw / "test.es", "--ref", raw / "test.en",
+                         "--name", "teacher", "--results", results, "--beam", "2", "--max-len-a", "0",
+                         "--max-len-b", "12", "--cpu"]) == 0
+    saved = json.loads(results.read_text())
+    row, = saved["systems"]
+    assert row["name"] == "teacher" and row["params"] == external.parameter_count(str(teachers["m2m100"]))
+    assert saved["bleu_signature"].startswith("nrefs:1|")
+    status, err = corpus(raw, teachers["m2m100"], tmp_path / "out", "--split", "test", "--source-prefix",
+                         "__es__", "--target-prefix", "__en__")
+    assert status == 0, err
+    assert lines(tmp_path / "results.teacher.beam.txt") == lines(tmp_path / "out" / "test.en")
+
+
+def test_evaluate_refuses_an_external_teacher_without_its_language_codes(teachers, raw, tmp_path):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = cli.main(["evaluate", "--teacher-ct2", teachers["m2m100"], "--src-text", raw / "test.es",
+                           "--ref", raw / "test.en", "--name", "teacher", "--results", tmp_path / "r.json"])
+    assert status == 2 and "is multilingual" in err.getvalue() and not (tmp_path / "r.json").exists()

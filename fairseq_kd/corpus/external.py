@@ -162,8 +162,7 @@ class TeacherLayout:
             unknown = [t for t in tokens if t not in vocab]
             require(not unknown, f"{option} {' '.join(unknown)}: not in the vocabulary of {self.path}"
                     + (f" (its codes: {examples})" if codes else
-                       " (it has no language codes; a model converted by ct2-transformers-converter 4.x with "
-                       "transformers >= 5 loses M2M100/NLLB codes: convert with transformers < 5)"))
+                       " (it has no language codes: a one-pair model needs no prefix)"))
 
     def source_tokens(self, pieces, max_tokens=0):
         """A source line's tokens as the model reads them: [<s>] prefix pieces </s>.
