@@ -11,9 +11,10 @@ detokenized text; the student trains its own vocabulary on it afterwards.
 What is the teacher's (:class:`TeacherLayout`, read from the folder as the
 converters write it):
 
-* ``ct2-opus-mt-converter`` / ``ct2-marian-converter``, and
-  ``ct2-transformers-converter --copy_files source.spm target.spm`` of a
-  Marian model: ``source.spm`` and ``target.spm`` beside the model;
+* ``ct2-opus-mt-converter`` / ``ct2-marian-converter`` (with the OPUS-MT
+  model's ``source.spm`` and ``target.spm`` copied beside, as CTranslate2's
+  documentation does), and ``ct2-transformers-converter --copy_files
+  source.spm target.spm`` of a Marian model: ``source.spm`` and ``target.spm``;
 * ``ct2-transformers-converter --copy_files sentencepiece.bpe.model`` of an
   M2M100 or NLLB model (or ``spm.model``/``sentencepiece.model``, e.g. a
   fairseq model's copied beside a ``ct2-fairseq-converter`` folder): one
@@ -98,7 +99,8 @@ def sentencepiece_files(model_dir):
         return tuple(separate)
     shared = [os.path.join(model_dir, f) for f in SHARED_SPM if os.path.isfile(os.path.join(model_dir, f))]
     require(shared, f"--teacher-ct2 {model_dir}: no SentencePiece model: expected source.spm and target.spm "
-            f"(ct2-opus-mt-converter, or ct2-transformers-converter --copy_files source.spm target.spm), "
+            f"(copy them from the OPUS-MT model beside a ct2-opus-mt-converter folder, or "
+            f"ct2-transformers-converter --copy_files source.spm target.spm), "
             f"or one of {', '.join(SHARED_SPM)} (ct2-transformers-converter --copy_files "
             "sentencepiece.bpe.model; copy a fairseq model's spm.model beside its ct2-fairseq-converter folder)")
     return shared[0], shared[0]
