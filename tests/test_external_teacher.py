@@ -84,6 +84,33 @@ def test_each_converters_layout_is_detected(teachers):
     assert os.path.basename(fairseq.source_spm) == "spm.model"
 
 
+def with_vocabulary(teacher, tmp_path, change):
+    """A copy of ``teacher`` whose vocabulary is ``change(tokens)``."""
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    tokens = json.loads((copy / "shared_vocabulary.json").read_text(encoding="utf-8"))
+    (copy / "shared_vocabulary.json").write_text(json.dumps(change(tokens)), encoding="utf-8")
+    return str(copy)
+
+
+def test_nllb_codes_and_multilingual_opus_mt_tokens_are_recognised(teachers, tmp_path):
+    def nllb_code(token):  # __es__ -> spa_Latn, __en__ -> eng_Latn, __ast__ -> ast_Latn, ...
+        code = token[2:-2]
+        return {"es": "spa", "en": "eng"}.get(code, (code + "xx")[:3]) + "_Latn"
+
+    nllb = with_vocabulary(teachers["m2m100"], tmp_path / "nllb", lambda tokens: [
+        nllb_code(t) if t.startswith("__") and t.endswith("__") and len(t) > 4 else t for t in tokens])
+    with pytest.raises(KDError, match="is multilingual .* name both languages"):
+        external.TeacherLayout(nllb)
+    layout = external.TeacherLayout(nllb, "spa_Latn", "eng_Latn")
+    assert layout.source_tokens(["▁a"]) == ["spa_Latn", "▁a", "</s>"] and layout.target_prefix == ["eng_Latn"]
+    # OPUS-MT's one-to-many models: the target language is a >>xxx<< token at the start of the source
+    opus = with_vocabulary(teachers["marian"], tmp_path / "opus", lambda tokens: tokens[:-2] + [">>fra<<", ">>deu<<"])
+    with pytest.raises(KDError, match="name the target language with --source-prefix, e.g. >>deu<<"):
+        external.TeacherLayout(opus)
+    assert external.TeacherLayout(opus, ">>fra<<").source_tokens(["▁a"]) == [">>fra<<", "▁a", "</s>"]
+
+
 def test_parameters_and_positions_are_read_from_model_bin(teachers):
     # d_model 16, 1+1 layers; embeddings shared (stored once) and no position table counted
     assert 5_000 < external.parameter_count(str(teachers["marian"])) < 30_000

@@ -127,7 +127,7 @@ require_teacher_files() {
 }
 
 # check_external_teacher: TEACHER_CT2 alone (not with TEACHER_PATH), a converted model folder, and
-# METHODS (and PRUNE_FROM) that need nothing of it but its translations.
+# METHODS that need nothing of it but its translations (PRUNE_FROM is one of them).
 check_external_teacher() {
   [ -n "$TEACHER_CT2" ] || return 0
   [ -z "$TEACHER_PATH" ] || die "TEACHER_CT2 and TEACHER_PATH are two teachers: set one"
