@@ -47,15 +47,21 @@ class Evaluation:
     model_dir: str  # a model folder of fairseq-kd export --format ctranslate2, scored from raw text
     src_text: str  # with model_dir: the raw source text it translates
     latency: int  # CTranslate2: sentences timed one at a time (batch size 1); 0 for none
+    teacher_ct2: str = None  # a CTranslate2 converter's folder (an external teacher), scored from raw text
+    source_prefix: str = None  # with teacher_ct2: tokens every source starts with
+    target_prefix: str = None  # with teacher_ct2: tokens every translation starts with
 
     @classmethod
     def from_args(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)})
 
     @property
     def system_name(self):
         """The results row: NAME, NAME (ct2 QUANTIZATION) for the converted checkpoint, or
-        NAME (ct2 QUANTIZATION raw text) for a model folder scored from raw text."""
+        NAME (ct2 QUANTIZATION raw text) for a model folder scored from raw text; an external
+        teacher (teacher_ct2) is NAME: it has no other row."""
+        if self.teacher_ct2:
+            return self.name
         if self.model_dir:
             return f"{self.name} (ct2 {self.quantization} raw text)"
         return f"{self.name} (ct2 {self.quantization})" if self.backend == "ctranslate2" else self.name
@@ -173,6 +179,7 @@ class Ct2Decoder:
     latency_translator: object  # None: no latency measured
     sources: list
     detokenize: object  # hypotheses (token lists) -> their text
+    options: dict = dataclasses.field(default_factory=dict)  # more translate options (target_prefix)
 
     def translate(self, spec, beam, hyp_path):
         """Translate every source, as :func:`generate`: (sentences, sentences/s).
@@ -184,7 +191,8 @@ class Ct2Decoder:
 
         started = time.perf_counter()
         hyps = self.detokenize(translate_in_order(self.translator, self.sources, spec.batch_size, beam=beam,
-                                                  max_len_a=spec.max_len_a, max_len_b=spec.max_len_b))
+                                                  max_len_a=spec.max_len_a, max_len_b=spec.max_len_b,
+                                                  **self.options))
         speed = len(hyps) / max(time.perf_counter() - started, 1e-9)
         write_lines(hyp_path, hyps)
         return len(hyps), round(speed, 2)
@@ -195,7 +203,7 @@ class Ct2Decoder:
 
         sources = [s for s in self.sources if s][: spec.latency]
         return latency_summary(latency_ms(self.latency_translator, sources, beam=beam,
-                                          max_len_a=spec.max_len_a, max_len_b=spec.max_len_b))
+                                          max_len_a=spec.max_len_a, max_len_b=spec.max_len_b, **self.options))
 
 
 def binarized_decoder(spec):
@@ -223,6 +231,27 @@ def folder_decoder(spec, folder, entry, report):
         report(folder.truncation_note(len(long), len(pieces)))
     return Ct2Decoder(*ct2_translators(folder.path, spec), [p[: folder.max_source] for p in pieces],
                       lambda hyps: [sentencepiece_postprocess(h) for h in hyps])
+
+
+def external_decoder(spec, entry, report):
+    """An external teacher (a CTranslate2 converter's folder) translating raw text exactly as
+    ``fairseq-kd corpus --teacher-ct2`` does: its tokenizer, language codes and source limit
+    (longer sources cut to it, counted in ``entry`` and reported)."""
+    from fairseq_kd.corpus.external import TeacherLayout, TeacherTokenizer, max_source_positions
+
+    tokenizer = TeacherTokenizer(TeacherLayout(spec.teacher_ct2, spec.source_prefix, spec.target_prefix))
+    limit = max_source_positions(spec.teacher_ct2)
+    lines = read_lines(spec.src_text)
+    pieces = [tokenizer.encode(line) if line.strip() else [] for line in lines]
+    long = [i for i, p in enumerate(pieces) if tokenizer.layout.size(p) > limit]
+    entry["truncated_sources"] = len(long)
+    if long:
+        report(f"{len(long)} of {len(lines)} inputs were longer than the teacher's maximum of {limit} "
+               "tokens and were truncated")
+    sources = [tokenizer.layout.source_tokens(p, limit) if p else [] for p in pieces]
+    return Ct2Decoder(*ct2_translators(spec.teacher_ct2, spec), sources,
+                      lambda hyps: [tokenizer.decode(h) for h in hyps],
+                      {"target_prefix": tokenizer.layout.target_prefix})
 
 
 # fairseq state-dict entries that are buffers, not parameters (module versions, the
@@ -284,11 +313,20 @@ def evaluate(spec, report=print):
     name = spec.system_name
     check_same_device(results, spec.results, name, device)
     refs = read_lines(spec.ref)
-    checkpoint = params_checkpoint(spec, folder)
-    entry = {"name": name, "checkpoint": checkpoint, "params": count_parameters(checkpoint),
-             "device": device, "sentences": len(refs)}
+    if spec.teacher_ct2:
+        from fairseq_kd.corpus.external import parameter_count
+
+        entry = {"name": name, "teacher_ct2": os.path.abspath(spec.teacher_ct2),
+                 "params": parameter_count(spec.teacher_ct2), "device": device, "sentences": len(refs),
+                 "backend": "ctranslate2", "src_text": os.path.abspath(spec.src_text)}
+    else:
+        checkpoint = params_checkpoint(spec, folder)
+        entry = {"name": name, "checkpoint": checkpoint, "params": count_parameters(checkpoint),
+                 "device": device, "sentences": len(refs)}
     decoder = None
-    if folder is not None:
+    if spec.teacher_ct2:
+        decoder = external_decoder(spec, entry, report)
+    elif folder is not None:
         entry.update(backend="ctranslate2", quantization=spec.quantization,
                      model_dir=os.path.abspath(spec.model_dir), src_text=os.path.abspath(spec.src_text))
         decoder = folder_decoder(spec, folder, entry, report)

@@ -47,6 +47,12 @@ from fairseq_kd.losses import TeacherDistribution, ensemble_scores
 
 logger = logging.getLogger(__name__)
 
+# Why a CTranslate2 folder (an external teacher, fairseq-kd corpus --teacher-ct2) is no --teacher-path
+EXTERNAL_TEACHER = ("--teacher-path {path} is a CTranslate2 model folder: an external teacher gives only its "
+                    "translations, not the distributions over the student's vocabulary that word-level KD "
+                    "(word_kd, hybrid_kd, ckd, a2d, onpolicy_kd, --word-kd-alpha) needs; distil it with "
+                    "fairseq-kd corpus --teacher-ct2 and train the student with seq_kd")
+
 
 def teacher_paths(spec) -> List[str]:
     """``"a.pt:b.pt"`` -> ``["a.pt", "b.pt"]`` (empty for None or "")."""
@@ -109,6 +115,7 @@ class Teacher(TeacherSource):
     def __init__(self, paths: List[str], task, teacher_dict: Optional[str] = None):
         require(paths, "a teacher needs at least one checkpoint (--teacher-path)")
         for path in paths:
+            require(not os.path.isfile(os.path.join(path, "model.bin")), EXTERNAL_TEACHER.format(path=path))
             require(os.path.isfile(path), f"--teacher-path: teacher checkpoint not found: {path}")
         require(not teacher_dict or os.path.exists(teacher_dict),
                 f"--teacher-dict: not found: {teacher_dict}")

@@ -40,20 +40,38 @@ stopped.  --workers W translates in W processes (one per GPU, or W CPU
 processes splitting the cores); --num-shards/--shard-id run one shard (e.g.
 one cluster job per shard); a run without --shard-id translates what is
 missing and merges.
+
+--teacher-ct2 DIR: any CTranslate2 model folder is the teacher (OPUS-MT,
+Marian, M2M100, NLLB, a fairseq model; an "external" teacher, Seq-KD and
+Seq-Inter only).  DATA is then a folder of plain text SPLIT.LANG files, the
+teacher's own SentencePiece model(s) beside it tokenize (source.spm and
+target.spm, or sentencepiece.bpe.model / spm.model), and OUT becomes a raw
+corpus: OUT/SPLIT.TGT the teacher's detokenized translation, OUT/SPLIT.SRC
+and the gold --copy-splits copied, OUT/SPLIT.report.json as above (empty
+translations counted too).  A multilingual model needs its language codes:
+--target-prefix starts every translation (M2M100 __en__, NLLB eng_Latn),
+--source-prefix every source (M2M100/NLLB: the source language; multilingual
+OPUS-MT: the target's >>xxx<< token).  Chunks, shards, workers and resume are
+as above; it decodes on the GPU when CTranslate2 sees one (--cpu: never).
 """
 from fairseq_kd.corpus.translators import AUTO, BACKENDS
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
+from fairseq_kd.errors import require
+
+DEFAULT_FORMATS = "bin,pieces"  # --teacher-ct2: text, the only one it writes
 
 
 def add_arguments(p):
-    p.add_argument("data", help="fairseq-binarized data folder (dict.*.txt, SPLIT.SRC-TGT.*)")
-    p.add_argument("--path", required=True, help="teacher checkpoint; A.pt:B.pt is an ensemble")
+    p.add_argument("data", help="fairseq-binarized data folder (dict.*.txt, SPLIT.SRC-TGT.*); with "
+                   "--teacher-ct2 a folder of plain text SPLIT.LANG files")
+    p.add_argument("--path", help="teacher checkpoint; A.pt:B.pt is an ensemble (required unless --teacher-ct2)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("-s", "--source-lang", required=True)
     p.add_argument("-t", "--target-lang", required=True)
     p.add_argument("--split", default="train", help="split to translate (default: train)")
-    p.add_argument("--formats", default="bin,pieces",
-                   help="comma-separated subset of bin,pieces,text (default: bin,pieces)")
+    p.add_argument("--formats", default=None,
+                   help=f"comma-separated subset of bin,pieces,text (default: {DEFAULT_FORMATS}; "
+                        "text with --teacher-ct2, the only one it writes)")
     p.add_argument("--copy-splits", default="valid,test",
                    help="gold splits copied into OUT with the bin format, when they exist "
                         "(default: valid,test); '' copies none")
@@ -64,6 +82,17 @@ def add_arguments(p):
     p.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                    help="ctranslate2 backend only: weights and computation type (default: float32, "
                         "float16 with --fp16)")
+    g = p.add_argument_group("external teacher: a CTranslate2 model folder translating raw text")
+    g.add_argument("--teacher-ct2", metavar="DIR",
+                   help="the teacher is this folder of a CTranslate2 converter (ct2-opus-mt-converter, "
+                        "ct2-transformers-converter, ct2-fairseq-converter, ...) instead of --path; DATA "
+                        "holds plain text; Seq-KD and Seq-Inter only")
+    g.add_argument("--target-prefix", metavar="TOKENS",
+                   help="tokens every translation starts with: a multilingual model's target language "
+                        "(M2M100: __en__, NLLB: eng_Latn)")
+    g.add_argument("--source-prefix", metavar="TOKENS",
+                   help="tokens every source starts with: M2M100/NLLB's source language (__de__, "
+                        "deu_Latn), multilingual OPUS-MT's target language (>>eng<<)")
     g = p.add_argument_group("decoding (as fairseq-generate)")
     g.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
     g.add_argument("--lenpen", type=float, default=1.0, help="length penalty (default: 1)")
@@ -109,6 +138,14 @@ def add_arguments(p):
 
 
 def run(args):
+    if args.teacher_ct2:
+        from fairseq_kd.corpus.external import build_external
+
+        return build_external(args)
     from fairseq_kd.corpus.build import build
 
+    require(args.path, "--path (the teacher checkpoint) or --teacher-ct2 (a CTranslate2 model folder) is required")
+    require(not (args.source_prefix or args.target_prefix),
+            "--source-prefix and --target-prefix are options of --teacher-ct2")
+    args.formats = args.formats or DEFAULT_FORMATS
     return build(args)

@@ -26,6 +26,13 @@ SentencePiece model, sources longer than the model's maximum cut and
 counted); no --data is read.  Its row is NAME (ct2 QUANTIZATION raw text),
 its parameters those of --checkpoint, else of the checkpoint it was made from.
 
+--teacher-ct2 FOLDER --src-text TEXT scores an external teacher, any
+CTranslate2 converter's folder (OPUS-MT, Marian, M2M100, NLLB, fairseq),
+translating raw text exactly as ``fairseq-kd corpus --teacher-ct2`` does
+(its own SentencePiece model(s), --source-prefix/--target-prefix language
+codes); no --data is read.  Its row is NAME, its parameters those stored in
+the folder's model.bin.
+
 --latency N (CTranslate2 rows) also times N sentences translated one at a
 time (batch size 1, the interactive case, every core on the one sentence,
 after a warm-up) and records the median and p90 milliseconds per sentence.
@@ -46,7 +53,15 @@ def add_arguments(p):
                    "default: the checkpoint the folder was made from)")
     p.add_argument("--model-dir", help="score this model folder (fairseq-kd export --format ctranslate2) "
                    "on raw text, as fairseq-kd translate translates it, instead of a checkpoint on --data")
-    p.add_argument("--src-text", help="--model-dir: raw source text, one sentence a line, aligned with --ref")
+    p.add_argument("--teacher-ct2", metavar="FOLDER",
+                   help="score this CTranslate2 converter's folder (an external teacher) on raw text, as "
+                   "fairseq-kd corpus --teacher-ct2 translates it, instead of a checkpoint on --data")
+    p.add_argument("--source-prefix", metavar="TOKENS",
+                   help="--teacher-ct2: tokens every source starts with (M2M100/NLLB source language)")
+    p.add_argument("--target-prefix", metavar="TOKENS",
+                   help="--teacher-ct2: tokens every translation starts with (M2M100/NLLB target language)")
+    p.add_argument("--src-text", help="--model-dir, --teacher-ct2: raw source text, one sentence a line, "
+                   "aligned with --ref")
     p.add_argument("--name", required=True, help="system name in the results file")
     p.add_argument("--ref", required=True, help="detokenized reference of the split")
     p.add_argument("--results", required=True, help="JSON file to update")
@@ -82,6 +97,11 @@ def check_inputs(args):
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     require(args.latency == 0 or args.latency >= 2, f"--latency must be 0 or >= 2 sentences, got {args.latency}")
     require(os.path.isfile(args.ref), f"--ref: reference file not found: {args.ref}")
+    if args.teacher_ct2:
+        check_teacher_ct2_inputs(args)
+        return
+    require(not (args.source_prefix or args.target_prefix), "--source-prefix and --target-prefix are "
+            "options of --teacher-ct2")
     if args.model_dir:
         check_model_dir_inputs(args)
         return
@@ -94,20 +114,33 @@ def check_inputs(args):
             f"(expected {args.gen_subset}.SRC-TGT.SRC.idx/.bin from fairseq-preprocess)")
 
 
-def check_model_dir_inputs(args):
-    """--model-dir reads raw text, not a binarized split: no --data, a --src-text as long as --ref."""
+def check_model_dir_inputs(args, option="--model-dir"):
+    """--model-dir (or --teacher-ct2) reads raw text, not a binarized split: no --data, a --src-text
+    as long as --ref."""
     from fairseq_kd.evaluation import read_lines
 
-    require(not args.data, "--model-dir translates --src-text, not --data: give one of them")
-    require(args.src_text, "--model-dir needs --src-text (the raw source text of --ref)")
+    require(not args.data, f"{option} translates --src-text, not --data: give one of them")
+    require(args.src_text, f"{option} needs --src-text (the raw source text of --ref)")
     require(os.path.isfile(args.src_text), f"--src-text: file not found: {args.src_text}")
     sources, refs = len(read_lines(args.src_text)), len(read_lines(args.ref))
     require(sources == refs, f"--src-text has {sources} lines, --ref {refs}")
 
 
+def check_teacher_ct2_inputs(args):
+    """--teacher-ct2 reads raw text: no --data, --model-dir or --checkpoint; a --src-text as long as
+    --ref; a folder whose layout is understood and whose language codes are named."""
+    from fairseq_kd.corpus.external import TeacherLayout
+
+    require(not (args.data or args.model_dir or args.checkpoint),
+            "--teacher-ct2 translates --src-text: not with --data, --model-dir or --checkpoint")
+    args.model_dir = None
+    check_model_dir_inputs(args, "--teacher-ct2")
+    TeacherLayout(args.teacher_ct2, args.source_prefix, args.target_prefix)
+
+
 def default_batch_size(args):
     """128 sentences, as fairseq-generate is run here; CTranslate2's own size on its device."""
-    if args.backend != "ctranslate2" and not args.model_dir:
+    if args.backend != "ctranslate2" and not (args.model_dir or args.teacher_ct2):
         return 128
     from fairseq_kd.deploy.ct2 import default_batch_size as ct2_batch_size
     from fairseq_kd.evaluation import ct2_device

@@ -110,8 +110,7 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
     """Translate the pending chunks of one shard (in this process)."""
     from tqdm import tqdm
 
-    data = SplitData(args)
-    work = WorkDir(args, len(data))
+    data, work = open_split(args)
     chunk_ids = work.pending(shard_chunks(len(work.chunks), num_shards, shard_id))
     if not chunk_ids:
         return
@@ -127,9 +126,23 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
             work.save(c, translator.result)
 
 
+def open_split(args):
+    """The split to translate and its work folder: binarized, or raw text for --teacher-ct2."""
+    if getattr(args, "teacher_ct2", None):
+        from fairseq_kd.corpus import external
+
+        return external.open_split(args)
+    data = SplitData(args)
+    return data, WorkDir(args, len(data))
+
+
 def make_translator(args, data, worker_index):
     """The backend's translator on this worker's device: GPU number worker_index, or the CPU."""
     gpus = cuda_device_count(args)
+    if getattr(args, "teacher_ct2", None):
+        from fairseq_kd.corpus import external
+
+        return external.make_translator(args, data, *(("cuda", worker_index % gpus) if gpus else ("cpu", 0)))
     if args.backend == "ctranslate2":
         if gpus:
             return CT2Translator(args, data, "cuda", worker_index % gpus)

@@ -136,17 +136,24 @@ def decoding_options(beam, nbest=1, lenpen=1.0, min_len=1, max_len_a=0.0, max_le
                 max_decoding_length=max(1, int(max_len_a * longest_source + max_len_b)))
 
 
-def translate_batches(translator, batches, **options):
+def translate_batches(translator, batches, target_prefix=(), **options):
     """Translate batches of token lists; yields each batch's hypotheses (token lists, best first).
 
     All batches are queued at once, so a translator with ``parallel`` > 1
     works on several of them at the same time; results come in order.
+    ``target_prefix``: tokens every hypothesis starts with (a multilingual
+    model's target language), returned with them.
     """
-    pending = [translator.translate_batch(batch, asynchronous=True,
+    pending = [translator.translate_batch(batch, asynchronous=True, target_prefix=prefixes(target_prefix, batch),
                                           **decoding_options(longest_source=max(map(len, batch)) + 1, **options))
                for batch in batches]
     for results in pending:
         yield [r.result().hypotheses for r in results]
+
+
+def prefixes(target_prefix, batch):
+    """translate_batch's target_prefix: the same tokens for every source of ``batch``, or None."""
+    return [list(target_prefix)] * len(batch) if target_prefix else None
 
 
 def translate_in_order(translator, sources, batch_size, progress=lambda n: None, **options):
@@ -167,7 +174,7 @@ def translate_in_order(translator, sources, batch_size, progress=lambda n: None,
     return out
 
 
-def latency_ms(translator, sources, warmup=3, **options):
+def latency_ms(translator, sources, warmup=3, target_prefix=(), **options):
     """Milliseconds each of ``sources`` (token lists) takes translated alone, in order.
 
     Batch size 1, one sentence after the other: the interactive case, which
@@ -176,7 +183,8 @@ def latency_ms(translator, sources, warmup=3, **options):
     so that one-off allocations do not count as a sentence's latency.
     """
     def translate(source):
-        translator.translate_batch([source], **decoding_options(longest_source=len(source) + 1, **options))
+        translator.translate_batch([source], target_prefix=prefixes(target_prefix, [source]),
+                                   **decoding_options(longest_source=len(source) + 1, **options))
 
     for source in sources[:warmup]:
         translate(source)

@@ -7,6 +7,10 @@
 #   teacher   fairseq-train, early stopping on valid loss             -> $WORK/teacher
 #             (skipped with TEACHER_PATH: spm and binarize then use its vocabulary)
 #   corpus    fairseq-kd corpus: Seq-KD (beam) and Seq-Inter corpora, sharded over the GPUs
+#             (TEACHER_CT2, an external CTranslate2 teacher: no teacher is trained and the
+#             corpus step comes before spm and binarize, EXTERNAL_STEPS: the teacher
+#             translates the raw text, and the students' SentencePiece model is trained on
+#             the source and that translation)
 #   cache     fairseq-kd cache-teacher: the teacher's top-$CACHE_TOPK distributions for the
 #             methods in $CACHE_METHODS (gold folder, or the distilled one for seq_word_kd)
 #   students  fairseq-train, one student per method in $METHODS, $STUDENT_JOBS at once
@@ -31,6 +35,11 @@
 # the commands instead of running them.
 
 PIPELINE_STEPS="prepare spm binarize teacher corpus cache students prune export evaluate report"
+# TEACHER_CT2: the teacher's text comes first, the students' vocabulary is made from it (no
+# cache: an external teacher has no distributions over the students' vocabulary)
+EXTERNAL_STEPS="prepare teacher corpus spm binarize students prune export evaluate report"
+# The methods an external teacher (TEACHER_CT2) can teach: they need its translations only
+EXTERNAL_METHODS="baseline seq_kd seq_inter"
 NAMED_STEPS="ship"  # run only when named: `run.sh ship`
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
@@ -117,9 +126,47 @@ require_teacher_files() {
   done
 }
 
+# check_external_teacher: TEACHER_CT2 alone (not with TEACHER_PATH), a converted model folder, and
+# METHODS that need nothing of it but its translations (PRUNE_FROM is one of them).
+check_external_teacher() {
+  [ -n "$TEACHER_CT2" ] || return 0
+  [ -z "$TEACHER_PATH" ] || die "TEACHER_CT2 and TEACHER_PATH are two teachers: set one"
+  [ -n "$DRY_RUN" ] || [ -s "$TEACHER_CT2/model.bin" ] || die "TEACHER_CT2=$TEACHER_CT2: no CTranslate2 model there (model.bin; a folder of ct2-opus-mt-converter, ct2-transformers-converter, ...)"
+  local m
+  for m in $METHODS; do
+    [[ " $EXTERNAL_METHODS " == *" $m "* ]] || die "METHODS: $m needs the teacher's distributions over the student's vocabulary, and TEACHER_CT2 (an external teacher) gives only its translations: use seq_kd (or seq_inter), e.g. METHODS=\"baseline seq_kd\""
+  done
+}
+
+# teacher_prefix_args: TEACHER_PREFIX_ARGS becomes the external teacher's language codes as options.
+teacher_prefix_args() {
+  TEACHER_PREFIX_ARGS=()
+  [ -z "$TEACHER_SRC_LANG" ] || TEACHER_PREFIX_ARGS+=(--source-prefix "$TEACHER_SRC_LANG")
+  [ -z "$TEACHER_TGT_LANG" ] || TEACHER_PREFIX_ARGS+=(--target-prefix "$TEACHER_TGT_LANG")
+}
+
+# With TEACHER_CT2: the students' SentencePiece model trained on the source and the teacher's
+# translation (the Seq-KD student's training text), then every corpus encoded with it.
+external_spm() {
+  log "spm: students' SentencePiece vocabulary of $VOCAB on the source and TEACHER_CT2's translation -> $WORK/pieces_distilled"
+  run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/distilled_text" --src "$SRC" --tgt "$TGT" \
+    --splits train --vocab-size "$VOCAB" --out "$WORK/pieces_distilled"
+  log "spm: the gold corpus with it -> $WORK/pieces"
+  run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/raw" --src "$SRC" --tgt "$TGT" \
+    --model "$WORK/pieces_distilled/spm.model" --out "$WORK/pieces"
+  if uses_seq_inter; then
+    run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/distilled_inter_text" --src "$SRC" \
+      --tgt "$TGT" --splits train --model "$WORK/pieces_distilled/spm.model" --out "$WORK/pieces_distilled_inter"
+  fi
+}
+
+uses_seq_inter() { [[ " $METHODS " == *" seq_inter "* ]]; }
+
 step_spm() {
   if is_done spm; then skip spm; return; fi
-  if [ -n "$TEACHER_PATH" ]; then
+  if [ -n "$TEACHER_CT2" ]; then
+    external_spm
+  elif [ -n "$TEACHER_PATH" ]; then
     require_teacher_files
     log "spm: the teacher's SentencePiece model $TEACHER_SPM -> $WORK/pieces"
     run_logged "$WORK/logs/spm.log" fairseq-kd spm --input-dir "$WORK/raw" --src "$SRC" --tgt "$TGT" \
@@ -132,8 +179,31 @@ step_spm() {
   mark_done spm
 }
 
+# binarize_to DEST TRAINPREF ARGS...: fairseq-preprocess of TRAINPREF and the gold valid/test pieces
+# into DEST (joined dictionary), replacing DEST.
+binarize_to() {
+  local dest=$1 train=$2; shift 2
+  [ -n "$DRY_RUN" ] || rm -rf "$dest"
+  run_logged "$WORK/logs/binarize.log" fairseq-preprocess -s "$SRC" -t "$TGT" \
+    --trainpref "$train" --validpref "$WORK/pieces/valid.sp" \
+    --testpref "$WORK/pieces/test.sp" --destdir "$dest" --joined-dictionary \
+    --workers "$PREPROCESS_WORKERS" "$@"
+}
+
+# With TEACHER_CT2: the distilled corpus first, its dictionary (the pieces of the text the
+# Seq-KD student learns) then binarizes the gold corpus (baseline, evaluation) and Seq-Inter's.
+external_binarize() {
+  log "binarize -> $WORK/distilled (its dictionary), $WORK/bin (gold) and, for seq_inter, $WORK/distilled_inter"
+  binarize_to "$WORK/distilled" "$WORK/pieces_distilled/train.sp"
+  binarize_to "$WORK/bin" "$WORK/pieces/train.sp" --srcdict "$WORK/distilled/dict.$SRC.txt"
+  if uses_seq_inter; then
+    binarize_to "$WORK/distilled_inter" "$WORK/pieces_distilled_inter/train.sp" --srcdict "$WORK/distilled/dict.$SRC.txt"
+  fi
+}
+
 step_binarize() {
   if is_done binarize; then skip binarize; return; fi
+  if [ -n "$TEACHER_CT2" ]; then external_binarize; mark_done binarize; return; fi
   # with TEACHER_PATH, the teacher's dictionary: the students' tokens are the teacher's
   local dict=(); [ -z "$TEACHER_PATH" ] || { require_teacher_files; dict=(--srcdict "$TEACHER_DICT"); }
   log "binarize -> $WORK/bin${TEACHER_PATH:+, dictionary of TEACHER_PATH: $TEACHER_DICT}"
@@ -191,6 +261,10 @@ early_stopped() {
 }
 
 step_teacher() {
+  if [ -n "$TEACHER_CT2" ]; then
+    log "teacher: TEACHER_CT2=$TEACHER_CT2 (an external CTranslate2 teacher, not trained)"
+    return
+  fi
   if [ -n "$TEACHER_PATH" ]; then
     require_teacher_files
     log "teacher: TEACHER_PATH=$TEACHER_PATH (not trained)"
@@ -221,7 +295,25 @@ corpus() {
   mark_done "$name"
 }
 
+# external_corpus NAME ARGS...: TEACHER_CT2's translation of the raw training text -> $WORK/NAME,
+# a raw corpus (the source, the translation, the gold valid and test).
+external_corpus() {
+  local name=$1; shift
+  if is_done "$name"; then skip "$name"; return; fi
+  log "corpus $name: TEACHER_CT2 $* (log: $WORK/logs/$name.log)"
+  run_logged "$WORK/logs/$name.log" fairseq-kd corpus "$WORK/raw" --teacher-ct2 "$TEACHER_CT2" \
+    "${TEACHER_PREFIX_ARGS[@]}" -s "$SRC" -t "$TGT" --out "$WORK/$name" --workers "${CORPUS_WORKERS:-0}" \
+    --no-progress-bar --max-tokens "$CORPUS_MAX_TOKENS" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
+    "${DEVICE_ARGS[@]}" "$@"
+  mark_done "$name"
+}
+
 step_corpus() {
+  if [ -n "$TEACHER_CT2" ]; then
+    external_corpus distilled_text --beam "$BEAM"
+    if uses_seq_inter; then external_corpus distilled_inter_text --seq-inter "$SEQ_INTER_N"; fi
+    return
+  fi
   corpus distilled --beam "$BEAM"
   if [[ " $METHODS " == *" seq_inter "* ]]; then
     corpus distilled_inter --seq-inter "$SEQ_INTER_N" --post-process sentencepiece
@@ -290,7 +382,9 @@ method_args() {
   local extra_var="ARGS_$1"
   # onpolicy_kd's loss is a divergence between two distributions: no label smoothing
   [ "$1" = onpolicy_kd ] || echo "--label-smoothing $LABEL_SMOOTHING"
-  if uses_cache "$1"; then
+  if [ -n "$TEACHER_CT2" ]; then
+    echo "--task translation_kd"  # an external teacher: the students learn its text, not its model
+  elif uses_cache "$1"; then
     echo "--task translation_kd --teacher-cache $(cache_dir "$1") --kd-topk $CACHE_TOPK"
   else
     echo "--task translation_kd --teacher-path $(teacher_checkpoint)"
@@ -414,9 +508,19 @@ evaluate_all() {
   done
 }
 
+# evaluate_external_teacher: TEACHER_CT2 on the raw test text, as it translated the corpus.
+evaluate_external_teacher() {
+  if has_result teacher; then log "skip evaluate teacher (in $RESULTS)"; return; fi
+  log "evaluate teacher (TEACHER_CT2, raw text)"
+  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/evaluate.log" fairseq-kd evaluate \
+    --teacher-ct2 "$TEACHER_CT2" "${TEACHER_PREFIX_ARGS[@]}" --src-text "$WORK/raw/test.$SRC" --name teacher \
+    --ref "$WORK/raw/test.$TGT" --results "$RESULTS" --beam "$BEAM" --max-len-a "$MAX_LEN_A" \
+    --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}"
+}
+
 step_evaluate() {
   local name
-  evaluate_all teacher "$(teacher_checkpoint)"
+  if [ -n "$TEACHER_CT2" ]; then evaluate_external_teacher; else evaluate_all teacher "$(teacher_checkpoint)"; fi
   # students are evaluated from their exported files with stock fairseq (no plugin); the
   # CTranslate2 rows convert the same files
   for name in $(student_names); do evaluate_all "$name" "$WORK/exported/$name.pt" --no-user-dir; done
@@ -547,6 +651,10 @@ MD
 # The page's teacher: how the recipe trained it, or TEACHER_PATH (its path in the
 # repository, or only its file name: the page names no path of this machine).
 teacher_setting() {
+  if [ -n "$TEACHER_CT2" ]; then
+    echo "\`$(basename "$TEACHER_CT2")\` (TEACHER_CT2: an external CTranslate2 teacher${TEACHER_TGT_LANG:+, $TEACHER_SRC_LANG -> $TEACHER_TGT_LANG}, not trained by the recipe; the students' SentencePiece model is trained on the source and its translations)"
+    return
+  fi
   [ -n "$TEACHER_PATH" ] || { echo "\`$TEACHER_ARGS $TEACHER_TRAIN\`"; return; }
   local path=${TEACHER_PATH#"$REPO"/}
   [ "$path" != "$TEACHER_PATH" ] || path=$(basename "$TEACHER_PATH")
@@ -590,7 +698,7 @@ MD
 # (how it was made: the settings, the commit, training time, valid loss, BLEU).
 step_ship() {
   local dir=${SHIP_DIR:-$WORK/shipped_teacher}
-  [ -z "$TEACHER_PATH" ] || die "ship: the teacher came from TEACHER_PATH=$TEACHER_PATH; ship ships a teacher the recipe trained"
+  [ -z "$TEACHER_PATH$TEACHER_CT2" ] || die "ship: the teacher came from TEACHER_PATH or TEACHER_CT2; ship ships a teacher the recipe trained"
   log "ship the teacher -> $dir"
   run_cmd mkdir -p "$dir"
   run_logged "$WORK/logs/ship.log" fairseq-kd export --path "$WORK/teacher/checkpoint_best.pt" \
@@ -697,11 +805,14 @@ PY
 }
 
 run_pipeline() {
-  local steps=${*:-$PIPELINE_STEPS} s
+  local default_steps=$PIPELINE_STEPS; [ -z "$TEACHER_CT2" ] || default_steps=$EXTERNAL_STEPS
+  local steps=${*:-$default_steps} s
   for s in $steps; do
     [[ " $PIPELINE_STEPS $NAMED_STEPS " == *" $s "* ]] || die "unknown step '$s' (steps: $PIPELINE_STEPS $NAMED_STEPS)"
   done
   [[ " best last " == *" $STUDENT_CHECKPOINT "* ]] || die "STUDENT_CHECKPOINT must be best or last, got '$STUDENT_CHECKPOINT'"
+  check_external_teacher
+  teacher_prefix_args
   resolve_devices
   RESULTS=${RESULTS:-$WORK/results.json}
   mkdir -p "$WORK"

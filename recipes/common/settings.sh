@@ -61,6 +61,17 @@ LABEL_SMOOTHING=${LABEL_SMOOTHING:-0.1}
 TEACHER_PATH=${TEACHER_PATH-}
 TEACHER_SPM=${TEACHER_SPM:-${TEACHER_PATH:+$(dirname "$TEACHER_PATH")/spm.model}}
 TEACHER_DICT=${TEACHER_DICT:-${TEACHER_PATH:+$(dirname "$TEACHER_PATH")/dict.txt}}
+# TEACHER_CT2: any CTranslate2 model folder instead (an external teacher: OPUS-MT, Marian,
+# M2M100, NLLB, ... as CTranslate2's converters write them; docs/external_teacher.md): no
+# teacher is trained; it translates the raw training text (fairseq-kd corpus --teacher-ct2)
+# and the students get their own SentencePiece model (VOCAB), trained on the source and the
+# teacher's translations, the text the Seq-KD student learns from.  It gives translations
+# only, so only baseline, seq_kd and seq_inter can train (METHODS defaults to baseline seq_kd).
+# TEACHER_SRC_LANG / TEACHER_TGT_LANG: the tokens that start every source / translation of a
+# multilingual model (M2M100: __de__ / __en__; NLLB: deu_Latn / eng_Latn; a multilingual
+# OPUS-MT model: TEACHER_SRC_LANG='>>eng<<', its target language); empty for a one-pair model.
+TEACHER_CT2=${TEACHER_CT2-}
+TEACHER_SRC_LANG=${TEACHER_SRC_LANG-} TEACHER_TGT_LANG=${TEACHER_TGT_LANG-}
 TEACHER_ARGS=${TEACHER_ARGS:-$(profile_value \
   "--arch transformer_iwslt_de_en --share-all-embeddings --dropout 0.3" \
   "--arch transformer_student_small --share-all-embeddings --dropout 0.1")}
@@ -101,6 +112,7 @@ STUDENT_CHECKPOINT=${STUDENT_CHECKPOINT:-$(profile_value best last best)}
 # hybrid_fixed: hybrid_kd with a fixed 0.5 gate, beside the default (learned) gate;
 # seq_word_kd: Seq-KD + Word-KD (Kim & Rush's strongest combination).
 # cpu_converged: in the order the study reports them.
+[ -z "$TEACHER_CT2" ] || METHODS=${METHODS:-baseline seq_kd}  # what an external teacher can teach
 METHODS=${METHODS:-$(profile_value \
   "baseline word_kd seq_kd seq_inter hybrid_kd ckd a2d" \
   "baseline word_kd seq_kd seq_inter hybrid_kd hybrid_fixed ckd a2d" \
