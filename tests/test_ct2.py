@@ -382,11 +382,22 @@ CHECK_LINES = 40
 CHECK_DECODING = ["--check-beam", "2", "--check-max-len-a", "1.2", "--check-max-len-b", "5"]
 
 
-def export_ct2(memorized, tiny_data, out, quantization, *options, check=True):
+def export_args(memorized, tiny_data, out, quantization, *options):
     data, model = memorized
-    return run([tool("fairseq-kd"), "export", "--path", model, "--format", "ctranslate2", "--quantization",
-                quantization, "--data", data, "--spm-model", tiny_data / "pieces" / "spm.model", "--out", out,
-                *options], check=check)
+    return ["export", "--path", model, "--format", "ctranslate2", "--quantization", quantization, "--data", data,
+            "--spm-model", tiny_data / "pieces" / "spm.model", "--out", out, *options]
+
+
+def export_ct2(memorized, tiny_data, out, quantization, *options, check=True):
+    """`fairseq-kd export --format ctranslate2` of the memorized model in a process of its own."""
+    return run([tool("fairseq-kd"), *export_args(memorized, tiny_data, out, quantization, *options)], check=check)
+
+
+def export_here(capsys, memorized, tiny_data, out, quantization, *options):
+    """(exit status, stdout, stderr lines) of the same export run in this process (no start-up cost)."""
+    status = cli.main(export_args(memorized, tiny_data, out, quantization, *options))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip().splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +440,7 @@ def test_quantization_check_scores_what_both_folders_translate(checked_int8, mod
             and f"BLEU float32 {check['bleu_float32']}, int8 {check['bleu_quantized']}" in summary)
 
 
-def test_strict_refuses_and_writes_nothing(memorized, tiny_data, model_folder, tmp_path):
+def test_strict_refuses_and_writes_nothing(memorized, tiny_data, model_folder, tmp_path, capsys):
     """--strict with a margin no model meets: a one-line error, exit status 2, no folder at --out
     and nothing half-made beside it; an earlier export at --out stays as it was."""
     strict = ["--check-split", "train", "--check-lines", "8", *CHECK_DECODING, "--check-margin", "-100",
@@ -443,25 +454,25 @@ def test_strict_refuses_and_writes_nothing(memorized, tiny_data, model_folder, t
     assert os.listdir(tmp_path / "out") == []
     earlier = tmp_path / "earlier"
     shutil.copytree(model_folder, earlier)
-    proc = export_ct2(memorized, tiny_data, earlier, "int8", *strict, check=False)
-    assert proc.returncode == 2
+    status, _, _ = export_here(capsys, memorized, tiny_data, earlier, "int8", *strict)
+    assert status == 2
     assert json.loads((earlier / "fairseq_kd.json").read_text())["quantization"] == "float32"
     assert sorted(os.listdir(tmp_path)) == ["earlier", "out"]
 
 
-def test_float32_and_no_split_skip_the_check_and_say_so(memorized, tiny_data, model_folder, tmp_path):
+def test_float32_and_no_split_skip_the_check_and_say_so(memorized, tiny_data, model_folder, tmp_path, capsys):
     skipped = json.loads((model_folder / "fairseq_kd.json").read_text())["quantization_check"]
     assert skipped["verdict"] == "skipped" and "float32 is the reference" in skipped["reason"]
-    proc = export_ct2(memorized, tiny_data, tmp_path / "f32", "float32", "--strict")  # nothing to refuse
-    assert "quantization check skipped: float32 is the reference" in proc.stdout
+    status, out, _ = export_here(capsys, memorized, tiny_data, tmp_path / "f32", "float32", "--strict")
+    assert status == 0 and "quantization check skipped: float32 is the reference" in out  # nothing to refuse
     # the memorized data has no valid split: skipped with a note, unless one is asked for
-    proc = export_ct2(memorized, tiny_data, tmp_path / "int8", "int8")
-    assert "quantization check skipped:" in proc.stdout and "no binarized 'valid' split" in proc.stdout
+    status, out, _ = export_here(capsys, memorized, tiny_data, tmp_path / "int8", "int8")
+    assert status == 0 and "quantization check skipped:" in out and "no binarized 'valid' split" in out
     for options, message in [(["--check-split", "valid"], "--check-split: no binarized 'valid' split"),
                              (["--strict"], "--strict needs the check"),
                              (["--no-check", "--strict"], "not with --no-check")]:
-        proc = export_ct2(memorized, tiny_data, tmp_path / "refused", "int8", *options, check=False)
-        assert message in kd_error(proc, "export")
+        status, _, err = export_here(capsys, memorized, tiny_data, tmp_path / "refused", "int8", *options)
+        assert status == 2 and len(err) == 1 and err[0].startswith("fairseq-kd export: error: ") and message in err[0]
     assert not (tmp_path / "refused").exists()
 
 
@@ -474,3 +485,21 @@ def test_degenerate_outputs_are_empty_or_looping():
     assert not is_degenerate("of the land of the land of the land")  # three times is still language
     shares = output_shares(["", "a b a b a b a b", "a fine line", ""], [["x"], ["y"], ["z"], []])
     assert shares == {"empty": round(1 / 3, 4), "degenerate": round(2 / 3, 4)}  # the empty source is left out
+
+
+def test_gibberish_fails_the_check_even_within_the_bleu_margin():
+    """Far more looping outputs than float32 fail the check on their own (here with a margin that
+    any BLEU loss meets); a model that merely differs a little passes."""
+    from fairseq_kd.deploy.quantization_check import CheckSettings, score
+
+    settings = CheckSettings(split="valid", lines=20, beam=5, lenpen=1.0, max_len_a=1.5, max_len_b=10,
+                             margin=100.0, device="cpu", strict=False)
+    refs = [f"in the beginning God created verse {i}" for i in range(20)]
+    sources = [ref.split() for ref in refs]
+    looping = refs[:16] + ["and and and and"] * 4
+    entry = score({"float32": refs, "int8": looping}, sources, refs, "int8", settings, {})
+    assert entry["verdict"] == "fail" and entry["outputs"]["int8"]["degenerate"] == 0.2
+    assert entry["reasons"] == ["20.0% of its outputs are empty or repetitive against 0.0% in float32"]
+    slightly_off = refs[:19] + ["in the beginning God made verse 19"]
+    entry = score({"float32": refs, "int8": slightly_off}, sources, refs, "int8", settings, {})
+    assert entry["verdict"] == "pass" and entry["reasons"] == [] and entry["identical_lines"] == 0.95
