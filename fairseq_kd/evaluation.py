@@ -150,15 +150,14 @@ def ct2_translators(model_dir, spec):
     thread each; latency (one sentence at a time) gets every core for its one
     sentence, as an interactive service would configure it.
     """
-    from fairseq_kd.deploy.ct2 import load_translator
-    from fairseq_kd.processes import usable_cores
+    from fairseq_kd.deploy.ct2 import cpu_threads, load_translator, throughput_translator
 
     device = ct2_device(spec)
-    if device == "cuda":
-        return load_translator(model_dir, "cuda"), (load_translator(model_dir, "cuda") if spec.latency else None)
-    threads = int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
-    return (load_translator(model_dir, "cpu", threads=1, parallel=threads),
-            load_translator(model_dir, "cpu", threads=threads, parallel=1) if spec.latency else None)
+    if not spec.latency:
+        return throughput_translator(model_dir, device), None
+    latency = (load_translator(model_dir, "cuda") if device == "cuda"
+               else load_translator(model_dir, "cpu", threads=cpu_threads(), parallel=1))
+    return throughput_translator(model_dir, device), latency
 
 
 def cuda_available_to_ct2():

@@ -374,3 +374,132 @@ def test_latency_times_each_sentence_alone_after_warmup():
     summary = latency_summary(sample)
     assert summary == {"sentences": 7, "median_ms": round(float(numpy.median(sample)), 2),
                        "p90_ms": round(float(numpy.percentile(sample, 90)), 2)}
+
+
+# ------------------------------------------------------------------ export's quantization check
+# The memorized model's split is "train"; its outputs run long (GREEDY's note), hence the max length.
+CHECK_LINES = 40
+CHECK_DECODING = ["--check-beam", "2", "--check-max-len-a", "1.2", "--check-max-len-b", "5"]
+
+
+def export_args(memorized, tiny_data, out, quantization, *options):
+    data, model = memorized
+    return ["export", "--path", model, "--format", "ctranslate2", "--quantization", quantization, "--data", data,
+            "--spm-model", tiny_data / "pieces" / "spm.model", "--out", out, *options]
+
+
+def export_ct2(memorized, tiny_data, out, quantization, *options, check=True):
+    """`fairseq-kd export --format ctranslate2` of the memorized model in a process of its own."""
+    return run([tool("fairseq-kd"), *export_args(memorized, tiny_data, out, quantization, *options)], check=check)
+
+
+def export_here(capsys, memorized, tiny_data, out, quantization, *options):
+    """(exit status, stdout, stderr lines) of the same export run in this process (no start-up cost)."""
+    status = cli.main(export_args(memorized, tiny_data, out, quantization, *options))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def checked_int8(memorized, tiny_data, tmp_path_factory):
+    """(folder, export's output): an int8 export checked on the first 40 training lines with a
+    margin it cannot meet (-100 BLEU), without --strict: kept, with a warning."""
+    out = tmp_path_factory.mktemp("checked") / "int8"
+    proc = export_ct2(memorized, tiny_data, out, "int8", "--check-split", "train", "--check-lines", CHECK_LINES,
+                      *CHECK_DECODING, "--check-margin", "-100")
+    return out, proc
+
+
+def test_quantization_check_scores_what_both_folders_translate(checked_int8, model_folder, memorized, tmp_path):
+    """The recorded BLEU of float32 and int8 are sacreBLEU's of what `fairseq-kd translate` makes
+    of the slice's raw text with the float32 folder and the int8 folder, with the stated settings."""
+    folder, proc = checked_int8
+    data, _ = memorized
+    check = json.loads((folder / "fairseq_kd.json").read_text())["quantization_check"]
+    assert {k: check[k] for k in ("split", "lines", "beam", "lenpen", "max_len_a", "max_len_b", "margin")} == {
+        "split": "train", "lines": CHECK_LINES, "beam": 2, "lenpen": 1.0, "max_len_a": 1.2, "max_len_b": 5,
+        "margin": -100.0}
+    sources = [post(line) for line in read_lines(data / "raw" / "train.es")[:CHECK_LINES]]
+    refs = [post(line) for line in read_lines(data / "raw" / "train.en")[:CHECK_LINES]]
+    (tmp_path / "in.es").write_text("".join(s + "\n" for s in sources), encoding="utf-8")
+    metric, bleu = sacrebleu.BLEU(), {}
+    for name, model in (("float32", model_folder), ("int8", folder)):
+        run([tool("fairseq-kd"), "translate", "--model", model, "--input", tmp_path / "in.es", "--output",
+             tmp_path / f"{name}.en", "--beam", "2", "--lenpen", "1.0", "--max-len-a", "1.2", "--max-len-b", "5"])
+        bleu[name] = metric.corpus_score(read_lines(tmp_path / f"{name}.en"), [refs])
+    assert check["bleu_float32"] == round(bleu["float32"].score, 2)
+    assert check["bleu_quantized"] == round(bleu["int8"].score, 2)
+    assert check["bleu_delta"] == round(check["bleu_quantized"] - check["bleu_float32"], 2)
+    assert check["bleu_signature"] == str(metric.get_signature())
+    assert check["compute_types"]["float32"] == "float32" and "int8" in check["compute_types"]["int8"]
+    # an unmeetable margin without --strict: a warning, the folder kept, the verdict recorded
+    assert check["verdict"] == "fail" and "more than --check-margin -100.0" in check["reasons"][0]
+    assert "fails the quantization check" in proc.stderr and "(--strict refuses it)" in proc.stderr
+    summary, = [line for line in proc.stdout.splitlines() if line.startswith("quantization check")]
+    assert ("(train, first 40 lines, beam 2, lenpen 1.0, max length 1.2 x source + 5, on cpu)" in summary
+            and f"BLEU float32 {check['bleu_float32']}, int8 {check['bleu_quantized']}" in summary)
+
+
+def test_strict_refuses_and_writes_nothing(memorized, tiny_data, model_folder, tmp_path, capsys):
+    """--strict with a margin no model meets: a one-line error, exit status 2, no folder at --out
+    and nothing half-made beside it; an earlier export at --out stays as it was."""
+    strict = ["--check-split", "train", "--check-lines", "8", *CHECK_DECODING, "--check-margin", "-100",
+              "--strict"]
+    proc = export_ct2(memorized, tiny_data, tmp_path / "out" / "int8", "int8", *strict, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [proc.stderr.strip().splitlines()[-1]], proc.stderr[-3000:]
+    assert errors[0].startswith("fairseq-kd export: error: --strict: the int8 model loses ")
+    assert "nothing written to" in errors[0]
+    assert os.listdir(tmp_path / "out") == []
+    earlier = tmp_path / "earlier"
+    shutil.copytree(model_folder, earlier)
+    status, _, _ = export_here(capsys, memorized, tiny_data, earlier, "int8", *strict)
+    assert status == 2
+    assert json.loads((earlier / "fairseq_kd.json").read_text())["quantization"] == "float32"
+    assert sorted(os.listdir(tmp_path)) == ["earlier", "out"]
+
+
+def test_float32_and_no_split_skip_the_check_and_say_so(memorized, tiny_data, model_folder, tmp_path, capsys):
+    skipped = json.loads((model_folder / "fairseq_kd.json").read_text())["quantization_check"]
+    assert skipped["verdict"] == "skipped" and "float32 is the reference" in skipped["reason"]
+    status, out, _ = export_here(capsys, memorized, tiny_data, tmp_path / "f32", "float32", "--strict")
+    assert status == 0 and "quantization check skipped: float32 is the reference" in out  # nothing to refuse
+    # the memorized data has no valid split: skipped with a note, unless one is asked for
+    status, out, _ = export_here(capsys, memorized, tiny_data, tmp_path / "int8", "int8")
+    assert status == 0 and "quantization check skipped:" in out and "no binarized 'valid' split" in out
+    for options, message in [(["--check-split", "valid"], "--check-split: no binarized 'valid' split"),
+                             (["--strict"], "--strict needs the check"),
+                             (["--no-check", "--strict"], "not with --no-check")]:
+        status, _, err = export_here(capsys, memorized, tiny_data, tmp_path / "refused", "int8", *options)
+        assert status == 2 and len(err) == 1 and err[0].startswith("fairseq-kd export: error: ") and message in err[0]
+    assert not (tmp_path / "refused").exists()
+
+
+def test_degenerate_outputs_are_empty_or_looping():
+    from fairseq_kd.deploy.quantization_check import is_degenerate, output_shares
+
+    assert is_degenerate("") and is_degenerate("the the the the")
+    assert is_degenerate("and he said of the land of the land of the land of the land")
+    assert not is_degenerate("the the the") and not is_degenerate("And God said, Let there be light")
+    assert not is_degenerate("of the land of the land of the land")  # three times is still language
+    shares = output_shares(["", "a b a b a b a b", "a fine line", ""], [["x"], ["y"], ["z"], []])
+    assert shares == {"empty": round(1 / 3, 4), "degenerate": round(2 / 3, 4)}  # the empty source is left out
+
+
+def test_gibberish_fails_the_check_even_within_the_bleu_margin():
+    """Far more looping outputs than float32 fail the check on their own (here with a margin that
+    any BLEU loss meets); a model that merely differs a little passes."""
+    from fairseq_kd.deploy.quantization_check import CheckSettings, score
+
+    settings = CheckSettings(split="valid", lines=20, beam=5, lenpen=1.0, max_len_a=1.5, max_len_b=10,
+                             margin=100.0, device="cpu", strict=False)
+    refs = [f"in the beginning God created verse {i}" for i in range(20)]
+    sources = [ref.split() for ref in refs]
+    looping = refs[:16] + ["and and and and"] * 4
+    entry = score({"float32": refs, "int8": looping}, sources, refs, "int8", settings, {})
+    assert entry["verdict"] == "fail" and entry["outputs"]["int8"]["degenerate"] == 0.2
+    assert entry["reasons"] == ["20.0% of its outputs are empty or repetitive against 0.0% in float32"]
+    slightly_off = refs[:19] + ["in the beginning God made verse 19"]
+    entry = score({"float32": refs, "int8": slightly_off}, sources, refs, "int8", settings, {})
+    assert entry["verdict"] == "pass" and entry["reasons"] == [] and entry["identical_lines"] == 0.95

@@ -21,11 +21,24 @@ translates raw text with it, without fairseq or torch.
 
   fairseq-kd export --path student/checkpoint_best.pt --format ctranslate2 --quantization int8 \\
       --data DATA --spm-model pieces/spm.model --out student_ct2
+
+A quantized export (any --quantization but float32) is checked before it is
+moved into place: the first --check-lines lines of the binarized split
+--check-split of the data folder (default: the first 500 of valid, when the
+folder has it) are translated by the float32 conversion and by the new
+model with the same beam, length penalty and maximum length, and scored
+with sacreBLEU against the split's target side.  The model fails when it
+loses more than --check-margin BLEU (default 1.0) or gives far more empty
+or repetitive outputs than float32: a warning, or with --strict a refusal
+(exit status 2, --out untouched).  fairseq_kd.json records the numbers
+under "quantization_check".  --no-check skips it.
 """
 import logging
 import os
 
+from fairseq_kd.cli.translate import MAX_LEN_WHY
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
+from fairseq_kd.deploy.quantization_check import DEFAULT_LINES, DEFAULT_MARGIN, DEFAULT_SPLIT
 from fairseq_kd.errors import require
 
 logger = logging.getLogger(__name__)
@@ -50,6 +63,26 @@ def add_arguments(p):
     g.add_argument("--quantization", choices=QUANTIZATIONS, default="int8",
                    help="weights of the CTranslate2 model (default: int8)")
     g.add_argument("--spm-model", help="the SentencePiece model of the data (fairseq-kd spm's spm.model)")
+    c = p.add_argument_group("--format ctranslate2: the quantization check (not for float32)")
+    c.add_argument("--no-check", action="store_true", help="do not check the quantized model against float32")
+    c.add_argument("--strict", action="store_true",
+                   help="refuse a model that fails the check (exit status 2, --out left as it was) "
+                        "instead of warning")
+    c.add_argument("--check-split", help=f"binarized split of --data to translate (default: {DEFAULT_SPLIT}, "
+                                         f"skipped with a note when --data has none)")
+    c.add_argument("--check-lines", type=int, default=DEFAULT_LINES,
+                   help="its first lines that are translated (default: %(default)s)")
+    c.add_argument("--check-margin", type=float, default=DEFAULT_MARGIN,
+                   help="BLEU the quantized model may lose against float32 (default: %(default)s)")
+    c.add_argument("--check-beam", type=int, default=5,
+                   help="beam size both models translate with (default: %(default)s, as fairseq-kd translate)")
+    c.add_argument("--check-lenpen", type=float, default=1.0, help="length penalty (default: %(default)s)")
+    c.add_argument("--check-max-len-a", type=float, default=1.5,
+                   help=f"translations stop at a * source pieces + b (default: %(default)s, as fairseq-kd "
+                        f"translate). {MAX_LEN_WHY}")
+    c.add_argument("--check-max-len-b", type=int, default=10, help="(default: %(default)s)")
+    c.add_argument("--check-device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both models translate (default: %(default)s, as fairseq-kd translate)")
 
 
 def languages_and_data(args):
@@ -71,10 +104,18 @@ def languages_and_data(args):
 
 def export_ct2(args):
     from fairseq_kd.deploy.ct2 import write_model_folder
+    from fairseq_kd.deploy.quantization_check import check_plan, checker, skipped_check
 
     require(args.spm_model, "--format ctranslate2 needs --spm-model (the model folder translates raw text)")
     data, src, tgt = languages_and_data(args)
-    info = write_model_folder(args.path, data, src, tgt, args.spm_model, args.out, args.quantization)
+    settings, reason = check_plan(args, data, src, tgt)
+    if settings is None:
+        print(f"quantization check skipped: {reason}")
+        check = skipped_check(reason)
+    else:
+        check = checker(args.path, data, src, tgt, args.quantization, settings, args.out,
+                        warn=logger.warning)
+    info = write_model_folder(args.path, data, src, tgt, args.spm_model, args.out, args.quantization, check)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out}: CTranslate2 {args.quantization} model, {src}->{tgt}, {size / 1e6:.2f} MB "
           f"in {info['seconds']}s")

@@ -125,6 +125,21 @@ def load_translator(model_dir, device="cpu", device_index=0, threads=1, parallel
                                   intra_threads=threads)
 
 
+def cpu_threads():
+    """Threads CTranslate2 gets on CPU: OMP_NUM_THREADS, else every usable core."""
+    from fairseq_kd.processes import usable_cores
+
+    return int(os.environ.get("OMP_NUM_THREADS") or usable_cores())
+
+
+def throughput_translator(model_dir, device="cpu"):
+    """A translator for many sentences: on CPU as many batches at once as :func:`cpu_threads`,
+    one thread each (length-sorted batches keep every core busy); on a GPU one at a time."""
+    if device == "cuda":
+        return load_translator(model_dir, "cuda")
+    return load_translator(model_dir, "cpu", threads=1, parallel=cpu_threads())
+
+
 def decoding_options(beam, nbest=1, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=200, longest_source=0):
     """translate_batch options equivalent to fairseq-generate's for one batch.
 
@@ -204,13 +219,23 @@ def latency_summary(times_ms):
             "p90_ms": round(p90, 2)}
 
 
-def binarized_sources(data_dir, split, src, tgt):
-    """The source tokens (without </s>) of a binarized split, in order."""
+def binarized_split(data_dir, split, src, tgt, limit=None):
+    """(sources, targets): the tokens (without </s>) of a binarized split's first ``limit``
+    lines (None: all), in order; targets is None when the split has no target side."""
     from fairseq_kd.corpus.data import SplitData
 
     data = SplitData(argparse.Namespace(data=data_dir, source_lang=src, target_lang=tgt, split=split))
-    symbols = data.src_dict.symbols
-    return [[symbols[t] for t in data.src[i][:-1].tolist()] for i in range(len(data))]
+    count = len(data) if limit is None else min(limit, len(data))
+
+    def tokens(dataset, dictionary):
+        return [[dictionary.symbols[t] for t in dataset[i][:-1].tolist()] for i in range(count)]
+
+    return tokens(data.src, data.src_dict), (None if data.tgt is None else tokens(data.tgt, data.tgt_dict))
+
+
+def binarized_sources(data_dir, split, src, tgt):
+    """The source tokens (without </s>) of a binarized split, in order."""
+    return binarized_split(data_dir, split, src, tgt)[0]
 
 
 # ---------------------------------------------------------------- model folders
@@ -219,30 +244,54 @@ def sentencepiece_postprocess(pieces):
     return "".join(pieces).replace("\u2581", " ").strip()
 
 
-def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quantization):
-    """A folder to ship: the CTranslate2 model, the SentencePiece model and MODEL_INFO."""
+def check_replaceable(out_dir):
+    """``out_dir`` may become a model folder: absent, empty, or an earlier model folder
+    (replaced), never a file or a folder of other files."""
+    require(not os.path.isfile(out_dir), f"--out {out_dir} is a file, not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        require(os.path.isfile(os.path.join(out_dir, MODEL_INFO)),
+                f"--out {out_dir} is a folder of other files, not an earlier model folder")
+
+
+def write_info(folder, info):
+    """Write a model folder's MODEL_INFO."""
+    with open(os.path.join(folder, MODEL_INFO), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quantization, check=None):
+    """A folder to ship: the CTranslate2 model, the SentencePiece model and MODEL_INFO.
+
+    The folder is made beside ``out_dir`` and moved into place (replacing an
+    earlier model folder) only when complete.  ``check(folder)``, when given,
+    runs on the complete folder before the move; what it returns becomes
+    MODEL_INFO's ``quantization_check`` entry, and if it raises, ``out_dir``
+    is left as it was: a refused model never looks like a finished export.
+    """
     from fairseq_kd.checksum import file_sha256
 
     require(os.path.isfile(spm_model), f"--spm-model: SentencePiece model not found: {spm_model}")
-    require(not os.path.isfile(out_dir), f"--out {out_dir} is a file, not a folder")
+    check_replaceable(out_dir)
     started = time.time()
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        # replace an earlier export, never a folder of other files
-        require(os.path.isfile(os.path.join(out_dir, MODEL_INFO)),
-                f"--out {out_dir} is a folder of other files, not an earlier model folder")
-        shutil.rmtree(out_dir)
-    elif os.path.isdir(out_dir):
-        os.rmdir(out_dir)
-    convert(checkpoint, dict_dir, src, tgt, out_dir, quantization)
-    shutil.copyfile(spm_model, os.path.join(out_dir, SPM_MODEL))
-    info = {"source_lang": src, "target_lang": tgt, "quantization": quantization,
-            "sentencepiece": SPM_MODEL, "max_source_tokens": max_source_positions(checkpoint),
-            "made_from": {"checkpoint": os.path.abspath(checkpoint), "sha256": file_sha256(checkpoint),
-                          "dictionaries": os.path.abspath(dict_dir)},
-            "made_by": f"fairseq-kd export --format ctranslate2 (ctranslate2 {ctranslate2_version()})",
-            "made_on": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 1)}
-    with open(os.path.join(out_dir, MODEL_INFO), "w") as f:
-        json.dump(info, f, indent=1)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".exporting-") as tmp:
+        folder = os.path.join(tmp, "model")
+        convert(checkpoint, dict_dir, src, tgt, folder, quantization)
+        shutil.copyfile(spm_model, os.path.join(folder, SPM_MODEL))
+        info = {"source_lang": src, "target_lang": tgt, "quantization": quantization,
+                "sentencepiece": SPM_MODEL, "max_source_tokens": max_source_positions(checkpoint),
+                "made_from": {"checkpoint": os.path.abspath(checkpoint), "sha256": file_sha256(checkpoint),
+                              "dictionaries": os.path.abspath(dict_dir)},
+                "made_by": f"fairseq-kd export --format ctranslate2 (ctranslate2 {ctranslate2_version()})",
+                "made_on": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 1)}
+        write_info(folder, info)  # the check translates with the folder as fairseq-kd translate would
+        if check is not None:
+            info["quantization_check"] = check(folder)
+            write_info(folder, info)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(folder, out_dir)
     return info
 
 
