@@ -30,6 +30,8 @@ setup(
         "tqdm",
         # corpus/evaluate --backend ctranslate2, export --format ctranslate2, translate
         "ctranslate2==4.8.5",
+        # corpus --select mbr --utility chrf: sentence chrF of all candidate pairs (compiled, no dependencies)
+        "fastchrf",
     ],
     extras_require={"test": ["pytest"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["fairseq-kd = fairseq_kd.cli:main"]},
