@@ -106,6 +106,8 @@ def test_default_and_seq_inter_settings_are_saved_as_before():
     assert select.decoding(resolved("--keep", "3")) == (5, 5)  # the 5-best of --beam 5
     assert select.decoding(resolved()) == (5, 1)
     assert select.decoding(resolved("--candidates", "8")) == (8, 1)  # the best of beam 8
+    assert select.describe(resolved()) == "the best of beam 5"
+    assert select.describe(mbr) == "the 8-best of beam 8 ranked by expected chrf (MBR), keep 2"
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -381,7 +383,7 @@ def test_sampled_candidates(tiny_data, tiny_teacher, tmp_path, monkeypatch, back
     assert all(n <= 3 for n in per_source.values())
     report = json.loads((out / "test.report.json").read_text())
     assert report["sampling"] == "topk" and report["candidates"] == 6 and report["pairs"] == len(tgt)
-    assert report["selection"] == "beam over 6 samples (top-k 5, temperature 1.0), keep 3"
+    assert report["selection"] == "6 samples (top-k 5, temperature 1.0) in the teacher's order, keep 3"
 
 
 def test_mbr_with_ctranslate2(tiny_data, tiny_teacher, tmp_path, monkeypatch):

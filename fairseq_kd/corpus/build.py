@@ -547,7 +547,8 @@ def build(args):
 def summary_line(args, report):
     """The line printed at the end: what was written, from what, and what was dropped."""
     changed = report["changed_picks"]
-    picks = "" if changed is None else f": {changed} of {report['translated']} picks not the first candidate"
+    picks = ("" if changed is None or args.select == "beam"
+             else f": {changed} of {report['translated']} picks not the first candidate")
     filtered = sum(report["filtered"].values())
     return (f"wrote {report['pairs']} pairs for {report['sources']} sources to {args.out} "
             f"({','.join(parse_formats(args.formats))}): {report['translated']} translated, "

@@ -144,18 +144,20 @@ def saved_settings(args):
 
 
 def describe(args):
-    """One line saying what the candidates are and how they are chosen (report and log)."""
+    """What the candidates are and how they are chosen, in words (report and last line printed)."""
     n = candidate_count(args)
+    if not decodes_nbest(args):
+        return f"the best of beam {n}"
     if args.sampling == "topk":
         source = f"{n} samples (top-k {args.sampling_topk}, temperature {args.sampling_temperature})"
     elif args.sampling == "topp":
         source = f"{n} samples (top-p {args.sampling_topp}, temperature {args.sampling_temperature})"
-    elif decodes_nbest(args):
-        source = f"the {n}-best of beam {n}"
     else:
-        source = f"the best of beam {n}"
-    how = args.select if args.select == "beam" else f"{args.select} ({utility_name(args)})"
-    return f"{how} over {source}, keep {args.keep}"
+        source = f"the {n}-best of beam {n}"
+    utility = utility_name(args)
+    how = {"beam": "in the teacher's order", "inter": f"ranked by {utility} against the gold target",
+           "mbr": f"ranked by expected {utility} (MBR)"}[args.select]
+    return f"{source} {how}, keep {args.keep}"
 
 
 # ---------------------------------------------------------------- utilities
