@@ -270,7 +270,8 @@ def merge(args, data, work, seconds):
     kept, dropped, threshold = filter_pairs(args, selected, sources, untranslated, merged.scored)
     filtered_file = write_filtered(args, dropped, sources)
     # an empty split is no corpus (and fairseq cannot even map its empty .bin)
-    require(kept or not selected, f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
+    require(kept or not selected,
+            f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
     ids, lines = [i for i, _, _ in kept], [h for _, h, _ in kept]
     src, tgt, split = args.source_lang, args.target_lang, args.split
     if "pieces" in formats:
