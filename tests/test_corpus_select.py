@@ -16,7 +16,7 @@ import helpers
 from fairseq_kd.corpus import filters, select
 from fairseq_kd.errors import KDError
 from test_corpus_backend import parse
-from test_seq_kd_corpus import corpus, read_lines, stock_nbest
+from test_seq_kd_corpus import corpus, odd_lines_data, read_lines, stock_nbest  # noqa: F401 (a fixture)
 
 
 # ------------------------------------------------------------------ utilities and MBR
@@ -348,6 +348,16 @@ def test_filters_drop_pairs_with_a_side_file(tiny_data, tiny_teacher, tmp_path):
     assert "--filter dropped all 80 pairs" in proc.stderr and (out / "test.filtered.tsv").exists()
 
 
+def test_filters_judge_only_the_teachers_translations(odd_lines_data, tiny_teacher, tmp_path):
+    """The empty line of an empty source and the gold target of a long one are always kept."""
+    corpus(odd_lines_data, tiny_teacher, tmp_path, "--max-source-tokens", "200", "--formats", "pieces",
+           "--filter", "ratio", "--filter-ratio", "100,200")  # drops every translation
+    gold = read_lines(odd_lines_data / "raw" / "train.en")
+    assert read_lines(tmp_path / "train.en") == ["", gold[7]]
+    report = json.loads((tmp_path / "train.report.json").read_text())
+    assert report["filtered"] == {"ratio": 28} and report["pairs"] == 2 and report["sources"] == 30
+
+
 def test_a_chunk_folder_of_the_previous_version_resumes_with_the_defaults(tiny_data, tiny_teacher, tmp_path):
     """Chunks without hypotheses lists or scores ("lines" only), settings without the new options."""
     args = ["--split", "test", "--chunk-size", "20", "--formats", "pieces"]
@@ -383,6 +393,11 @@ def test_sampled_candidates(tiny_data, tiny_teacher, tmp_path, monkeypatch, back
     assert all(n <= 3 for n in per_source.values())
     report = json.loads((out / "test.report.json").read_text())
     assert report["sampling"] == "topk" and report["candidates"] == 6 and report["pairs"] == len(tgt)
+    if backend == "fairseq":  # each chunk is seeded: a second run draws the same samples
+        corpus(tiny_data / "bin", tiny_teacher, tmp_path / "again", "--split", "test", "--keep", "3",
+               "--candidates", "6", "--sampling", "topk", "--sampling-topk", "5", "--formats", "pieces",
+               "--backend", backend)
+        assert read_lines(tmp_path / "again" / "test.en") == tgt
     assert report["selection"] == "6 samples (top-k 5, temperature 1.0) in the teacher's order, keep 3"
 
 
