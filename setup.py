@@ -30,6 +30,8 @@ setup(
         "tqdm",
         # corpus/evaluate --backend ctranslate2, export --format ctranslate2, translate
         "ctranslate2==4.8.5",
+        # corpus --select mbr --utility chrf: sentence chrF of all candidate pairs (compiled, no dependencies)
+        "fastchrf",
     ],
     extras_require={
         # transformers: the external-teacher tests build tiny Marian/M2M100 models to convert

@@ -53,12 +53,20 @@ def test_default_is_auto_which_decodes_with_ctranslate2_on_cpu(tiny_data, tiny_t
 
 @pytest.mark.parametrize("extra, path, reason", [
     (["--unkpen", "1"], "teacher.pt", "CTranslate2 has no --unkpen"),
-    (["--seq-inter", "4"], "teacher.pt", "CTranslate2's N-best lists (--seq-inter) were not compared with fairseq's"),
+    (["--seq-inter", "4"], "teacher.pt", build.NBEST_REASON),
+    (["--select", "mbr", "--candidates", "8"], "teacher.pt", build.NBEST_REASON),
+    (["--keep", "2"], "teacher.pt", build.NBEST_REASON),
     ([], "a.pt:b.pt", "CTranslate2 translates with one checkpoint, not an ensemble"),
 ])
 def test_auto_keeps_fairseq_where_ctranslate2_was_not_measured(extra, path, reason, tmp_path):
     assert build.choose_backend(parse(tmp_path, "--cpu", *extra, path=path)) == ("fairseq", reason)
     assert build.choose_backend(parse(tmp_path, "--cpu", path="teacher.pt")) == ("ctranslate2", build.AUTO_CPU_REASON)
+
+
+def test_auto_samples_with_ctranslate2_on_cpu(tmp_path):
+    """Samples have no line-by-line agreement to keep: the faster backend draws them."""
+    args = parse(tmp_path, "--cpu", "--select", "mbr", "--candidates", "8", "--sampling", "topp")
+    assert build.choose_backend(args) == ("ctranslate2", build.SAMPLING_REASON)
 
 
 def test_auto_keeps_fairseq_on_a_gpu(tmp_path, monkeypatch):

@@ -187,18 +187,20 @@ def test_seq_inter_keeps_the_n_best_hypothesis_closest_to_the_reference(teachers
     data = external.RawSplit(args, external.TeacherTokenizer(external.TeacherLayout(args.teacher_ct2)))
     translator = external.ExternalTranslator(args, data, data.tokenizer, "cpu")
     nbest, = translator.translate_batches([[0]])
-    best = max(sacrebleu.sentence_bleu(h, [refs[0].strip()]).score for h in nbest[0])
+    best = max(sacrebleu.sentence_bleu(h, [refs[0].strip()]).score for h, _ in nbest[0])
     assert sacrebleu.sentence_bleu(chosen[0], [refs[0].strip()]).score == best
 
 
 def argparse_namespace(raw_dir, **kw):
-    import argparse
+    """``fairseq-kd corpus RAW --teacher-ct2 ...`` arguments with the command line's own defaults."""
+    from fairseq_kd import cli
+    from fairseq_kd.corpus import select
 
-    args = dict(data=str(raw_dir), split="train", source_lang="es", target_lang="en", seq_inter=0, beam=2,
-                lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=12, max_source_tokens=0, long_inputs="reference",
-                threads=1, post_process=None, teacher_ct2=None)
-    args.update(kw)
-    return argparse.Namespace(**args)
+    args = cli.build_parser(["corpus"]).parse_args(["corpus", str(raw_dir), "--out", "OUT", "-s", "es", "-t", "en",
+                                                   "--beam", "2", "--max-len-b", "12", "--threads", "1"])
+    vars(args).update(kw)
+    select.resolve(args)
+    return args
 
 
 # ---------------------------------------------------------------- one-line errors, nothing written

@@ -19,7 +19,8 @@ SUBCOMMANDS = {
     "spm": ("fairseq_kd.cli.spm",
             "Train a joint SentencePiece model on parallel text and encode every split into pieces."),
     "corpus": ("fairseq_kd.cli.corpus",
-               "Translate a training split with the teacher into a distilled corpus (Seq-KD, Seq-Inter)."),
+               "Translate a training split with the teacher into a distilled corpus "
+               "(Seq-KD, Seq-Inter, MBR, n-best, filtered)."),
     "prune": ("fairseq_kd.cli.prune",
               "Magnitude-prune a student checkpoint's linear (and optionally embedding) weights to a ratio."),
     "average": ("fairseq_kd.cli.average",

@@ -1,15 +1,16 @@
-"""Translate a training split with the teacher into a distilled corpus (Seq-KD, Seq-Inter).
+"""Translate a training split with the teacher into a distilled corpus (Seq-KD, Seq-Inter, MBR, n-best, filtered).
 
 Reads the fairseq-binarized split DATA/SPLIT.SRC-TGT.* (the student's data),
 translates every source line with the teacher (beam search by fairseq's own
 SequenceGenerator, same settings and results as fairseq-generate; or by the
-teacher converted to CTranslate2, over twice as fast on CPU) and writes,
-line-aligned with the source (same lines, same order):
+teacher converted to CTranslate2, over twice as fast on CPU) and writes the
+training pairs, by default one per source line (same lines, same order):
 
   bin     OUT/SPLIT.SRC-TGT.{SRC,TGT}.{bin,idx} + OUT/dict.*.txt: what
           fairseq-preprocess --srcdict/--tgtdict writes; the source files are
-          copied, the target is the teacher's output. --copy-splits adds the
-          gold valid/test data so OUT trains as it is.
+          copied (written again when the pairs are not one per line), the
+          target is the teacher's output. --copy-splits adds the gold
+          valid/test data so OUT trains as it is.
   pieces  OUT/SPLIT.SRC and OUT/SPLIT.TGT, tokens as in the dictionaries
           (e.g. SentencePiece pieces), ready for fairseq-preprocess.
   text    OUT/SPLIT.text.TGT, the translation after --post-process.
@@ -17,15 +18,32 @@ line-aligned with the source (same lines, same order):
 Every line is kept: an empty source gives an empty translation; a source
 longer than --max-source-tokens gets the gold target (--long-inputs reference)
 or is translated truncated (--long-inputs truncate); both are counted in
-OUT/SPLIT.report.json.  --seq-inter N decodes an N-best list (beam N) and keeps
-the hypothesis with the highest sentence BLEU (sacrebleu) against the gold
-target.
+OUT/SPLIT.report.json.
+
+Selection (fairseq_kd.corpus.select): the teacher gives N candidates per
+source (--candidates N: its N-best list from beam N, or N samples with
+--sampling topk|topp); --select ranks them (beam: the teacher's order; inter:
+a sentence-level utility against the gold target, Seq-Inter; mbr: the mean
+utility against the other candidates, MBR) and --keep n keeps the n best
+distinct ones, each a training pair with the source repeated (n-best
+distillation, MBR-n).  --seq-inter N is --select inter --candidates N.  The
+default (--select beam, --keep 1, the best of --beam) is Seq-KD, as before.
+
+Filtering (fairseq_kd.corpus.filters): --filter drops selected pairs that are
+copies of the source, runaway repetitions, of an odd length ratio or scored
+low by the teacher; each dropped pair and its rule go to
+OUT/SPLIT.filtered.tsv and the report counts them.  Filters act at the merge,
+from the saved chunks: rerunning with other --filter options decodes nothing.
+A corpus of several pairs per source, or filtered, no longer lines up with
+the gold data, so translation_kd --distilled-data refuses it.
 
 --backend auto (the default) decodes with CTranslate2 in float32 where its
 speed and agreement with fairseq were measured: on CPU, one checkpoint, no
---unkpen, no --seq-inter, and a teacher it converts; elsewhere (a GPU, an
-ensemble, ...) with fairseq.  It logs which one and why; a resumed run keeps
-the backend it was begun with.  --backend fairseq or ctranslate2 chooses.
+--unkpen, the 1-best (no N-best list), and a teacher it converts; also for
+--sampling on CPU, where there is no agreement to keep; elsewhere (a GPU, an
+ensemble, an N-best list, ...) with fairseq.  It logs which one and why; a
+resumed run keeps the backend it was begun with.  --backend fairseq or
+ctranslate2 chooses.
 
 --backend ctranslate2 converts the teacher once (cached under
 $FAIRSEQ_KD_CACHE/ct2 or ~/.cache/fairseq_kd/ct2, keyed by the checkpoint's
@@ -54,6 +72,7 @@ translations counted too).  A multilingual model needs its language codes:
 OPUS-MT: the target's >>xxx<< token).  Chunks, shards, workers and resume are
 as above; it decodes on the GPU when CTranslate2 sees one (--cpu: never).
 """
+from fairseq_kd.corpus import filters, select
 from fairseq_kd.corpus.translators import AUTO, BACKENDS
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
 from fairseq_kd.errors import require
@@ -100,12 +119,9 @@ def add_arguments(p):
     g.add_argument("--max-len-a", type=float, default=0.0, help="max length = a * src_len + b (default a: 0)")
     g.add_argument("--max-len-b", type=int, default=200, help="(default b: 200)")
     g.add_argument("--min-len", type=int, default=1)
-    g.add_argument("--seq-inter", type=int, default=0, metavar="N",
-                   help="Seq-Inter: decode the N best (beam N) and keep the one with the "
-                        "highest sentence BLEU against the gold target (default: 0, off)")
     g.add_argument("--post-process", default=None,
                    help="as fairseq's --post-process (e.g. sentencepiece): applied for the "
-                        "text format and before sentence BLEU")
+                        "text format and before the utilities of --select inter and mbr")
     g.add_argument("--max-tokens", type=int, default=12000,
                    help="source tokens per batch (default: 12000, fairseq-generate's default)")
     g.add_argument("--batch-size", type=int, default=None,
@@ -113,6 +129,8 @@ def add_arguments(p):
                         "24 with the ctranslate2 backend on CPU, where small batches decode faster)")
     g.add_argument("--fp16", action="store_true", help="decode in fp16 (GPU)")
     g.add_argument("--cpu", action="store_true", help="do not use a GPU")
+    select.add_arguments(p.add_argument_group("selection: candidates per source, ranked, the best kept"))
+    filters.add_arguments(p.add_argument_group("filtering the selected pairs (at the merge)"))
     g = p.add_argument_group("input lines")
     g.add_argument("--max-source-tokens", type=int, default=0,
                    help="sources longer than this (tokens incl. </s>) are 'long' (default: "

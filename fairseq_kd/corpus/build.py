@@ -11,9 +11,11 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 
 from fairseq_kd.allocator import keep_freed_memory
 from fairseq_kd.atomic_io import write_atomic, write_lines
+from fairseq_kd.corpus import filters, select
 from fairseq_kd.corpus.data import SplitData, chunk_ranges, shard_chunks
 from fairseq_kd.corpus.translators import AUTO, CT2Translator, FairseqTranslator
 from fairseq_kd.errors import KDError, require
@@ -28,9 +30,15 @@ OUTPUT_SETTINGS = ("path", "data", "split", "source_lang", "target_lang", "beam"
                    "max_source_tokens", "long_inputs", "chunk_size", "fp16")
 # Recorded only for the ctranslate2 backend, so runs begun before it existed still resume.
 CT2_SETTINGS = ("backend", "quantization")
+# The selection options (select.DEFAULTS) are recorded only where they differ from their
+# defaults, for the same reason; the --filter options act at the merge and bind nothing.
 # --backend auto's choice on CPU, and why it may be made there (benchmarks/README.md).
 AUTO_CPU_REASON = ("on CPU CTranslate2 decoded the shipped teacher over twice as fast as fairseq-generate, "
                    "the same lines in float32 (benchmarks/README.md)")
+NBEST_REASON = ("CTranslate2's N-best lists (--select inter or mbr, --seq-inter, --keep > 1) were not "
+                "compared with fairseq's")
+SAMPLING_REASON = ("samples (--sampling) are random draws, the same with neither backend, and CTranslate2 "
+                   "decodes over twice as fast on CPU")
 
 
 # ---------------------------------------------------------------- work folder
@@ -47,6 +55,7 @@ class WorkDir:
         self.settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
         if args.backend != "fairseq":
             self.settings.update({k: getattr(args, k) for k in CT2_SETTINGS})
+        self.settings.update(select.saved_settings(args))
 
     def prepare(self):
         os.makedirs(self.path, exist_ok=True)
@@ -194,49 +203,140 @@ def run_workers(args, shard_ids, num_shards, workers):
             "rerun the same command to resume")
 
 
-def merge(args, data, work):
-    """Concatenate the chunks into the requested formats and write the report."""
+class MergedChunks:
+    """The saved chunks of a split, in line order: per line the kept hypotheses and their scores.
+
+    Chunks saved before selections existed hold one line each ("lines") and
+    no scores nor changed picks: they merge as they are (``scored`` and
+    ``changed`` say what they lack).
+    """
+
+    def __init__(self, work):
+        self.hyps, self.scores, self.empty, self.long, self.changed = [], [], [], [], []
+        self.scored = True
+        for c in range(len(work.chunks)):
+            chunk = work.load(c)
+            if "hyps" in chunk:
+                self.hyps += chunk["hyps"]
+                self.scores += chunk["scores"]
+                if self.changed is not None:
+                    self.changed += chunk["changed"]
+            else:  # an earlier version's chunk
+                self.hyps += [[line] for line in chunk["lines"]]
+                self.scores += [[None] for _ in chunk["lines"]]
+                self.scored, self.changed = False, None
+            self.empty += chunk["empty"]
+            self.long += chunk["long"]
+
+    def untranslated(self, long_inputs):
+        """Lines whose target is not the teacher's: empty sources, long ones given the gold target."""
+        return set(self.empty) | (set(self.long) if long_inputs == "reference" else set())
+
+    def pairs(self):
+        """[(line, hypothesis, score)] in line order, a line's kept hypotheses best first."""
+        return [(i, h, score) for i, (hs, ss) in enumerate(zip(self.hyps, self.scores))
+                for h, score in zip(hs, ss)]
+
+
+def filter_pairs(args, pairs, sources, untranslated, scored):
+    """(kept pairs, [(line, rule, hypothesis)] dropped, score threshold or None) under --filter."""
+    rules = filters.parse_rules(args.filter)
+    if not rules:
+        return pairs, [], None
+    judged = [p for p in pairs if p[0] not in untranslated]
+    if "score" in rules:
+        require(scored, "--filter score: chunks saved by an earlier version of fairseq-kd corpus hold no "
+                "teacher scores; decode again into another --out")
+    rule = filters.PairFilter(args, [score for _, _, score in judged])
+    kept, dropped = [], []
+    for i, h, score in pairs:
+        reason = None if i in untranslated else rule.reason(sources[i].split(), h.split(), score)
+        if reason:
+            dropped.append((i, reason, h))
+        else:
+            kept.append((i, h, score))
+    return kept, dropped, rule.min_score
+
+
+def write_filtered(args, dropped, sources):
+    """OUT/SPLIT.filtered.tsv: every dropped pair with its rule (none without --filter)."""
+    path = os.path.join(args.out, f"{args.split}.filtered.tsv")
+    if not filters.parse_rules(args.filter):
+        if os.path.exists(path):  # left by an earlier merge with filters: it would describe other files
+            os.remove(path)
+        return None
+    write_lines(path, ["line\treason\tsource\thypothesis",
+                       *(f"{i}\t{reason}\t{sources[i]}\t{h}" for i, reason, h in dropped)])
+    return path
+
+
+def merge(args, data, work, seconds):
+    """Concatenate the chunks, filter the pairs, write the requested formats and the report."""
     from fairseq.data import data_utils
 
     formats = parse_formats(args.formats)
+    merged = MergedChunks(work)
+    require(len(merged.hyps) == len(data), f"merged {len(merged.hyps)} lines, the split has {len(data)}")
+    sources = [data.src_dict.string(data.src[i]) for i in range(len(data))]
+    untranslated = merged.untranslated(args.long_inputs)
+    selected = merged.pairs()
+    kept, dropped, threshold = filter_pairs(args, selected, sources, untranslated, merged.scored)
+    filtered_file = write_filtered(args, dropped, sources)
+    # an empty split is no corpus (and fairseq cannot even map its empty .bin)
+    require(kept or not selected,
+            f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
+    ids, lines = [i for i, _, _ in kept], [h for _, h, _ in kept]
     src, tgt, split = args.source_lang, args.target_lang, args.split
-    lines, empty, long = [], [], []
-    for c in range(len(work.chunks)):
-        chunk = work.load(c)
-        lines += chunk["lines"]
-        empty += chunk["empty"]
-        long += chunk["long"]
-    require(len(lines) == len(data), f"merged {len(lines)} lines, the split has {len(data)}")
     if "pieces" in formats:
         write_lines(os.path.join(args.out, f"{split}.{tgt}"), lines)
-        write_lines(os.path.join(args.out, f"{split}.{src}"),
-                    (data.src_dict.string(data.src[i]) for i in range(len(data))))
+        write_lines(os.path.join(args.out, f"{split}.{src}"), (sources[i] for i in ids))
     if "text" in formats:
         write_lines(os.path.join(args.out, f"{split}.text.{tgt}"),
                     (data_utils.post_process(l, args.post_process) for l in lines))
     if "bin" in formats:
-        write_binarized(args, data, lines)
-    report = {"lines": len(lines), "translated": len(lines) - len(empty) - (len(long) if args.long_inputs == "reference" else 0),
-              "empty_sources": empty, "long_sources": long, "long_inputs": args.long_inputs,
-              "max_source_tokens": args.max_source_tokens or "teacher's max positions"}
+        write_binarized(args, data, ids, lines)
+    translated = len(data) - len(untranslated)
+    report = {"lines": len(lines), "sources": len(data), "pairs": len(lines),
+              "duplication": round(len(lines) / max(len(data), 1), 4), "translated": translated,
+              "empty_sources": merged.empty, "long_sources": merged.long, "long_inputs": args.long_inputs,
+              "max_source_tokens": args.max_source_tokens or "teacher's max positions",
+              **selection_report(args, merged, translated, untranslated),
+              "pairs_selected": len(selected), "filter": ",".join(filters.parse_rules(args.filter)) or filters.NONE,
+              "filtered": dict(sorted(Counter(reason for _, reason, _ in dropped).items())),
+              "filtered_file": filtered_file, "score_threshold": threshold, "seconds": round(seconds, 1)}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
 
 
-def write_binarized(args, data, lines):
-    """What fairseq-preprocess --srcdict/--tgtdict writes for this split (and the gold ones)."""
-    from fairseq.data import indexed_dataset
+def selection_report(args, merged, translated, untranslated):
+    """What was selected, and how often the choice left the first candidate (report entries)."""
+    changed = None if merged.changed is None else len(merged.changed)
+    fewer = sum(len(hs) < args.keep for i, hs in enumerate(merged.hyps) if i not in untranslated)
+    return {"selection": select.describe(args), "select": args.select,
+            "candidates": select.decoding(args)[1], "sampling": args.sampling,
+            "utility": select.utility_name(args), "keep": args.keep, "changed_picks": changed,
+            "changed_share": None if changed is None else round(changed / max(translated, 1), 4),
+            "fewer_than_keep": fewer}
 
+
+def write_binarized(args, data, ids, lines):
+    """What fairseq-preprocess --srcdict/--tgtdict writes for these pairs (and the gold splits).
+
+    ``ids``: the source line of each target line; the source files are copied
+    when they are the split's own (one pair per line), else written again.
+    """
     src, tgt, split = args.source_lang, args.target_lang, args.split
     for lang in (src, tgt):
         shutil.copyfile(os.path.join(args.data, f"dict.{lang}.txt"), os.path.join(args.out, f"dict.{lang}.txt"))
     out_prefix = os.path.join(args.out, os.path.basename(data.prefix))
-    for ext in (".bin", ".idx"):
-        shutil.copyfile(f"{data.prefix}.{src}{ext}", f"{out_prefix}.{src}{ext}")
-    builder = indexed_dataset.make_builder(f"{out_prefix}.{tgt}.bin", impl="mmap", vocab_size=len(data.tgt_dict))
-    for line in lines:
-        builder.add_item(data.tgt_dict.encode_line(line, add_if_not_exist=False, append_eos=True).long())
-    builder.finalize(f"{out_prefix}.{tgt}.idx")
+    if ids == list(range(len(data))):
+        for ext in (".bin", ".idx"):
+            shutil.copyfile(f"{data.prefix}.{src}{ext}", f"{out_prefix}.{src}{ext}")
+    else:
+        write_indexed(f"{out_prefix}.{src}", len(data.src_dict), (data.src[i] for i in ids))
+    write_indexed(f"{out_prefix}.{tgt}", len(data.tgt_dict),
+                  (data.tgt_dict.encode_line(line, add_if_not_exist=False, append_eos=True).long()
+                   for line in lines))
     for other in [s for s in args.copy_splits.split(",") if s and s != split]:
         files = [f for f in glob.glob(os.path.join(args.data, f"{other}.*-*.*"))
                  if f.endswith((f".{src}.bin", f".{src}.idx", f".{tgt}.bin", f".{tgt}.idx"))]
@@ -244,6 +344,16 @@ def write_binarized(args, data, lines):
             logger.warning(f"--copy-splits: no split '{other}' in {args.data}")
         for f in files:
             shutil.copyfile(f, os.path.join(args.out, os.path.basename(f)))
+
+
+def write_indexed(prefix, vocab_size, items):
+    """PREFIX.bin/.idx holding ``items`` (token tensors), as fairseq-preprocess writes them."""
+    from fairseq.data import indexed_dataset
+
+    builder = indexed_dataset.make_builder(f"{prefix}.bin", impl="mmap", vocab_size=vocab_size)
+    for item in items:
+        builder.add_item(item)
+    builder.finalize(f"{prefix}.idx")
 
 
 def parse_formats(spec):
@@ -261,7 +371,8 @@ def check_args(args):
         require(os.path.realpath(args.data) != os.path.realpath(args.out),
                 "--out must differ from the data folder with the bin format")
     require(args.beam >= 1, f"--beam must be >= 1, got {args.beam}")
-    require(args.seq_inter >= 0, f"--seq-inter must be >= 0, got {args.seq_inter}")
+    select.resolve(args)
+    filters.check_args(args)
     require(args.chunk_size >= 1, f"--chunk-size must be >= 1, got {args.chunk_size}")
     require(args.max_tokens >= 1 and (args.batch_size is None or args.batch_size >= 1),
             "--max-tokens and --batch-size must be >= 1")
@@ -290,7 +401,8 @@ def choose_backend(args):
     """What --backend auto decodes a new run with, and why: (backend, reason).
 
     CTranslate2 only where its speed and its agreement with fairseq were
-    measured (CPU, one checkpoint, the 1-best); fairseq everywhere else.
+    measured (CPU, one checkpoint, the 1-best), or where there is no agreement
+    to keep (samples); fairseq everywhere else.
     """
     if not on_cpu(args):
         return "fairseq", "a GPU is visible, and CTranslate2 was measured against fairseq on CPU only"
@@ -298,8 +410,10 @@ def choose_backend(args):
         return "fairseq", "CTranslate2 translates with one checkpoint, not an ensemble"
     if args.unkpen != 0:
         return "fairseq", "CTranslate2 has no --unkpen"
-    if args.seq_inter:
-        return "fairseq", "CTranslate2's N-best lists (--seq-inter) were not compared with fairseq's"
+    if args.sampling:
+        return "ctranslate2", SAMPLING_REASON
+    if select.decodes_nbest(args):
+        return "fairseq", NBEST_REASON
     return "ctranslate2", AUTO_CPU_REASON
 
 
@@ -439,9 +553,20 @@ def build(args):
     run_workers(args, todo, num_shards, workers)
     missing = work.pending(range(len(work.chunks)))
     require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
-    report = merge(args, data, work)
-    print(f"wrote {report['lines']} lines to {args.out} ({','.join(parse_formats(args.formats))}): "
-          f"{report['translated']} translated, {len(report['empty_sources'])} empty sources, "
-          f"{len(report['long_sources'])} long sources ({args.long_inputs}); "
-          f"{time.time() - started:.1f}s")
+    report = merge(args, data, work, time.time() - started)
+    print(summary_line(args, report))
     return 0
+
+
+def summary_line(args, report):
+    """The line printed at the end: what was written, from what, and what was dropped."""
+    changed = report["changed_picks"]
+    picks = ("" if changed is None or args.select == "beam"
+             else f": {changed} of {report['translated']} picks not the first candidate")
+    filtered = sum(report["filtered"].values())
+    return (f"wrote {report['pairs']} pairs for {report['sources']} sources to {args.out} "
+            f"({','.join(parse_formats(args.formats))}): {report['translated']} translated, "
+            f"{len(report['empty_sources'])} empty sources, {len(report['long_sources'])} long sources "
+            f"({args.long_inputs}); {report['selection']}{picks}; {filtered} pairs filtered "
+            f"(--filter {report['filter']}); "
+            f"{report['seconds']:.1f}s")

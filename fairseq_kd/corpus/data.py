@@ -36,14 +36,6 @@ def length_sorted_batches(indices, sizes, max_tokens, max_sentences):
     return batches
 
 
-def select_by_sentence_bleu(hypotheses, reference):
-    """Index of the hypothesis with the highest sentence BLEU (first one on ties)."""
-    import sacrebleu
-
-    scores = [sacrebleu.sentence_bleu(h, [reference]).score for h in hypotheses]
-    return max(range(len(scores)), key=lambda k: (scores[k], -k))
-
-
 def pair_prefix(data, split, src, tgt):
     """DATA/SPLIT.SRC-TGT or DATA/SPLIT.TGT-SRC, whichever fairseq-preprocess wrote."""
     from fairseq.data import indexed_dataset
@@ -83,5 +75,5 @@ class SplitData:
 
     def reference(self, i, post_process=None):
         require(self.tgt is not None, f"{self.prefix}.{{bin,idx}}: no gold target side, "
-                "needed by --seq-inter and --long-inputs reference")
+                "needed by --select inter (--seq-inter) and --long-inputs reference")
         return self.tgt_dict.string(self.tgt[i], post_process, escape_unk=post_process is not None)

@@ -39,11 +39,14 @@ import re
 import shutil
 import struct
 import time
+from collections import Counter
 
 from fairseq_kd.atomic_io import write_atomic, write_lines
-from fairseq_kd.corpus.build import WorkDir, work_path
+from fairseq_kd.corpus import select
+from fairseq_kd.corpus.build import (MergedChunks, WorkDir, filter_pairs, selection_report, work_path,
+                                     write_filtered)
 from fairseq_kd.corpus.data import chunk_ranges
-from fairseq_kd.corpus.translators import ChunkTranslator
+from fairseq_kd.corpus.translators import ChunkTranslator, ct2_decoder
 from fairseq_kd.errors import require
 
 logger = logging.getLogger("fairseq_kd.corpus")
@@ -320,16 +323,11 @@ class ExternalTranslator(ChunkTranslator):
     """The folder's CTranslate2 translator; each hypothesis is returned detokenized."""
 
     def __init__(self, args, data, tokenizer, device, device_index=0):
-        from fairseq_kd.deploy.ct2 import load_translator
-
         super().__init__(args, data, data.max_source)
         self.tokenizer = tokenizer
-        parallel = args.threads if device == "cpu" else 1
-        self.translator = load_translator(args.teacher_ct2, device, device_index, threads=1,
-                                          parallel=max(parallel, 1))
-        self.options = dict(beam=self.beam, nbest=self.nbest, lenpen=args.lenpen, min_len=args.min_len,
-                            max_len_a=args.max_len_a, max_len_b=args.max_len_b,
-                            target_prefix=tokenizer.layout.target_prefix)
+        self.translator, self.options = ct2_decoder(args, args.teacher_ct2, device, device_index, self.beam,
+                                                    self.nbest)
+        self.options["target_prefix"] = tokenizer.layout.target_prefix
 
     def translate_batches(self, batches):
         from fairseq_kd.deploy.ct2 import translate_batches
@@ -337,8 +335,8 @@ class ExternalTranslator(ChunkTranslator):
         layout = self.tokenizer.layout
         cut = self.max_source if self.args.long_inputs == "truncate" else 0
         sources = [[layout.source_tokens(self.data.pieces[i], cut) for i in batch] for batch in batches]
-        for hyps in translate_batches(self.translator, sources, **self.options):
-            yield [[self.tokenizer.decode(h) for h in nbest] for nbest in hyps]
+        for hyps in translate_batches(self.translator, sources, scores=True, **self.options):
+            yield [[(self.tokenizer.decode(h), score) for h, score in nbest] for nbest in hyps]
 
 
 def open_split(args):
@@ -362,6 +360,7 @@ class ExternalWorkDir(WorkDir):
         self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
         self.settings.update(teacher_ct2=os.path.abspath(args.teacher_ct2), data=os.path.abspath(args.data),
                              n_lines=n_lines, teacher_fingerprint=teacher_fingerprint(args.teacher_ct2))
+        self.settings.update(select.saved_settings(args))
 
 
 # ---------------------------------------------------------------- the corpus
@@ -403,19 +402,23 @@ def copy_file(src, dest):
 
 
 def merge(args, data, work, layout):
-    """OUT as a raw corpus: SPLIT.TGT the teacher's text, SPLIT.SRC and the gold --copy-splits
-    copied; OUT/SPLIT.report.json counts every line not translated (nothing is dropped)."""
+    """OUT as a raw corpus: SPLIT.TGT the teacher's text (the kept pairs, after --select, --keep
+    and --filter, as for a fairseq teacher), SPLIT.SRC their sources, the gold --copy-splits
+    copied; OUT/SPLIT.report.json counts every line not translated, OUT/SPLIT.filtered.tsv
+    holds every filtered pair (nothing is dropped silently)."""
     src, tgt, split = args.source_lang, args.target_lang, args.split
-    lines, empty, long = [], [], []
-    for c in range(len(work.chunks)):
-        chunk = work.load(c)
-        lines += chunk["lines"]
-        empty += chunk["empty"]
-        long += chunk["long"]
-    require(len(lines) == len(data), f"merged {len(lines)} lines, the split has {len(data)}")
-    skipped = set(empty) | (set(long) if args.long_inputs == "reference" else set())
-    failed = [i for i, line in enumerate(lines) if not line and i not in skipped]
-    copy_file(raw_file(args, split, src), os.path.join(args.out, f"{split}.{src}"))
+    merged = MergedChunks(work)
+    require(len(merged.hyps) == len(data), f"merged {len(merged.hyps)} lines, the split has {len(data)}")
+    untranslated = merged.untranslated(args.long_inputs)
+    selected = merged.pairs()
+    # the rules count whitespace-separated words here: sources and translations are plain text
+    kept, dropped, threshold = filter_pairs(args, selected, data.sources, untranslated, merged.scored)
+    filtered_file = write_filtered(args, dropped, data.sources)
+    require(kept or not selected,
+            f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
+    ids, lines = [i for i, _, _ in kept], [h for _, h, _ in kept]
+    failed = sorted({i for i, h in zip(ids, lines) if not h and i not in untranslated})
+    write_lines(os.path.join(args.out, f"{split}.{src}"), (data.sources[i] for i in ids))
     write_lines(os.path.join(args.out, f"{split}.{tgt}"), lines)
     for other in copy_splits(args):
         files = [raw_file(args, other, lang) for lang in (src, tgt)]
@@ -424,11 +427,17 @@ def merge(args, data, work, layout):
             continue
         for f in files:
             copy_file(f, os.path.join(args.out, os.path.basename(f)))
-    report = {"lines": len(lines), "translated": len(lines) - len(skipped),
-              "empty_sources": empty, "empty_translations": failed, "long_sources": long,
+    translated = len(data) - len(untranslated)
+    report = {"lines": len(lines), "sources": len(data), "pairs": len(lines),
+              "duplication": round(len(lines) / max(len(data), 1), 4), "translated": translated,
+              "empty_sources": merged.empty, "empty_translations": failed, "long_sources": merged.long,
               "long_inputs": args.long_inputs, "max_source_tokens": args.max_source_tokens or data.max_source,
-              "teacher_ct2": os.path.abspath(args.teacher_ct2), "layout": layout.kind,
-              "source_prefix": layout.source_prefix, "target_prefix": layout.target_prefix}
+              **selection_report(args, merged, translated, untranslated),
+              "pairs_selected": len(selected),
+              "filtered": dict(sorted(Counter(reason for _, reason, _ in dropped).items())), "filtered_file": filtered_file,
+              "score_threshold": threshold, "teacher_ct2": os.path.abspath(args.teacher_ct2),
+              "layout": layout.kind, "source_prefix": layout.source_prefix,
+              "target_prefix": layout.target_prefix}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
 

@@ -140,30 +140,36 @@ def throughput_translator(model_dir, device="cpu"):
     return load_translator(model_dir, "cpu", threads=1, parallel=cpu_threads())
 
 
-def decoding_options(beam, nbest=1, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=200, longest_source=0):
+def decoding_options(beam, nbest=1, lenpen=1.0, min_len=1, max_len_a=0.0, max_len_b=200, longest_source=0,
+                     **sampling):
     """translate_batch options equivalent to fairseq-generate's for one batch.
 
     ``longest_source`` counts tokens with the ``</s>`` CTranslate2 appends,
-    as fairseq's ``src_lengths`` do.
+    as fairseq's ``src_lengths`` do.  ``sampling``: CTranslate2's own
+    sampling_topk, sampling_topp, sampling_temperature, passed as they are.
     """
     return dict(beam_size=beam, num_hypotheses=nbest, length_penalty=lenpen,
                 min_decoding_length=min_len, max_input_length=0,
-                max_decoding_length=max(1, int(max_len_a * longest_source + max_len_b)))
+                max_decoding_length=max(1, int(max_len_a * longest_source + max_len_b)), **sampling)
 
 
-def translate_batches(translator, batches, target_prefix=(), **options):
+def translate_batches(translator, batches, target_prefix=(), scores=False, **options):
     """Translate batches of token lists; yields each batch's hypotheses (token lists, best first).
 
     All batches are queued at once, so a translator with ``parallel`` > 1
     works on several of them at the same time; results come in order.
     ``target_prefix``: tokens every hypothesis starts with (a multilingual
-    model's target language), returned with them.
+    model's target language), returned with them.  With ``scores`` each
+    hypothesis comes as (tokens, score): the log-probability normalised by
+    length ** length_penalty, as fairseq's hypothesis score.
     """
     pending = [translator.translate_batch(batch, asynchronous=True, target_prefix=prefixes(target_prefix, batch),
+                                          return_scores=scores,
                                           **decoding_options(longest_source=max(map(len, batch)) + 1, **options))
                for batch in batches]
     for results in pending:
-        yield [r.result().hypotheses for r in results]
+        done = [r.result() for r in results]
+        yield [list(zip(r.hypotheses, r.scores)) if scores else r.hypotheses for r in done]
 
 
 def prefixes(target_prefix, batch):

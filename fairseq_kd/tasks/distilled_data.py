@@ -14,6 +14,9 @@ the same sentences in the same order,
 Batching, ordering and ``--max-positions`` filtering use the longer of the two
 targets, since a criterion runs the decoder on both.
 """
+import json
+import os
+
 import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
@@ -125,9 +128,29 @@ def _first_token_mismatch(a, b):
     return None
 
 
+def check_one_pair_per_line(distilled_dir, split, where):
+    """Refuse a corpus ``fairseq-kd corpus`` wrote with --keep n or --filter (its report says so).
+
+    Such a corpus has several pairs for a source or none: its lines no
+    longer follow the gold data's, which a distilled target must (it is
+    batched with the gold target of the same line).
+    """
+    report_file = os.path.join(distilled_dir, f"{split}.report.json")
+    if not os.path.isfile(report_file):
+        return
+    with open(report_file) as f:
+        report = json.load(f)
+    pairs, sources = report.get("pairs"), report.get("sources")
+    require(pairs is None or pairs == sources and not report.get("filtered"),
+            f"{where} holds {pairs} pairs for {sources} sources (fairseq-kd corpus --keep "
+            f"{report.get('keep', 1)} --filter {report.get('filter', 'none')}): --distilled-data needs "
+            "one teacher target per gold line; write it with --keep 1 --filter none, or train on it alone")
+
+
 def check_aligned(gold, distilled, split, data_dir, distilled_dir):
     """The distilled corpus must hold the gold corpus's sources, line by line."""
     where = f"--distilled-data {distilled_dir} ({split} split)"
+    check_one_pair_per_line(distilled_dir, split, where)
     require(
         len(gold) == len(distilled),
         f"{where} has {len(distilled)} sentence pairs but {data_dir} has {len(gold)}: "
