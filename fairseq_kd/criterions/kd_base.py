@@ -35,6 +35,7 @@ without its decay), so that the validation loss moves only with the student.
 per-sentence losses with a gate and keeps its own ``forward``, built from
 the same parts (:meth:`logging_output`, the fused word-KD function).
 """
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -53,6 +54,8 @@ from fairseq_kd.errors import require
 from fairseq_kd.losses import TeacherDistribution, WordSelection, word_kd_loss
 from fairseq_kd.losses.selective import SELECT_MODES
 from fairseq_kd.teacher import distribution_of
+
+logger = logging.getLogger(__name__)
 
 
 KD_SELECT_CHOICES = ChoiceEnum(list(SELECT_MODES))
@@ -286,6 +289,8 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
         if self.selection is not None and self.selection.queue is not None \
                 and "kd_select_queue" in state:
             self.selection.queue.load_state_dict(state["kd_select_queue"])
+            logger.info(f"--kd-select global: restored the queue of the last "
+                        f"{len(self.selection.queue)} words' CEs from the checkpoint")
 
     def sample_size(self, sample):
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
