@@ -34,7 +34,16 @@ In return the task
   ``needs_teacher``, so that a bad setup stops before training starts;
 * calls :meth:`KDCriterion.on_update` once per training update with the
   logging outputs fairseq has summed over ``--update-freq`` micro-batches
-  and DDP ranks (identical on every rank), for running statistics.
+  and DDP ranks (identical on every rank), for running statistics;
+* saves :meth:`KDCriterion.checkpoint_state` with every checkpoint and hands
+  it back to :meth:`KDCriterion.load_checkpoint_state` on resume, through
+  fairseq's task hooks ``get_checkpoint_dict``/``set_checkpoint_dict`` (the
+  checkpoint's ``extra_state``).  This is for state that is not a parameter
+  or buffer: fairseq saves a criterion's ``state_dict`` only when the
+  criterion has parameters (hybrid_kd's gate statistics, a2d/ckd modules),
+  and loads it strictly.  fairseq writes checkpoints on rank 0 only and
+  every rank is restored from that file; it restores the state unless
+  ``--reset-dataloader`` (the state then starts afresh, like the data order).
 
 A criterion states what it needs with ``needs_teacher`` and calls
 :func:`require_kd_task` when it is built (the one-line error for
@@ -62,6 +71,13 @@ class KDCriterion:
     def on_update(self, logging_outputs):
         """Called once per training update with the update's summed logging outputs."""
 
+    def checkpoint_state(self):
+        """State to save with checkpoints (a dict of CPU tensors and plain values; {}: none)."""
+        return {}
+
+    def load_checkpoint_state(self, state):
+        """Restore what :meth:`checkpoint_state` returned (on resume)."""
+
 
 def require_kd_task(task, criterion, needs_teacher=True):
     """``task`` as a :class:`KDTask`, or a one-line error saying what to pass."""
@@ -85,6 +101,19 @@ def check_criterion(task, criterion, name, student_logits):
             "softmax (--adaptive-softmax-cutoff): the KD losses need the full vocabulary logits")
     if criterion.needs_teacher and task.teacher is not None:
         task.teacher.load()
+
+
+def criterion_checkpoint_dict(task, criterion):
+    """The task's ``get_checkpoint_dict``: fairseq merges it into the checkpoint's
+    ``extra_state`` and hands back ``extra_state[<task class name>]`` on resume."""
+    state = criterion.checkpoint_state() if isinstance(criterion, KDCriterion) else {}
+    return {type(task).__name__: {"criterion": state}} if state else {}
+
+
+def restore_criterion_state(criterion, task_state):
+    """The task's ``set_checkpoint_dict``: what :func:`criterion_checkpoint_dict` saved."""
+    if isinstance(criterion, KDCriterion) and task_state.get("criterion"):
+        criterion.load_checkpoint_state(task_state["criterion"])
 
 
 def after_update(criterion, logging_outputs):

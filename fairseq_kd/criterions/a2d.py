@@ -45,7 +45,12 @@ from fairseq_kd.attention import (
     parse_attention_types,
 )
 from fairseq_kd.capture import CaptureSpec
-from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_unit_interval
+from fairseq_kd.criterions.kd_base import (
+    KDCriterionBase,
+    KDSelectOptions,
+    WordKDOptions,
+    check_unit_interval,
+)
 from fairseq_kd.errors import require
 from fairseq_kd.hidden_states import require_every_layer_runs
 from fairseq_kd.losses import attention_kl
@@ -54,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class A2DConfig(WordKDOptions):
+class A2DConfig(WordKDOptions, KDSelectOptions):
     attn_types: str = field(
         default="enc,dec,cross",
         metadata={"help": "attention maps to align, comma-separated subset of enc "
@@ -99,12 +104,14 @@ class A2DCriterion(KDCriterionBase):
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  attn_types, a2d_beta, a2d_decay, a2d_log_alignment=False,
-                 ignore_prefix_size=0, report_accuracy=False):
+                 ignore_prefix_size=0, report_accuracy=False, kd_select="none",
+                 kd_select_ratio=0.5, kd_select_queue=30000):
         require(a2d_beta >= 0, f"--a2d-beta must be >= 0, got {a2d_beta}")
         check_unit_interval("--a2d-decay", a2d_decay)
         super().__init__(task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                          ignore_prefix_size, report_accuracy,
-                         needs_teacher=kd_alpha > 0 or a2d_beta > 0)
+                         needs_teacher=kd_alpha > 0 or a2d_beta > 0, kd_select=kd_select,
+                         kd_select_ratio=kd_select_ratio, kd_select_queue=kd_select_queue)
         self.beta, self.decay, self.log_alignment = a2d_beta, a2d_decay, a2d_log_alignment
         self.types = parse_attention_types(attn_types) if a2d_beta > 0 else []
         if self.types:

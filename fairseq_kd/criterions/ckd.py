@@ -47,7 +47,12 @@ from fairseq.dataclass import ChoiceEnum
 from torch import nn
 
 from fairseq_kd.capture import CaptureSpec
-from fairseq_kd.criterions.kd_base import KDCriterionBase, WordKDOptions, check_unit_interval
+from fairseq_kd.criterions.kd_base import (
+    KDCriterionBase,
+    KDSelectOptions,
+    WordKDOptions,
+    check_unit_interval,
+)
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.hidden_states import (
     model_cfg_value,
@@ -62,7 +67,7 @@ CKD_SIDES = ChoiceEnum(["encoder", "decoder", "both"])
 
 
 @dataclass
-class CKDConfig(WordKDOptions):
+class CKDConfig(WordKDOptions, KDSelectOptions):
     ckd_beta: float = field(
         default=0.2,
         metadata={"help": "weight beta of the intermediate-layer term; the label-smoothed "
@@ -115,14 +120,16 @@ class CKDCriterion(KDCriterionBase):
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  ckd_beta, layer_map, ckd_side, decoder_layer_map=None, ignore_prefix_size=0,
-                 report_accuracy=False):
+                 report_accuracy=False, kd_select="none", kd_select_ratio=0.5,
+                 kd_select_queue=30000):
         check_unit_interval("--ckd-beta", ckd_beta)
         require(kd_alpha + ckd_beta <= 1.0 + 1e-9,
                 f"--kd-alpha + --ckd-beta must be <= 1 (the NLL gets the rest), "
                 f"got {kd_alpha} + {ckd_beta}")
         super().__init__(task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                          ignore_prefix_size, report_accuracy,
-                         needs_teacher=kd_alpha > 0 or ckd_beta > 0)
+                         needs_teacher=kd_alpha > 0 or ckd_beta > 0, kd_select=kd_select,
+                         kd_select_ratio=kd_select_ratio, kd_select_queue=kd_select_queue)
         self.beta = ckd_beta
         side = str(ckd_side)
         self.sides = ("encoder", "decoder") if side == "both" else (side,)

@@ -35,6 +35,7 @@ without its decay), so that the validation loss moves only with the student.
 per-sentence losses with a gate and keeps its own ``forward``, built from
 the same parts (:meth:`logging_output`, the fused word-KD function).
 """
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -44,13 +45,20 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from fairseq_kd.capture import NOTHING, Captured, CaptureSpec, capture
 from fairseq_kd.contract import KDCriterion, require_kd_task
 from fairseq_kd.errors import require
-from fairseq_kd.losses import TeacherDistribution, word_kd_loss
+from fairseq_kd.losses import TeacherDistribution, WordSelection, word_kd_loss
+from fairseq_kd.losses.selective import SELECT_MODES
 from fairseq_kd.teacher import distribution_of
+
+logger = logging.getLogger(__name__)
+
+
+KD_SELECT_CHOICES = ChoiceEnum(list(SELECT_MODES))
 
 
 @dataclass
@@ -74,6 +82,34 @@ class WordKDOptions(LabelSmoothedCrossEntropyCriterionConfig):
     )
 
 
+@dataclass
+class KDSelectOptions(FairseqDataclass):
+    """Selective word-level KD (Wang et al. 2021): the KD term on the hardest words only.
+
+    Mixed into the configs of the criterions whose word-KD term is the base
+    class's (word_kd, seq_kd, ckd, a2d); see :mod:`fairseq_kd.losses.selective`.
+    """
+
+    kd_select: KD_SELECT_CHOICES = field(
+        default="none",
+        metadata={"help": "which target words get the word-KD term: none (all, plain word KD), "
+                  "batch (the top --kd-select-ratio of each micro-batch's words by the "
+                  "student's CE on the gold word), global (CE at or above the same quantile "
+                  "of a FIFO queue of the last --kd-select-queue words' CEs); the others "
+                  "keep their NLL term (Wang et al. 2021)"},
+    )
+    kd_select_ratio: float = field(
+        default=0.5,
+        metadata={"help": "share r of words selected, in (0, 1]: the threshold is the "
+                  "ceil(r * n)-th largest CE of the pool (ties at it are all selected)"},
+    )
+    kd_select_queue: int = field(
+        default=30000,
+        metadata={"help": "--kd-select global: the queue's size N in words (per rank; saved "
+                  "in checkpoints)"},
+    )
+
+
 def check_unit_interval(name, value):
     require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
 
@@ -82,6 +118,17 @@ def check_word_kd_options(alpha, temperature, topk, alpha_flag="--kd-alpha"):
     check_unit_interval(alpha_flag, alpha)
     require(temperature > 0, f"--kd-temperature must be > 0, got {temperature}")
     require(topk >= 0, f"--kd-topk must be >= 0 (0 = full vocabulary), got {topk}")
+
+
+def check_selection_options(select, ratio, queue, alpha, alpha_flag="--kd-alpha"):
+    select = str(select)
+    require(select in SELECT_MODES, f"--kd-select must be one of {', '.join(SELECT_MODES)}, got {select}")
+    if select == "none":
+        return
+    require(0.0 < ratio <= 1.0, f"--kd-select-ratio must be in (0, 1], got {ratio}")
+    require(queue >= 1, f"--kd-select-queue must be >= 1, got {queue}")
+    require(alpha > 0, f"--kd-select {select} selects words for the word-KD term: give it a "
+            f"weight ({alpha_flag} > 0)")
 
 
 @dataclass
@@ -117,10 +164,13 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_topk,
                  ignore_prefix_size=0, report_accuracy=False, *, needs_teacher=None,
-                 alpha_flag="--kd-alpha"):
+                 alpha_flag="--kd-alpha", kd_select="none", kd_select_ratio=0.5,
+                 kd_select_queue=30000):
         """``needs_teacher``: default ``kd_alpha > 0``; a method whose own terms use the
-        teacher passes when they do (so a zero weight never loads it)."""
+        teacher passes when they do (so a zero weight never loads it).  ``kd_select*``:
+        :class:`KDSelectOptions` (a method whose config has them passes them on)."""
         check_word_kd_options(kd_alpha, kd_temperature, kd_topk, alpha_flag)
+        check_selection_options(kd_select, kd_select_ratio, kd_select_queue, kd_alpha, alpha_flag)
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         require(ignore_prefix_size == 0, "--ignore-prefix-size is not supported by KD criterions")
         needs_teacher = kd_alpha > 0 if needs_teacher is None else needs_teacher
@@ -128,6 +178,9 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
         if needs_teacher:
             require_kd_task(task, type(self).__name__)
         self.alpha, self.temperature, self.topk = kd_alpha, kd_temperature, kd_topk
+        # selective KD: None = every word's KL (today's word KD, bit for bit)
+        self.selection = (None if str(kd_select) == "none"
+                          else WordSelection(str(kd_select), kd_select_ratio, kd_select_queue))
 
     @property
     def topk(self):
@@ -164,8 +217,9 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
         with capture(model, self.student_spec) as student:
             net_output = model(**net_input)
         teacher_seen, teacher = self.run_teacher(model, sample)
-        word_loss, nll_loss, kd_loss = self.word_kd_part(model, net_output, sample, teacher)
-        step = Step(model, sample, net_output, student, teacher_seen, nll_loss)
+        log, stats = {}, {}
+        word_loss, nll_loss, kd_loss = self.word_kd_part(model, net_output, sample, teacher, log, stats)
+        step = Step(model, sample, net_output, student, teacher_seen, nll_loss, log, stats)
         terms = self.extra_terms(step)
         loss = word_loss
         for weight, value in terms.values():
@@ -190,18 +244,53 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
             return None, self.task.teacher.distribution(sample, self.topk, like=model)
         return None, None
 
-    def word_kd_part(self, model, net_output, sample, teacher: Optional[TeacherDistribution]):
+    def word_kd_part(self, model, net_output, sample, teacher: Optional[TeacherDistribution],
+                     log=None, stats=None):
         """``(nll_weight * LS-NLL + alpha * T^2 * KL, NLL, KL)`` by
         :func:`fairseq_kd.losses.word_kd_loss`, each summed over target tokens.
 
         alpha = 0 uses fairseq's own log-probs, so the loss is exactly
         label_smoothed_cross_entropy; alpha > 0 works from the logits and
         must not be handed log-probs it would not use (a B x T x V tensor).
+        With --kd-select the KL is the selected words' only, and the number
+        selected (``log["kd_selected"]``) and the threshold
+        (``stats["kd_threshold"]``) are recorded.
         """
         lprobs = model.get_normalized_probs(net_output, log_probs=True) if self.alpha == 0 else None
+        select = None if self.selection is None else self.selector(
+            {} if log is None else log, {} if stats is None else stats)
         return word_kd_loss(net_output[0], model.get_targets(sample, net_output), teacher,
                             self.padding_idx, self.alpha, self.temperature, self.eps,
-                            lprobs=lprobs, nll_weight=self.nll_weight())
+                            lprobs=lprobs, nll_weight=self.nll_weight(), select=select)
+
+    def selector(self, log, stats):
+        """The ``select`` function of :func:`word_kd_loss` for one forward pass.
+
+        Training pushes into the global queue; validation (eval mode) takes
+        the threshold training would take, without changing the queue.
+        """
+        def select(ce, real):
+            selected, threshold = self.selection(ce, real, update=self.training)
+            log["kd_selected"] = selected.sum()
+            if math.isfinite(threshold.item()):  # +inf: an empty pool, no threshold to report
+                stats["kd_threshold"] = threshold.item()
+            return selected
+        return select
+
+    # -- state kept across checkpoints (fairseq_kd.contract) --------------------
+    def checkpoint_state(self):
+        """The global selection queue of this rank, for the task to save with checkpoints."""
+        if self.selection is None or self.selection.queue is None:
+            return {}
+        return {"kd_select_queue": self.selection.queue.state_dict()}
+
+    def load_checkpoint_state(self, state):
+        """Restore :meth:`checkpoint_state` (a checkpoint without a queue leaves it empty)."""
+        if self.selection is not None and self.selection.queue is not None \
+                and "kd_select_queue" in state:
+            self.selection.queue.load_state_dict(state["kd_select_queue"])
+            logger.info(f"--kd-select global: restored the queue of the last "
+                        f"{len(self.selection.queue)} words' CEs from the checkpoint")
 
     def sample_size(self, sample):
         return sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
@@ -239,6 +328,7 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
                 continue  # a term this configuration does not compute (e.g. an unused type)
             value = sum(log.get(key, 0) for log in logging_outputs)
             metrics.log_scalar(key, value / max(sample_size, 1) / math.log(2), sample_size, round=3)
+        reduce_selection_metrics(logging_outputs)
         nstats = sum(log.get("nstats", 0) for log in logging_outputs)
         for key in cls.MEAN_STATS if nstats else ():
             if not any(key in log for log in logging_outputs):
@@ -249,3 +339,18 @@ class KDCriterionBase(LabelSmoothedCrossEntropyCriterion, KDCriterion):
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def reduce_selection_metrics(logging_outputs):
+    """--kd-select: ``kd_selected``, the share of target tokens whose KL entered the loss
+    (selected / ntokens over the logged steps), and ``kd_threshold``, the mean CE
+    threshold (nats) per forward pass."""
+    if not any("kd_selected" in log for log in logging_outputs):
+        return
+    ntokens = sum(log.get("ntokens", 0) for log in logging_outputs)
+    selected = sum(log.get("kd_selected", 0) for log in logging_outputs)
+    metrics.log_scalar("kd_selected", float(selected) / max(ntokens, 1), ntokens, round=4)
+    nstats = sum(log.get("nstats", 0) for log in logging_outputs)
+    if nstats and any("kd_threshold" in log for log in logging_outputs):
+        threshold = sum(log.get("kd_threshold", 0) for log in logging_outputs)
+        metrics.log_scalar("kd_threshold", threshold / nstats, nstats, round=4)

@@ -16,17 +16,20 @@ Instead of running the teacher, ``--teacher-cache DIR --kd-topk k`` reads its
 top-k from a cache built over the *distilled* folder (``fairseq-kd
 cache-teacher DISTILLED``): that folder's training targets are y_hat, so the
 cache holds q(.|x, y_hat<j), the same as the online teacher with --kd-topk k.
+``--kd-select batch|global`` restricts the word-level term to the hardest
+distilled words (Wang et al. 2021), as in ``word_kd``.
 """
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
 
+from fairseq_kd.criterions.kd_base import KDSelectOptions
 from fairseq_kd.criterions.word_kd import WordKDCriterion
 
 
 @dataclass
-class SeqKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
+class SeqKDConfig(LabelSmoothedCrossEntropyCriterionConfig, KDSelectOptions):
     word_kd_alpha: float = field(
         default=0.0,
         metadata={"help": "weight of word-level KD on the distilled targets (teacher "
@@ -48,6 +51,9 @@ class SeqKDCriterion(WordKDCriterion):
     """word_kd's loss on distilled targets; the teacher is optional (alpha = 0)."""
 
     def __init__(self, task, sentence_avg, label_smoothing, word_kd_alpha, kd_temperature,
-                 kd_topk, ignore_prefix_size=0, report_accuracy=False):
+                 kd_topk, ignore_prefix_size=0, report_accuracy=False, kd_select="none",
+                 kd_select_ratio=0.5, kd_select_queue=30000):
         super().__init__(task, sentence_avg, label_smoothing, word_kd_alpha, kd_temperature,
-                         kd_topk, ignore_prefix_size, report_accuracy, alpha_flag="--word-kd-alpha")
+                         kd_topk, ignore_prefix_size, report_accuracy, alpha_flag="--word-kd-alpha",
+                         kd_select=kd_select, kd_select_ratio=kd_select_ratio,
+                         kd_select_queue=kd_select_queue)

@@ -10,7 +10,9 @@ test can check them against a brute-force formula.
 * :mod:`~fairseq_kd.losses.layers`: normalised layer MSE (``ckd``);
 * :mod:`~fairseq_kd.losses.hybrid`: per-sentence terms, gated mix, gate
   objective and complexity (``hybrid_kd``);
-* :mod:`~fairseq_kd.losses.jsd`: the generalized JSD(beta) (``onpolicy_kd``).
+* :mod:`~fairseq_kd.losses.jsd`: the generalized JSD(beta) (``onpolicy_kd``);
+* :mod:`~fairseq_kd.losses.selective`: which words get the word-KD term
+  (``--kd-select``, Wang et al. 2021).
 
 Conventions (Kim & Rush 2016; Hinton et al. 2015):
 
@@ -53,6 +55,13 @@ from fairseq_kd.losses.word import (
     word_kd_loss,
 )
 from fairseq_kd.losses.jsd import jsd_kd_loss, jsd_rows, log_mixture_ratios
+from fairseq_kd.losses.selective import (
+    CEQueue,
+    WordSelection,
+    batch_selection,
+    global_selection,
+    selection_threshold,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS", "NORM_EPS", "TeacherDistribution", "attention_kl",
@@ -62,4 +71,5 @@ __all__ = [
     "optimal_gate", "sentence_means", "standardized", "teacher_entropy_rows",
     "token_losses", "word_kd_loss",
     "jsd_kd_loss", "jsd_rows", "log_mixture_ratios",
+    "CEQueue", "WordSelection", "batch_selection", "global_selection", "selection_threshold",
 ]

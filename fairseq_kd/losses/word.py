@@ -298,12 +298,19 @@ def token_losses(student_logits, target, teacher, padding_idx, temperature=1.0, 
 
 
 def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperature,
-                 epsilon=0.0, lprobs=None, nll_weight=None, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+                 epsilon=0.0, lprobs=None, nll_weight=None, chunk_tokens=DEFAULT_CHUNK_TOKENS,
+                 select=None):
     """Word-level KD: ``(1-alpha) * LS-NLL + alpha * T^2 * KL(q_T || p_T)``.
 
     The word-KD loss of every criterion (``KDCriterionBase.forward``).
     ``nll_weight``: the weight of the LS-NLL when it is not ``1 - alpha``
     (:func:`mix_word_kd`).
+
+    ``select``: None (every word's KL), or a function ``(ce, real) -> (N,)
+    bool`` of the flattened rows' detached student NLL ``ce`` and non-padding
+    mask ``real`` that says which words' KL enters the loss (selective KD,
+    :mod:`fairseq_kd.losses.selective`); the others keep their LS-NLL only,
+    and their KL gets no gradient.  The returned KL is the selected words'.
 
     student_logits: (B, T, V); target: (B, T); teacher: rows of
     ``target.view(-1)`` (unused, may be None, when alpha = 0).
@@ -325,6 +332,9 @@ def word_kd_loss(student_logits, target, teacher, padding_idx, alpha, temperatur
         return loss, nll_loss, ls_loss.new_zeros(())
     ls, nll, kd = token_losses(student_logits.reshape(-1, student_logits.size(-1)), flat_target,
                                teacher, padding_idx, temperature, epsilon, chunk_tokens=chunk_tokens)
+    if select is not None:
+        selected = select(nll.detach(), flat_target.ne(padding_idx))
+        kd = kd * selected.to(kd.dtype)  # a 0 weight: no gradient to unselected rows' KL
     ls, kd = ls.sum(), kd.sum()
     return mix_word_kd(ls, kd, alpha, temperature, nll_weight), nll.sum(), kd
 

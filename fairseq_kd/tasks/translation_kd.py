@@ -33,7 +33,13 @@ from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
-from fairseq_kd.contract import KDTask, after_update, check_criterion
+from fairseq_kd.contract import (
+    KDTask,
+    after_update,
+    check_criterion,
+    criterion_checkpoint_dict,
+    restore_criterion_state,
+)
 from fairseq_kd.errors import require
 from fairseq_kd.pruning import MaskKeeper
 from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
@@ -127,6 +133,7 @@ class TranslationKDTask(TranslationTask, KDTask):
         self.epoch = 1
         self.distilled_data = getattr(cfg, "distilled_data", None)
         self._mask_keeper = None
+        self._criterion = None  # the training criterion, whose state checkpoints keep
 
     @property
     def teachers(self):
@@ -166,6 +173,7 @@ class TranslationKDTask(TranslationTask, KDTask):
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
         check_criterion(self, criterion, cfg._name, self.student_logits)
+        self._criterion = criterion
         topk = getattr(criterion, "topk", None)
         if isinstance(self.teacher, TeacherCache) and getattr(criterion, "needs_teacher", False) \
                 and topk is not None:
@@ -180,6 +188,15 @@ class TranslationKDTask(TranslationTask, KDTask):
         if isinstance(self.teacher, Teacher) and self.teacher.loaded:
             limits = utils.resolve_max_positions(limits, self.teacher.max_positions())
         return limits
+
+    def get_checkpoint_dict(self):
+        """fairseq saves this with every checkpoint (``extra_state``): the criterion's
+        state that is not in its state dict (``fairseq_kd.contract``)."""
+        return criterion_checkpoint_dict(self, self._criterion)
+
+    def set_checkpoint_dict(self, state):
+        """fairseq calls this on resume with what :meth:`get_checkpoint_dict` saved."""
+        restore_criterion_state(self._criterion, state)
 
     def begin_epoch(self, epoch, model):
         """fairseq's trainer calls this at the start of every training epoch,
