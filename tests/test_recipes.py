@@ -548,3 +548,27 @@ def test_onpolicy_kd_is_a_method_name_trained_on_the_distilled_corpus(tmp_path):
     train, = [c for c in cmds if c[0] == "fairseq-train"]
     assert check_options(train) == ("transformer_student_tiny", "onpolicy_kd")
     assert train[1].endswith("/distilled") and train_option(train, "--jsd-beta") == "0.5"
+
+
+def test_corpus_variants_and_selective_kd_are_method_names(tmp_path):
+    """Each seq_kd variant builds its own corpus with fairseq-kd corpus's options and trains seq_kd on it;
+    word_kd_selective trains word_kd on gold with global selection."""
+    methods = "seq_kd seq_kd_mbr seq_kd_mbr_n seq_kd_nbest seq_kd_filtered word_kd_selective"
+    cmds = dry_run_commands("bible_es_en", tmp_path, "corpus", "students", PROFILE="cpu", METHODS=methods)
+    corpora = {c[c.index("--out") + 1].rsplit("/", 1)[1]: c for c in cmds if c[1:2] == ["corpus"]}
+    for cmd in corpora.values():
+        check_options(cmd)
+    assert sorted(corpora) == ["distilled", "distilled_filtered", "distilled_mbr", "distilled_mbr_n",
+                               "distilled_nbest"]
+    assert train_option(corpora["distilled_mbr"], "--select") == "mbr"
+    assert train_option(corpora["distilled_mbr"], "--candidates") == "8" and "--keep" not in corpora["distilled_mbr"]
+    assert train_option(corpora["distilled_mbr_n"], "--keep") == "3"
+    assert train_option(corpora["distilled_nbest"], "--keep") == "3" and "--select" not in corpora["distilled_nbest"]
+    assert train_option(corpora["distilled_filtered"], "--filter") == "all"
+    trained = {c[c.index("--save-dir") + 1].rsplit("/", 1)[1]: c for c in cmds if c[0] == "fairseq-train"}
+    for name in ("mbr", "mbr_n", "nbest", "filtered"):
+        cmd = trained[f"student_seq_kd_{name}"]
+        assert check_options(cmd)[1] == "seq_kd" and cmd[1].endswith(f"/distilled_{name}")
+    selective = trained["student_word_kd_selective"]
+    assert check_options(selective)[1] == "word_kd" and selective[1].endswith("/bin")
+    assert train_option(selective, "--kd-select") == "global"

@@ -315,9 +315,32 @@ step_corpus() {
     return
   fi
   corpus distilled --beam "$BEAM"
-  if [[ " $METHODS " == *" seq_inter "* ]]; then
-    corpus distilled_inter --seq-inter "$SEQ_INTER_N" --post-process sentencepiece
-  fi
+  local m
+  for m in $METHODS; do
+    # shellcheck disable=SC2046
+    [ -z "$(corpus_variant "$m")" ] || corpus "$(corpus_variant "$m")" $(corpus_variant_args "$m")
+  done
+}
+
+# The methods that train seq_kd on a corpus of their own: its folder, and what builds it.
+corpus_variant() {
+  case $1 in
+    seq_inter) echo distilled_inter ;;
+    seq_kd_mbr) echo distilled_mbr ;;
+    seq_kd_mbr_n) echo distilled_mbr_n ;;
+    seq_kd_nbest) echo distilled_nbest ;;
+    seq_kd_filtered) echo distilled_filtered ;;
+  esac
+}
+corpus_variant_args() {
+  case $1 in
+    seq_inter) echo "--seq-inter $SEQ_INTER_N --post-process sentencepiece" ;;
+    # MBR over the teacher's N-best list with a chrF utility (of the detokenized text)
+    seq_kd_mbr) echo "--select mbr --candidates $MBR_N --utility chrf --post-process sentencepiece" ;;
+    seq_kd_mbr_n) echo "--select mbr --candidates $MBR_N --utility chrf --keep $MBR_KEEP --post-process sentencepiece" ;;
+    seq_kd_nbest) echo "--candidates $NBEST_N --keep $NBEST_KEEP" ;;
+    seq_kd_filtered) echo "--beam $BEAM --filter all" ;;
+  esac
 }
 
 # uses_cache METHOD: whether METHOD reads the teacher's cached distributions (CACHE_METHODS)
@@ -359,6 +382,14 @@ step_cache() {
 : "${ARGS_seq_kd=}"
 : "${ARGS_seq_inter=}"
 : "${ARGS_seq_word_kd=--word-kd-alpha 0.5 --kd-temperature 1}"
+# selective word-level KD (Wang et al. 2021): KD only on the half of the words the student finds
+# hardest, the threshold from a queue of the last 30,000 words
+: "${ARGS_word_kd_selective=--kd-alpha 0.5 --kd-temperature 1 --kd-select global --kd-select-ratio 0.5 --kd-select-queue 30000}"
+# seq_kd on other corpora (corpus_variant): the training options are seq_kd's
+: "${ARGS_seq_kd_mbr=}"
+: "${ARGS_seq_kd_mbr_n=}"
+: "${ARGS_seq_kd_nbest=}"
+: "${ARGS_seq_kd_filtered=}"
 # on-policy distillation (GKD) with the distilled corpus as its supervised branch; in no profile's METHODS
 : "${ARGS_onpolicy_kd=--onpolicy-ratio 0.5 --jsd-beta 0.5}"
 : "${ARGS_hybrid_kd=--gate complexity --kd-temperature 1}"
@@ -371,7 +402,7 @@ step_cache() {
 method_data() {
   case $1 in
     seq_kd | seq_word_kd | onpolicy_kd) echo "$WORK/distilled" ;;
-    seq_inter) echo "$WORK/distilled_inter" ;;
+    seq_inter | seq_kd_mbr | seq_kd_mbr_n | seq_kd_nbest | seq_kd_filtered) echo "$WORK/$(corpus_variant "$1")" ;;
     *) echo "$WORK/bin" ;;
   esac
 }
@@ -392,9 +423,11 @@ method_args() {
   case $1 in
     baseline) echo "--criterion label_smoothed_cross_entropy" ;;
     word_kd | ckd | a2d | onpolicy_kd) echo "--criterion $1" ;;
-    seq_kd | seq_inter | seq_word_kd) echo "--criterion seq_kd" ;;
+    word_kd_selective) echo "--criterion word_kd" ;;
+    seq_kd | seq_inter | seq_word_kd | seq_kd_mbr | seq_kd_mbr_n | seq_kd_nbest | seq_kd_filtered)
+      echo "--criterion seq_kd" ;;
     hybrid_kd | hybrid_fixed) echo "--distilled-data $WORK/distilled --num-batch-buckets 0 --criterion hybrid_kd" ;;
-    *) die "unknown method '$1' in METHODS (known: baseline word_kd seq_kd seq_word_kd seq_inter hybrid_kd hybrid_fixed ckd a2d onpolicy_kd)" ;;
+    *) die "unknown method '$1' in METHODS (known: baseline word_kd word_kd_selective seq_kd seq_word_kd seq_inter seq_kd_mbr seq_kd_mbr_n seq_kd_nbest seq_kd_filtered hybrid_kd hybrid_fixed ckd a2d onpolicy_kd)" ;;
   esac
   echo "${!extra_var:-}"
 }

@@ -122,12 +122,18 @@ METHODS=${METHODS:-$(profile_value \
 # offline cache (fairseq-kd cache-teacher, built once by the cache step) instead of running
 # the teacher at every update (an online teacher cost 2-3x per update on CPU); ckd and a2d
 # need the teacher's internals and stay online.
-CACHE_METHODS=${CACHE_METHODS-$(profile_value "" "" "word_kd seq_word_kd hybrid_kd hybrid_fixed")}
+CACHE_METHODS=${CACHE_METHODS-$(profile_value "" "" "word_kd word_kd_selective seq_word_kd hybrid_kd hybrid_fixed")}
 CACHE_TOPK=${CACHE_TOPK:-8}
 
 # --- distilled corpora, pruning, evaluation
 BEAM=${BEAM:-5}                               # Seq-KD corpus and the beam evaluation
 SEQ_INTER_N=${SEQ_INTER_N:-$(profile_value 35 8)}  # Seq-Inter n-best size (Kim & Rush: 35)
+# seq_kd_mbr / seq_kd_mbr_n: MBR (chrF) over the teacher's MBR_N-best list, keeping the best
+# (MBR-1) or the MBR_KEEP best (MBR-n) as pairs; seq_kd_nbest: the NBEST_KEEP best of the
+# NBEST_N-best list as pairs (several hypotheses per source); seq_kd_filtered: the beam
+# corpus with fairseq-kd corpus --filter all (docs/seq_kd.md)
+MBR_N=${MBR_N:-8} MBR_KEEP=${MBR_KEEP:-3}
+NBEST_N=${NBEST_N:-5} NBEST_KEEP=${NBEST_KEEP:-3}
 CORPUS_MAX_TOKENS=${CORPUS_MAX_TOKENS:-12000}
 # fairseq (SequenceGenerator) or ctranslate2 (the teacher converted; several times faster on CPU)
 CORPUS_BACKEND=${CORPUS_BACKEND:-$(profile_value fairseq ctranslate2)}
