@@ -156,12 +156,10 @@ def add_arguments(p):
 
 
 def run(args):
-    if args.teacher_ct2:
-        from fairseq_kd.corpus.external import build_external
-
-        return build_external(args)
     from fairseq_kd.corpus.build import build
 
+    if args.teacher_ct2:
+        return build(args)
     require(args.path, "--path (the teacher checkpoint) or --teacher-ct2 (a CTranslate2 model folder) is required")
     require(not (args.source_prefix or args.target_prefix),
             "--source-prefix and --target-prefix are options of --teacher-ct2")

@@ -11,27 +11,21 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
 
 from fairseq_kd.allocator import keep_freed_memory
 from fairseq_kd.atomic_io import write_atomic, write_lines
-from fairseq_kd.corpus import filters, select
-from fairseq_kd.corpus.data import SplitData, chunk_ranges, shard_chunks
+from fairseq_kd.corpus import external, filters, select
+from fairseq_kd.corpus.data import SplitData, shard_chunks
+from fairseq_kd.corpus.merging import (MergedChunks, filter_pairs, filtered_counts, selection_report,
+                                       write_filtered)
 from fairseq_kd.corpus.translators import AUTO, CT2Translator, FairseqTranslator
+from fairseq_kd.corpus.work import WorkDir, file_fingerprint, has_saved_chunk, work_path
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.processes import die_with_parent, usable_cores
 
 logger = logging.getLogger("fairseq_kd.corpus")
 
 FORMATS = ("bin", "pieces", "text")
-# Settings that change the output: a resumed run must use the same ones.
-OUTPUT_SETTINGS = ("path", "data", "split", "source_lang", "target_lang", "beam", "lenpen",
-                   "unkpen", "max_len_a", "max_len_b", "min_len", "seq_inter", "post_process",
-                   "max_source_tokens", "long_inputs", "chunk_size", "fp16")
-# Recorded only for the ctranslate2 backend, so runs begun before it existed still resume.
-CT2_SETTINGS = ("backend", "quantization")
-# The selection options (select.DEFAULTS) are recorded only where they differ from their
-# defaults, for the same reason; the --filter options act at the merge and bind nothing.
 # --backend auto's choice on CPU, and why it may be made there (benchmarks/README.md).
 AUTO_CPU_REASON = ("on CPU CTranslate2 decoded the shipped teacher over twice as fast as fairseq-generate, "
                    "the same lines in float32 (benchmarks/README.md)")
@@ -39,62 +33,6 @@ NBEST_REASON = ("CTranslate2's N-best lists (--select inter or mbr, --seq-inter,
                 "compared with fairseq's")
 SAMPLING_REASON = ("samples (--sampling) are random draws, the same with neither backend, and CTranslate2 "
                    "decodes over twice as fast on CPU")
-
-
-# ---------------------------------------------------------------- work folder
-class WorkDir:
-    """OUT/SPLIT.work: settings.json and one chunk-XXXXXX.json per finished chunk."""
-
-    def __init__(self, args, n_lines):
-        self.path = work_path(args)
-        self.chunks = chunk_ranges(n_lines, args.chunk_size)
-        self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
-        self.settings["data"] = os.path.abspath(args.data)
-        self.settings["path"] = ":".join(os.path.abspath(p) for p in args.path.split(":") if p)
-        self.settings["n_lines"] = n_lines
-        self.settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
-        if args.backend != "fairseq":
-            self.settings.update({k: getattr(args, k) for k in CT2_SETTINGS})
-        self.settings.update(select.saved_settings(args))
-
-    def prepare(self):
-        os.makedirs(self.path, exist_ok=True)
-        settings_file = os.path.join(self.path, "settings.json")
-        if os.path.exists(settings_file):
-            with open(settings_file) as f:
-                old = json.load(f)
-            changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
-            # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
-            require(not changed or not has_saved_chunk(self.path),
-                    f"{self.path} holds a run with other settings ({', '.join(changed)}); "
-                    "use another --out or delete that folder")
-            if not changed:
-                return
-        write_atomic(settings_file, json.dumps(self.settings, indent=1))
-
-    def chunk_file(self, c):
-        return os.path.join(self.path, f"chunk-{c:06d}.json")
-
-    def is_done(self, c):
-        return os.path.exists(self.chunk_file(c))
-
-    def pending(self, chunk_ids):
-        return [c for c in chunk_ids if not self.is_done(c)]
-
-    def save(self, c, result):
-        write_atomic(self.chunk_file(c), json.dumps(result, ensure_ascii=False))
-
-    def load(self, c):
-        with open(self.chunk_file(c), encoding="utf-8") as f:
-            return json.load(f)
-
-
-def work_path(args):
-    return os.path.join(args.out, f"{args.split}.work")
-
-
-def has_saved_chunk(path):
-    return bool(glob.glob(os.path.join(path, "chunk-*.json")))
 
 
 def resumed_backend(args):
@@ -106,12 +44,6 @@ def resumed_backend(args):
     with open(settings_file) as f:
         saved = json.load(f)
     return saved.get("backend", "fairseq"), saved.get("quantization")
-
-
-def file_fingerprint(path):
-    require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
-    st = os.stat(path)
-    return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
 
 
 # ---------------------------------------------------------------- running
@@ -137,9 +69,7 @@ def translate_shard(args, shard_id, num_shards, worker_index=0):
 
 def open_split(args):
     """The split to translate and its work folder: binarized, or raw text for --teacher-ct2."""
-    if getattr(args, "teacher_ct2", None):
-        from fairseq_kd.corpus import external
-
+    if is_external(args):
         return external.open_split(args)
     data = SplitData(args)
     return data, WorkDir(args, len(data))
@@ -148,9 +78,7 @@ def open_split(args):
 def make_translator(args, data, worker_index):
     """The backend's translator on this worker's device: GPU number worker_index, or the CPU."""
     gpus = cuda_device_count(args)
-    if getattr(args, "teacher_ct2", None):
-        from fairseq_kd.corpus import external
-
+    if is_external(args):
         return external.make_translator(args, data, *(("cuda", worker_index % gpus) if gpus else ("cpu", 0)))
     if args.backend == "ctranslate2":
         if gpus:
@@ -203,73 +131,6 @@ def run_workers(args, shard_ids, num_shards, workers):
             "rerun the same command to resume")
 
 
-class MergedChunks:
-    """The saved chunks of a split, in line order: per line the kept hypotheses and their scores.
-
-    Chunks saved before selections existed hold one line each ("lines") and
-    no scores nor changed picks: they merge as they are (``scored`` and
-    ``changed`` say what they lack).
-    """
-
-    def __init__(self, work):
-        self.hyps, self.scores, self.empty, self.long, self.changed = [], [], [], [], []
-        self.scored = True
-        for c in range(len(work.chunks)):
-            chunk = work.load(c)
-            if "hyps" in chunk:
-                self.hyps += chunk["hyps"]
-                self.scores += chunk["scores"]
-                if self.changed is not None:
-                    self.changed += chunk["changed"]
-            else:  # an earlier version's chunk
-                self.hyps += [[line] for line in chunk["lines"]]
-                self.scores += [[None] for _ in chunk["lines"]]
-                self.scored, self.changed = False, None
-            self.empty += chunk["empty"]
-            self.long += chunk["long"]
-
-    def untranslated(self, long_inputs):
-        """Lines whose target is not the teacher's: empty sources, long ones given the gold target."""
-        return set(self.empty) | (set(self.long) if long_inputs == "reference" else set())
-
-    def pairs(self):
-        """[(line, hypothesis, score)] in line order, a line's kept hypotheses best first."""
-        return [(i, h, score) for i, (hs, ss) in enumerate(zip(self.hyps, self.scores))
-                for h, score in zip(hs, ss)]
-
-
-def filter_pairs(args, pairs, sources, untranslated, scored):
-    """(kept pairs, [(line, rule, hypothesis)] dropped, score threshold or None) under --filter."""
-    rules = filters.parse_rules(args.filter)
-    if not rules:
-        return pairs, [], None
-    judged = [p for p in pairs if p[0] not in untranslated]
-    if "score" in rules:
-        require(scored, "--filter score: chunks saved by an earlier version of fairseq-kd corpus hold no "
-                "teacher scores; decode again into another --out")
-    rule = filters.PairFilter(args, [score for _, _, score in judged])
-    kept, dropped = [], []
-    for i, h, score in pairs:
-        reason = None if i in untranslated else rule.reason(sources[i].split(), h.split(), score)
-        if reason:
-            dropped.append((i, reason, h))
-        else:
-            kept.append((i, h, score))
-    return kept, dropped, rule.min_score
-
-
-def write_filtered(args, dropped, sources):
-    """OUT/SPLIT.filtered.tsv: every dropped pair with its rule (none without --filter)."""
-    path = os.path.join(args.out, f"{args.split}.filtered.tsv")
-    if not filters.parse_rules(args.filter):
-        if os.path.exists(path):  # left by an earlier merge with filters: it would describe other files
-            os.remove(path)
-        return None
-    write_lines(path, ["line\treason\tsource\thypothesis",
-                       *(f"{i}\t{reason}\t{sources[i]}\t{h}" for i, reason, h in dropped)])
-    return path
-
-
 def merge(args, data, work, seconds):
     """Concatenate the chunks, filter the pairs, write the requested formats and the report."""
     from fairseq.data import data_utils
@@ -302,21 +163,10 @@ def merge(args, data, work, seconds):
               "max_source_tokens": args.max_source_tokens or "teacher's max positions",
               **selection_report(args, merged, translated, untranslated),
               "pairs_selected": len(selected), "filter": ",".join(filters.parse_rules(args.filter)) or filters.NONE,
-              "filtered": dict(sorted(Counter(reason for _, reason, _ in dropped).items())),
+              "filtered": filtered_counts(dropped),
               "filtered_file": filtered_file, "score_threshold": threshold, "seconds": round(seconds, 1)}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
-
-
-def selection_report(args, merged, translated, untranslated):
-    """What was selected, and how often the choice left the first candidate (report entries)."""
-    changed = None if merged.changed is None else len(merged.changed)
-    fewer = sum(len(hs) < args.keep for i, hs in enumerate(merged.hyps) if i not in untranslated)
-    return {"selection": select.describe(args), "select": args.select,
-            "candidates": select.decoding(args)[1], "sampling": args.sampling,
-            "utility": select.utility_name(args), "keep": args.keep, "changed_picks": changed,
-            "changed_share": None if changed is None else round(changed / max(translated, 1), 4),
-            "fewer_than_keep": fewer}
 
 
 def write_binarized(args, data, ids, lines):
@@ -512,23 +362,44 @@ def set_cpu_threads(args, workers):
 
 def prepare_backend(args):
     """Convert the teacher for the ctranslate2 backend (once, cached) before any worker starts."""
-    if args.backend == "ctranslate2" and not getattr(args, "ct2_model", None):
+    if args.backend == "ctranslate2" and not getattr(args, "ct2_model", None) and not is_external(args):
         from fairseq_kd.deploy.ct2 import cached_model
 
         args.ct2_model = cached_model(args.path.strip(":"), args.data, args.source_lang, args.target_lang,
                                       args.quantization)
 
 
-def build(args):
-    """``fairseq-kd corpus``: translate what is missing, then merge (or run one shard)."""
+def is_external(args):
+    """Whether the teacher is a CTranslate2 model folder translating raw text (--teacher-ct2)."""
+    return bool(getattr(args, "teacher_ct2", None))
+
+
+def prepare_split(args):
+    """Check the teacher and the split, choose the backend; the split and its work folder.
+
+    Everything a bad argument or input stops is checked before anything is written.
+    """
+    layout = external.check_external_args(args) if is_external(args) else None
     check_args(args)
+    if layout is not None:
+        args.batch_size = args.batch_size or default_batch_size(args)
+        os.makedirs(args.out, exist_ok=True)
+        data, work = external.open_split(args)
+        logger.info(f"teacher {args.teacher_ct2} ({layout.kind}); {len(data)} lines of "
+                    f"{args.split}.{args.source_lang}")
+        return data, work, layout
     for p in args.path.split(":"):
         file_fingerprint(p)  # a missing teacher is reported before any work
     os.makedirs(args.out, exist_ok=True)
     data = SplitData(args)
     resolve_backend(args)
     check_backend_args(args)
-    work = WorkDir(args, len(data))
+    return data, WorkDir(args, len(data)), None
+
+
+def build(args):
+    """``fairseq-kd corpus``: translate what is missing, then merge (or run one shard)."""
+    data, work, layout = prepare_split(args)
     work.prepare()
     workers = args.workers or default_workers(args)
     num_shards = args.num_shards or workers
@@ -553,8 +424,12 @@ def build(args):
     run_workers(args, todo, num_shards, workers)
     missing = work.pending(range(len(work.chunks)))
     require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
-    report = merge(args, data, work, time.time() - started)
-    print(summary_line(args, report))
+    if layout is not None:
+        report = external.merge(args, data, work, layout, time.time() - started)
+        print(external.summary_line(args, report))
+    else:
+        report = merge(args, data, work, time.time() - started)
+        print(summary_line(args, report))
     return 0
 
 

@@ -38,15 +38,14 @@ import os
 import re
 import shutil
 import struct
-import time
-from collections import Counter
 
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.corpus import select
-from fairseq_kd.corpus.build import (MergedChunks, WorkDir, filter_pairs, selection_report, work_path,
-                                     write_filtered)
+from fairseq_kd.corpus.merging import (MergedChunks, filter_pairs, filtered_counts, selection_report,
+                                       write_filtered)
 from fairseq_kd.corpus.data import chunk_ranges
 from fairseq_kd.corpus.translators import ChunkTranslator, ct2_decoder
+from fairseq_kd.corpus.work import WorkDir, work_path
 from fairseq_kd.errors import require
 
 logger = logging.getLogger("fairseq_kd.corpus")
@@ -366,7 +365,6 @@ class ExternalWorkDir(WorkDir):
 # ---------------------------------------------------------------- the corpus
 def check_external_args(args):
     """Everything an external teacher cannot do, and its inputs: all before anything is written."""
-    from fairseq_kd.corpus.build import check_args
     from fairseq_kd.corpus.translators import AUTO
 
     for key, option in FAIRSEQ_ONLY.items():
@@ -377,7 +375,6 @@ def check_external_args(args):
     args.formats = args.formats or "text"
     require(args.formats == "text", f"--teacher-ct2 writes the text format only (a raw corpus; the student's "
             f"vocabulary is made from it afterwards), got --formats {args.formats}")
-    check_args(args)
     require(os.path.isdir(args.data), f"raw text folder not found: {args.data}")
     require(os.path.realpath(args.data) != os.path.realpath(args.out),
             "--out must differ from the raw text folder: the distilled SPLIT.TGT would replace the gold one")
@@ -401,7 +398,7 @@ def copy_file(src, dest):
     os.replace(tmp, dest)
 
 
-def merge(args, data, work, layout):
+def merge(args, data, work, layout, seconds):
     """OUT as a raw corpus: SPLIT.TGT the teacher's text (the kept pairs, after --select, --keep
     and --filter, as for a fairseq teacher), SPLIT.SRC their sources, the gold --copy-splits
     copied; OUT/SPLIT.report.json counts every line not translated, OUT/SPLIT.filtered.tsv
@@ -434,49 +431,18 @@ def merge(args, data, work, layout):
               "long_inputs": args.long_inputs, "max_source_tokens": args.max_source_tokens or data.max_source,
               **selection_report(args, merged, translated, untranslated),
               "pairs_selected": len(selected),
-              "filtered": dict(sorted(Counter(reason for _, reason, _ in dropped).items())), "filtered_file": filtered_file,
+              "filtered": filtered_counts(dropped), "filtered_file": filtered_file,
               "score_threshold": threshold, "teacher_ct2": os.path.abspath(args.teacher_ct2),
               "layout": layout.kind, "source_prefix": layout.source_prefix,
-              "target_prefix": layout.target_prefix}
+              "target_prefix": layout.target_prefix, "seconds": round(seconds, 1)}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
 
 
-def build_external(args):
-    """``fairseq-kd corpus RAW_DIR --teacher-ct2 DIR``: translate what is missing, then merge (or one shard)."""
-    from fairseq_kd.corpus.build import default_workers, run_workers, set_cpu_threads
-    from fairseq_kd.corpus.data import shard_chunks
-
-    layout = check_external_args(args)
-    if args.batch_size is None:
-        from fairseq_kd.corpus.build import default_batch_size
-
-        args.batch_size = default_batch_size(args)
-    os.makedirs(args.out, exist_ok=True)
-    data, work = open_split(args)
-    logger.info(f"teacher {args.teacher_ct2} ({layout.kind}); {len(data)} lines of {args.split}.{args.source_lang}")
-    work.prepare()
-    workers = args.workers or default_workers(args)
-    num_shards = args.num_shards or workers
-    started = time.time()
-    if args.shard_id is not None:
-        set_cpu_threads(args, 1)
-        run_workers(args, [args.shard_id], num_shards, 1)
-        print(f"shard {args.shard_id}/{num_shards} done in {time.time() - started:.1f}s; "
-              "run again without --shard-id to merge")
-        return 0
-    pending = work.pending(range(len(work.chunks)))
-    if len(pending) < len(work.chunks):
-        print(f"resuming: {len(work.chunks) - len(pending)} of {len(work.chunks)} chunks already done")
-    todo = [s for s in range(num_shards) if work.pending(shard_chunks(len(work.chunks), num_shards, s))]
-    workers = min(workers, max(len(todo), 1))
-    set_cpu_threads(args, workers)
-    run_workers(args, todo, num_shards, workers)
-    missing = work.pending(range(len(work.chunks)))
-    require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
-    report = merge(args, data, work, layout)
-    print(f"wrote {report['lines']} lines to {args.out} (text): {report['translated']} translated, "
-          f"{len(report['empty_sources'])} empty sources, {len(report['empty_translations'])} empty "
-          f"translations, {len(report['long_sources'])} long sources ({args.long_inputs}); "
-          f"{time.time() - started:.1f}s")
-    return 0
+def summary_line(args, report):
+    """The line printed at the end of an external teacher's corpus."""
+    return (f"wrote {report['pairs']} pairs for {report['sources']} sources to {args.out} (text): "
+            f"{report['translated']} translated, {len(report['empty_sources'])} empty sources, "
+            f"{len(report['empty_translations'])} empty translations, {len(report['long_sources'])} long "
+            f"sources ({args.long_inputs}); {report['selection']}; "
+            f"{sum(report['filtered'].values())} pairs filtered; {report['seconds']:.1f}s")

@@ -1,0 +1,80 @@
+"""The work folder of a corpus build (OUT/SPLIT.work): the settings a resumed run must share,
+and one saved file per finished chunk, so an interrupted run resumes where it stopped."""
+import glob
+import json
+import os
+
+from fairseq_kd.atomic_io import write_atomic
+from fairseq_kd.corpus import select
+from fairseq_kd.corpus.data import chunk_ranges
+from fairseq_kd.errors import require
+
+# Settings that change the output: a resumed run must use the same ones.
+OUTPUT_SETTINGS = ("path", "data", "split", "source_lang", "target_lang", "beam", "lenpen",
+                   "unkpen", "max_len_a", "max_len_b", "min_len", "seq_inter", "post_process",
+                   "max_source_tokens", "long_inputs", "chunk_size", "fp16")
+# Recorded only for the ctranslate2 backend, so runs begun before it existed still resume.
+CT2_SETTINGS = ("backend", "quantization")
+# The selection options (select.DEFAULTS) are recorded only where they differ from their
+# defaults, for the same reason; the --filter options act at the merge and bind nothing.
+
+
+class WorkDir:
+    """OUT/SPLIT.work: settings.json and one chunk-XXXXXX.json per finished chunk."""
+
+    def __init__(self, args, n_lines):
+        self.path = work_path(args)
+        self.chunks = chunk_ranges(n_lines, args.chunk_size)
+        self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
+        self.settings["data"] = os.path.abspath(args.data)
+        self.settings["path"] = ":".join(os.path.abspath(p) for p in args.path.split(":") if p)
+        self.settings["n_lines"] = n_lines
+        self.settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
+        if args.backend != "fairseq":
+            self.settings.update({k: getattr(args, k) for k in CT2_SETTINGS})
+        self.settings.update(select.saved_settings(args))
+
+    def prepare(self):
+        os.makedirs(self.path, exist_ok=True)
+        settings_file = os.path.join(self.path, "settings.json")
+        if os.path.exists(settings_file):
+            with open(settings_file) as f:
+                old = json.load(f)
+            changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+            # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
+            require(not changed or not has_saved_chunk(self.path),
+                    f"{self.path} holds a run with other settings ({', '.join(changed)}); "
+                    "use another --out or delete that folder")
+            if not changed:
+                return
+        write_atomic(settings_file, json.dumps(self.settings, indent=1))
+
+    def chunk_file(self, c):
+        return os.path.join(self.path, f"chunk-{c:06d}.json")
+
+    def is_done(self, c):
+        return os.path.exists(self.chunk_file(c))
+
+    def pending(self, chunk_ids):
+        return [c for c in chunk_ids if not self.is_done(c)]
+
+    def save(self, c, result):
+        write_atomic(self.chunk_file(c), json.dumps(result, ensure_ascii=False))
+
+    def load(self, c):
+        with open(self.chunk_file(c), encoding="utf-8") as f:
+            return json.load(f)
+
+
+def work_path(args):
+    return os.path.join(args.out, f"{args.split}.work")
+
+
+def has_saved_chunk(path):
+    return bool(glob.glob(os.path.join(path, "chunk-*.json")))
+
+
+def file_fingerprint(path):
+    require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
