@@ -18,7 +18,10 @@ def check_ddp_matches_single_process(build_args, tmp_path):
     assert set(ranks[0]) == set(reference)
     for name, grad in reference.items():
         assert torch.allclose(ranks[0][name], ranks[1][name], atol=1e-7), name
-        assert torch.allclose(ranks[0][name], grad, rtol=1e-4, atol=1e-7), name
+        # float32 sums in another order (the all-reduce's (g0 + g1) / 2 against g0 / 2 + g1 / 2, and
+        # kernels chosen by each process's threads): an element left near 0 by cancellation differs
+        # at the rounding of the tensor's largest terms, so the absolute tolerance follows its scale
+        assert torch.allclose(ranks[0][name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max())), name
     return reference
 
 
