@@ -16,8 +16,7 @@ from fairseq_kd.allocator import keep_freed_memory
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.corpus import external, filters, select
 from fairseq_kd.corpus.data import SplitData, shard_chunks
-from fairseq_kd.corpus.merging import (MergedChunks, filter_pairs, filtered_counts, selection_report,
-                                       write_filtered)
+from fairseq_kd.corpus.merging import kept_pairs
 from fairseq_kd.corpus.translators import AUTO, CT2Translator, FairseqTranslator
 from fairseq_kd.corpus.work import WorkDir, file_fingerprint, has_saved_chunk, work_path
 from fairseq_kd.errors import KDError, require
@@ -136,17 +135,8 @@ def merge(args, data, work, seconds):
     from fairseq.data import data_utils
 
     formats = parse_formats(args.formats)
-    merged = MergedChunks(work)
-    require(len(merged.hyps) == len(data), f"merged {len(merged.hyps)} lines, the split has {len(data)}")
     sources = [data.src_dict.string(data.src[i]) for i in range(len(data))]
-    untranslated = merged.untranslated(args.long_inputs)
-    selected = merged.pairs()
-    kept, dropped, threshold = filter_pairs(args, selected, sources, untranslated, merged.scored)
-    filtered_file = write_filtered(args, dropped, sources)
-    # an empty split is no corpus (and fairseq cannot even map its empty .bin)
-    require(kept or not selected,
-            f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
-    ids, lines = [i for i, _, _ in kept], [h for _, h, _ in kept]
+    ids, lines, _, entries = kept_pairs(args, work, sources)
     src, tgt, split = args.source_lang, args.target_lang, args.split
     if "pieces" in formats:
         write_lines(os.path.join(args.out, f"{split}.{tgt}"), lines)
@@ -156,15 +146,8 @@ def merge(args, data, work, seconds):
                     (data_utils.post_process(l, args.post_process) for l in lines))
     if "bin" in formats:
         write_binarized(args, data, ids, lines)
-    translated = len(data) - len(untranslated)
-    report = {"lines": len(lines), "sources": len(data), "pairs": len(lines),
-              "duplication": round(len(lines) / max(len(data), 1), 4), "translated": translated,
-              "empty_sources": merged.empty, "long_sources": merged.long, "long_inputs": args.long_inputs,
-              "max_source_tokens": args.max_source_tokens or "teacher's max positions",
-              **selection_report(args, merged, translated, untranslated),
-              "pairs_selected": len(selected), "filter": ",".join(filters.parse_rules(args.filter)) or filters.NONE,
-              "filtered": filtered_counts(dropped),
-              "filtered_file": filtered_file, "score_threshold": threshold, "seconds": round(seconds, 1)}
+    report = {**entries, "max_source_tokens": args.max_source_tokens or "teacher's max positions",
+              "seconds": round(seconds, 1)}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
 
@@ -362,7 +345,7 @@ def set_cpu_threads(args, workers):
 
 def prepare_backend(args):
     """Convert the teacher for the ctranslate2 backend (once, cached) before any worker starts."""
-    if args.backend == "ctranslate2" and not getattr(args, "ct2_model", None) and not is_external(args):
+    if args.backend == "ctranslate2" and not getattr(args, "ct2_model", None):
         from fairseq_kd.deploy.ct2 import cached_model
 
         args.ct2_model = cached_model(args.path.strip(":"), args.data, args.source_lang, args.target_lang,
@@ -426,10 +409,9 @@ def build(args):
     require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
     if layout is not None:
         report = external.merge(args, data, work, layout, time.time() - started)
-        print(external.summary_line(args, report))
     else:
         report = merge(args, data, work, time.time() - started)
-        print(summary_line(args, report))
+    print(summary_line(args, report))
     return 0
 
 
@@ -439,9 +421,12 @@ def summary_line(args, report):
     picks = ("" if changed is None or args.select == "beam"
              else f": {changed} of {report['translated']} picks not the first candidate")
     filtered = sum(report["filtered"].values())
+    # an external teacher's report also counts its empty translations
+    failed = (f"{len(report['empty_translations'])} empty translations, "
+              if "empty_translations" in report else "")
     return (f"wrote {report['pairs']} pairs for {report['sources']} sources to {args.out} "
             f"({','.join(parse_formats(args.formats))}): {report['translated']} translated, "
-            f"{len(report['empty_sources'])} empty sources, {len(report['long_sources'])} long sources "
+            f"{len(report['empty_sources'])} empty sources, {failed}{len(report['long_sources'])} long sources "
             f"({args.long_inputs}); {report['selection']}{picks}; {filtered} pairs filtered "
             f"(--filter {report['filter']}); "
             f"{report['seconds']:.1f}s")

@@ -41,8 +41,7 @@ import struct
 
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.corpus import select
-from fairseq_kd.corpus.merging import (MergedChunks, filter_pairs, filtered_counts, selection_report,
-                                       write_filtered)
+from fairseq_kd.corpus.merging import kept_pairs
 from fairseq_kd.corpus.data import chunk_ranges
 from fairseq_kd.corpus.translators import ChunkTranslator, ct2_decoder
 from fairseq_kd.corpus.work import WorkDir, work_path
@@ -372,6 +371,7 @@ def check_external_args(args):
         require(not given, f"{option} is not an option of --teacher-ct2: {WHY_FAIRSEQ_ONLY[key]}")
     require(args.backend in (AUTO, "ctranslate2"), "--teacher-ct2 decodes with CTranslate2, not --backend fairseq")
     args.backend = "ctranslate2"
+    args.ct2_model = args.teacher_ct2  # already converted: nothing for prepare_backend to do
     args.formats = args.formats or "text"
     require(args.formats == "text", f"--teacher-ct2 writes the text format only (a raw corpus; the student's "
             f"vocabulary is made from it afterwards), got --formats {args.formats}")
@@ -404,16 +404,8 @@ def merge(args, data, work, layout, seconds):
     copied; OUT/SPLIT.report.json counts every line not translated, OUT/SPLIT.filtered.tsv
     holds every filtered pair (nothing is dropped silently)."""
     src, tgt, split = args.source_lang, args.target_lang, args.split
-    merged = MergedChunks(work)
-    require(len(merged.hyps) == len(data), f"merged {len(merged.hyps)} lines, the split has {len(data)}")
-    untranslated = merged.untranslated(args.long_inputs)
-    selected = merged.pairs()
-    # the rules count whitespace-separated words here: sources and translations are plain text
-    kept, dropped, threshold = filter_pairs(args, selected, data.sources, untranslated, merged.scored)
-    filtered_file = write_filtered(args, dropped, data.sources)
-    require(kept or not selected,
-            f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
-    ids, lines = [i for i, _, _ in kept], [h for _, h, _ in kept]
+    # the filters count whitespace-separated words here: sources and translations are plain text
+    ids, lines, untranslated, entries = kept_pairs(args, work, data.sources)
     failed = sorted({i for i, h in zip(ids, lines) if not h and i not in untranslated})
     write_lines(os.path.join(args.out, f"{split}.{src}"), (data.sources[i] for i in ids))
     write_lines(os.path.join(args.out, f"{split}.{tgt}"), lines)
@@ -424,25 +416,10 @@ def merge(args, data, work, layout, seconds):
             continue
         for f in files:
             copy_file(f, os.path.join(args.out, os.path.basename(f)))
-    translated = len(data) - len(untranslated)
-    report = {"lines": len(lines), "sources": len(data), "pairs": len(lines),
-              "duplication": round(len(lines) / max(len(data), 1), 4), "translated": translated,
-              "empty_sources": merged.empty, "empty_translations": failed, "long_sources": merged.long,
-              "long_inputs": args.long_inputs, "max_source_tokens": args.max_source_tokens or data.max_source,
-              **selection_report(args, merged, translated, untranslated),
-              "pairs_selected": len(selected),
-              "filtered": filtered_counts(dropped), "filtered_file": filtered_file,
-              "score_threshold": threshold, "teacher_ct2": os.path.abspath(args.teacher_ct2),
-              "layout": layout.kind, "source_prefix": layout.source_prefix,
-              "target_prefix": layout.target_prefix, "seconds": round(seconds, 1)}
+    report = {**entries, "empty_translations": failed,
+              "max_source_tokens": args.max_source_tokens or data.max_source,
+              "teacher_ct2": os.path.abspath(args.teacher_ct2), "layout": layout.kind,
+              "source_prefix": layout.source_prefix, "target_prefix": layout.target_prefix,
+              "seconds": round(seconds, 1)}
     write_atomic(os.path.join(args.out, f"{split}.report.json"), json.dumps(report, indent=1))
     return report
-
-
-def summary_line(args, report):
-    """The line printed at the end of an external teacher's corpus."""
-    return (f"wrote {report['pairs']} pairs for {report['sources']} sources to {args.out} (text): "
-            f"{report['translated']} translated, {len(report['empty_sources'])} empty sources, "
-            f"{len(report['empty_translations'])} empty translations, {len(report['long_sources'])} long "
-            f"sources ({args.long_inputs}); {report['selection']}; "
-            f"{sum(report['filtered'].values())} pairs filtered; {report['seconds']:.1f}s")

@@ -7,6 +7,36 @@ from fairseq_kd.corpus import filters, select
 from fairseq_kd.errors import require
 
 
+def kept_pairs(args, work, sources):
+    """The merge every corpus build shares: its chunks in line order, the pairs kept after
+    --select/--keep and --filter (the dropped ones in OUT/SPLIT.filtered.tsv), and the
+    report entries that say so.
+
+    ``sources``: the split's source lines as the filters compare them (pieces, or
+    plain text for an external teacher).  Returns (ids, lines, untranslated,
+    entries): the source line of each kept pair, its target, the lines the
+    teacher did not translate, and the report's entries.
+    """
+    merged = MergedChunks(work)
+    require(len(merged.hyps) == len(sources), f"merged {len(merged.hyps)} lines, the split has {len(sources)}")
+    untranslated = merged.untranslated(args.long_inputs)
+    selected = merged.pairs()
+    kept, dropped, threshold = filter_pairs(args, selected, sources, untranslated, merged.scored)
+    filtered_file = write_filtered(args, dropped, sources)
+    # an empty split is no corpus (and fairseq cannot even map its empty .bin)
+    require(kept or not selected,
+            f"--filter dropped all {len(selected)} pairs (see {filtered_file}): loosen its thresholds")
+    ids, lines = [i for i, _, _ in kept], [h for _, h, _ in kept]
+    translated = len(sources) - len(untranslated)
+    entries = {"lines": len(lines), "sources": len(sources), "pairs": len(lines),
+               "duplication": round(len(lines) / max(len(sources), 1), 4), "translated": translated,
+               "empty_sources": merged.empty, "long_sources": merged.long, "long_inputs": args.long_inputs,
+               **selection_report(args, merged, translated, untranslated),
+               "pairs_selected": len(selected), "filter": ",".join(filters.parse_rules(args.filter)) or filters.NONE,
+               "filtered": filtered_counts(dropped), "filtered_file": filtered_file, "score_threshold": threshold}
+    return ids, lines, untranslated, entries
+
+
 class MergedChunks:
     """The saved chunks of a split, in line order: per line the kept hypotheses and their scores.
 

@@ -400,9 +400,10 @@ step_cache() {
 
 # The data folder and fairseq-train options of one method.
 method_data() {
+  local variant; variant=$(corpus_variant "$1")
+  if [ -n "$variant" ]; then echo "$WORK/$variant"; return; fi
   case $1 in
     seq_kd | seq_word_kd | onpolicy_kd) echo "$WORK/distilled" ;;
-    seq_inter | seq_kd_mbr | seq_kd_mbr_n | seq_kd_nbest | seq_kd_filtered) echo "$WORK/$(corpus_variant "$1")" ;;
     *) echo "$WORK/bin" ;;
   esac
 }
