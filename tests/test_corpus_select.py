@@ -6,6 +6,7 @@ with the fairseq backend and compare with stock fairseq-generate's N-best lists.
 import argparse
 import itertools
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 import sacrebleu
 
 import helpers
-from fairseq_kd.corpus import filters, select
+from fairseq_kd.corpus import filters, select, work
 from fairseq_kd.errors import KDError
 from test_corpus_backend import parse
 from test_seq_kd_corpus import corpus, odd_lines_data, read_lines, stock_nbest  # noqa: F401 (a fixture)
@@ -339,6 +340,16 @@ def test_filters_drop_pairs_with_a_side_file(tiny_data, tiny_teacher, tmp_path):
     assert report["pairs"] + len(dropped) == report["pairs_selected"] == len(tgt_all)
     assert report["score_threshold"] == pytest.approx(threshold)
     assert f"{len(dropped)} pairs filtered (--filter copy,repeat,ratio,score)" in proc.stdout
+    # the recipe's seq_kd_filtered: another --out that starts from these chunks decodes nothing
+    # and writes the same filtered corpus
+    assert work.chunks_hold_scores(out / "test.work")
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "test.work", copy / "test.work")
+    proc = corpus(tiny_data / "bin", tiny_teacher, copy, *common, "--filter", "all",
+                  "--filter-score-percentile", "20")
+    assert "resuming: 1 of 1 chunks already done" in proc.stdout
+    for name in ("test.es", "test.en", "test.filtered.tsv"):
+        assert read_lines(copy / name) == read_lines(out / name)
     # the filters act at the merge: the same folder re-merges without them, and the side file goes
     proc = corpus(tiny_data / "bin", tiny_teacher, out, *common)
     assert "chunks already done" in proc.stdout and not (out / "test.filtered.tsv").exists()
@@ -367,7 +378,9 @@ def test_a_chunk_folder_of_the_previous_version_resumes_with_the_defaults(tiny_d
     old = json.loads((out / "test.work" / "chunk-000000.json").read_text())
     old = {"start": old["start"], "end": old["end"], "lines": [h[0] for h in old["hyps"]],
            "empty": old["empty"], "long": old["long"]}
+    assert work.chunks_hold_scores(out / "test.work")
     (out / "test.work" / "chunk-000000.json").write_text(json.dumps(old))
+    assert not work.chunks_hold_scores(out / "test.work")  # the recipe decodes again
     (out / "test.work" / "chunk-000001.json").unlink()
     (out / "test.en").unlink()
     proc = corpus(tiny_data / "bin", tiny_teacher, out, *args)

@@ -572,3 +572,27 @@ def test_corpus_variants_and_selective_kd_are_method_names(tmp_path):
     selective = trained["student_word_kd_selective"]
     assert check_options(selective)[1] == "word_kd" and selective[1].endswith("/bin")
     assert train_option(selective, "--kd-select") == "global"
+
+
+def test_a_study_reports_in_a_section_of_its_own(tmp_path, monkeypatch):
+    """STUDY=techniques beside the profile's own section: its own section, heading, plots and
+    corpora line; the profile's section stays as it was."""
+    from test_study import make_study
+
+    monkeypatch.delenv("SACREBLEU_SEED", raising=False)
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    (work / "raw").mkdir(parents=True)
+    make_study(str(work), {"seq_kd": (0.3, 0.25), "seq_kd_filtered": (0.2, 0.2)}, ref_path=work / "raw" / "test.en")
+    (work / "raw" / "train.es").write_text("a verse\n" * 7)
+    docs.mkdir()
+    profile_section = "<!-- results bible_es_en cpu -->\n## the CPU study\n<!-- /results bible_es_en cpu -->"
+    (docs / "results.md").write_text(f"# Results\n\n{profile_section}\n")
+    run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu", "STUDY": "techniques", "GPUS": "cpu",
+                               "CT2_QUANT": "", "METHODS": "seq_kd seq_kd_filtered", "PRUNE_FROM": "",
+                               "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}, "report")
+    page = (docs / "results.md").read_text()
+    assert page.startswith(f"# Results\n\n{profile_section}\n\n<!-- results bible_es_en cpu techniques -->\n"
+                           "## bible_es_en, PROFILE=cpu, STUDY=techniques\n")
+    assert "![BLEU vs speed](bible_es_en_cpu_techniques.speed.png)" in page
+    assert (docs / "bible_es_en_cpu_techniques.speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| corpora | Seq-KD beam 5; seq_kd_filtered: the beam corpus with `--filter all` |" in page

@@ -74,6 +74,18 @@ def has_saved_chunk(path):
     return bool(glob.glob(os.path.join(path, "chunk-*.json")))
 
 
+def chunks_hold_scores(path):
+    """Whether the chunks saved in the work folder ``path`` hold the teacher's scores and
+    hypothesis lists, as ``--filter score`` and ``--keep`` need (an earlier version's chunks
+    hold only the chosen lines); False when there is none."""
+    files = glob.glob(os.path.join(path, "chunk-*.json"))
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            if "hyps" not in json.load(f):
+                return False
+    return bool(files)
+
+
 def file_fingerprint(path):
     require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
     st = os.stat(path)

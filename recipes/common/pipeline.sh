@@ -317,9 +317,24 @@ step_corpus() {
   corpus distilled --beam "$BEAM"
   local m
   for m in $METHODS; do
+    [ "$m" != seq_kd_filtered ] || reuse_decoding distilled distilled_filtered
     # shellcheck disable=SC2046
     [ -z "$(corpus_variant "$m")" ] || corpus "$(corpus_variant "$m")" $(corpus_variant_args "$m")
   done
+}
+
+# reuse_decoding FROM TO: TO starts from FROM's decoded chunks (its train.work), which
+# fairseq-kd corpus resumes from: --filter acts when the chunks are merged and binds
+# none of their settings, so the filtered corpus costs no second beam search (unless
+# FROM's chunks were saved by a version that kept no teacher scores).
+reuse_decoding() {
+  local from=$WORK/$1/train.work to=$WORK/$2/train.work
+  if is_done "$2" || [ -e "$to" ] || [ ! -d "$from" ]; then return; fi
+  [ -n "$DRY_RUN" ] || python3 -c 'import sys; from fairseq_kd.corpus.work import chunks_hold_scores
+sys.exit(not chunks_hold_scores(sys.argv[1]))' "$from" || return 0
+  log "corpus $2: starts from the beam search of $1 ($from)"
+  run_cmd mkdir -p "$WORK/$2"
+  run_cmd cp -r "$from" "$to"
 }
 
 # The methods that train seq_kd on a corpus of their own: its folder, and what builds it.
@@ -341,6 +356,21 @@ corpus_variant_args() {
     seq_kd_nbest) echo "--candidates $NBEST_N --keep $NBEST_KEEP" ;;
     seq_kd_filtered) echo "--beam $BEAM --filter all" ;;
   esac
+}
+
+# The page's corpora: the beam corpus and each METHODS' own.
+corpora_setting() {
+  local m text="Seq-KD beam $BEAM"
+  for m in $METHODS; do
+    case $m in
+      seq_inter) text+="; Seq-Inter $SEQ_INTER_N-best, sentence BLEU" ;;
+      seq_kd_mbr) text+="; seq_kd_mbr: MBR (chrF) over the $MBR_N-best" ;;
+      seq_kd_mbr_n) text+="; seq_kd_mbr_n: the $MBR_KEEP best by MBR (chrF) over the $MBR_N-best, as pairs" ;;
+      seq_kd_nbest) text+="; seq_kd_nbest: the $NBEST_KEEP best of the $NBEST_N-best, as pairs" ;;
+      seq_kd_filtered) text+="; seq_kd_filtered: the beam corpus with \`--filter all\`" ;;
+    esac
+  done
+  echo "$text"
 }
 
 # uses_cache METHOD: whether METHOD reads the teacher's cached distributions (CACHE_METHODS)
@@ -561,7 +591,7 @@ step_evaluate() {
 }
 
 step_report() {
-  log "report -> $RESULTS_MD (section $RECIPE, PROFILE=$PROFILE), $PLOT_DIR/$(plot_name).{speed,params}.png"
+  log "report -> $RESULTS_MD (section $(section_title)), $PLOT_DIR/$(plot_name).{speed,params}.png"
   run_cmd mkdir -p "$PLOT_DIR" "$(dirname "$RESULTS_MD")"
   run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x speed --decoding greedy --out "$PLOT_DIR/$(plot_name).speed.png" \
     --title "$RECIPE ($PROFILE): BLEU vs greedy speed"
@@ -580,7 +610,7 @@ step_report() {
   fi
   # the whole section first: a failing command leaves the page as it was
   local section; section=$(write_results_md)
-  replace_section "$RESULTS_MD" "$RECIPE $PROFILE" <<<"$section"
+  replace_section "$RESULTS_MD" "$RECIPE $PROFILE${STUDY:+ $STUDY}" <<<"$section"
   cat "$RESULTS_MD"
 }
 
@@ -611,8 +641,11 @@ learning_curves() {
     --title "$RECIPE ($PROFILE): greedy validation BLEU by update"
 }
 
-# The plots' file name: one pair per recipe and profile.
-plot_name() { echo "$RECIPE$( [ "$PROFILE" = gpu ] || echo "_$PROFILE")"; }
+# The plots' file name: one pair per recipe, profile and STUDY.
+plot_name() { echo "$RECIPE$( [ "$PROFILE" = gpu ] || echo "_$PROFILE")${STUDY:+_$STUDY}"; }
+
+# The heading of the report's section: its recipe, profile and STUDY.
+section_title() { echo "$RECIPE, PROFILE=$PROFILE${STUDY:+, STUDY=$STUDY}"; }
 
 # replace_section FILE KEY: standard input becomes the section of FILE between
 # the markers <!-- results KEY --> and <!-- /results KEY --> (appended when FILE
@@ -648,7 +681,7 @@ write_results_md() {
   table_args
   table=$(fairseq-kd table "$RESULTS" "${TABLE_ARGS[@]}") || return 1
   cat <<MD
-## $RECIPE, PROFILE=$PROFILE
+## $(section_title)
 
 Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
 Test set: \`raw/test.$TGT\` of the work folder ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
@@ -674,7 +707,7 @@ MD
 | teacher | $(teacher_setting) |
 | students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
-| corpora | Seq-KD beam $BEAM; Seq-Inter $SEQ_INTER_N-best, sentence BLEU |
+| corpora | $(corpora_setting) |
 | pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
 $(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g; s|$REPO/||g")"; done)
 

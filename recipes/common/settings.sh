@@ -39,6 +39,10 @@ FP16=${FP16:-1}                               # fp16 training and decoding on GP
 # single-threaded students made 1.04 + 0.54 updates/s (baseline + word_kd) where
 # one with both cores made 1.75 or 1.04 (2-core VM, 2026-11-29): 1.2x the work.
 STUDENT_JOBS=${STUDENT_JOBS:-$(profile_value 8 2)}
+# STUDY: a name for a study run beside the profile's own (other METHODS in another WORK):
+# its report gets a section of the results page and plots of its own instead of
+# replacing the profile's (e.g. STUDY=techniques)
+STUDY=${STUDY-}
 SEED=${SEED:-1}
 
 # --- data: first TRAIN_LINES / VALID_LINES / TEST_LINES pairs of each split (0 = all)
