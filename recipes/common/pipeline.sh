@@ -228,6 +228,8 @@ train() {
 # epochs_since_best DIR: how many epochs DIR/checkpoint_last.pt is past
 # DIR/checkpoint_best.pt (empty when either is missing).
 epochs_since_best() {
+  # nothing to read (a run not begun, a dry run) costs no Python start-up with torch
+  [ -f "$1/checkpoint_best.pt" ] && [ -f "$1/checkpoint_last.pt" ] || return 0
   python3 - "$1" <<'PY'
 import os, sys
 import torch
