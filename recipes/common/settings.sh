@@ -152,6 +152,35 @@ PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}            # fairseq-generate rows (CTranslate2 rows: its own)
 SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship: test pairs the shipped teacher's test rescores
 
+# --- fine-tuning a trained student (the finetune step; nothing while FINETUNE_FROM is empty)
+# FINETUNE_FROM: a student (e.g. seq_kd) whose evaluated checkpoint (STUDENT_CHECKPOINT: best
+# or last) every fine-tune run starts from.  GKD (onpolicy_kd) starts from a supervised student:
+# the comparison is "on-policy fine-tuning against continuing Seq-KD for the same time".
+FINETUNE_FROM=${FINETUNE_FROM-}
+# FINETUNE_METHODS: one fine-tune run per name, the student ft_NAME: a method name (its
+# method_args, method_data and ARGS_<method>), or METHOD_bBETA for onpolicy_kd at --jsd-beta BETA
+# (onpolicy_kd_b0: forward KL, onpolicy_kd_b0.5, onpolicy_kd_b1: reverse KL); a run's own options
+# in FINETUNE_ARGS_<name> (other characters than letters, digits and _ as _: FINETUNE_ARGS_onpolicy_kd_b0_5).
+# The first name is the one the results page tests the others against (the continued method).
+# Not ckd or hybrid_kd from a student without their criterion's own parameters (projections, gates).
+FINETUNE_METHODS=${FINETUNE_METHODS:-seq_kd onpolicy_kd}
+# FINETUNE_MINUTES: the wall-clock budget of every run (fairseq's cumulative training time,
+# counted from the start checkpoint's own).  The runs train STUDENT_JOBS at a time, like the
+# students: set STUDENT_JOBS to the number of runs for all of them to share the machine at once
+FINETUNE_MINUTES=${FINETUNE_MINUTES:-60}
+# FINETUNE_LR: the constant learning rate of every run (--lr-scheduler fixed, a fresh Adam).
+# 1e-4 is no more than the students' own inverse_sqrt schedule (OPTIM_ARGS: 1e-3 * sqrt(1000 /
+# updates)) has decayed to before 100,000 updates (3.2e-4 after 10,000), so a fresh optimizer
+# moves a trained student no faster than its last updates did; the results page names the rate
+# the start checkpoint was last trained at
+FINETUNE_LR=${FINETUNE_LR:-1e-4}
+# FINETUNE_OPTIM: OPTIM_ARGS's optimizer without its schedule (the step adds --lr FINETUNE_LR
+# --lr-scheduler fixed)
+FINETUNE_OPTIM=${FINETUNE_OPTIM:---optimizer adam --adam-betas (0.9,0.98) --clip-norm 1.0 --weight-decay 0.0001}
+# FINETUNE_SAVE_UPDATES: a run saves its checkpoint_last.pt every so many updates (and at the
+# end of its budget), so a killed run resumes close to where it stopped
+FINETUNE_SAVE_UPDATES=${FINETUNE_SAVE_UPDATES:-$(profile_value 1000 200)}
+
 # --- report
 RESULTS_MD=${RESULTS_MD:-$WORK/results.md}
 PLOT_DIR=${PLOT_DIR:-$WORK}
