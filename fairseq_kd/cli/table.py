@@ -1,6 +1,6 @@
 """Print the systems of a results file (from fairseq-kd evaluate) as a Markdown table with sacreBLEU signatures."""
 from fairseq_kd.errors import require
-from fairseq_kd.results import markdown_table, read_results
+from fairseq_kd.results import find_system, markdown_table, read_results
 
 USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fairseq_kd.cli)
 
@@ -18,12 +18,16 @@ def add_arguments(p):
                    help="the test reference: adds sacreBLEU's paired bootstrap p-value of each BLEU "
                         "difference from --baseline and each BLEU's 95%% interval, from the hypotheses "
                         "fairseq-kd evaluate wrote beside RESULTS (seed: SACREBLEU_SEED, default 12345)")
+    p.add_argument("--systems", nargs="+", default=None, metavar="NAME",
+                   help="only these rows, in this order (default: every row)")
     p.add_argument("--bootstrap-samples", type=int, default=BOOTSTRAP_SAMPLES,
                    help="resamples of the paired bootstrap test")
 
 
 def run(args):
     results = read_results(args.results)
+    if args.systems is not None:
+        results = {**results, "systems": [find_system(results, name, "--systems") for name in args.systems]}
     significance = None
     if args.significance is not None:
         from fairseq_kd.study import paired_significance
