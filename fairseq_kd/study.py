@@ -9,9 +9,11 @@ From them:
   --paired-bs``) of every row against a baseline row, per decoding
   (``fairseq-kd table --significance``);
 * :func:`export_hypotheses` copies them xz-compressed, with the reference and a
-  README saying how to rescore them (``fairseq-kd hypotheses``).
+  README saying how to rescore them (``fairseq-kd hypotheses``);
+* :func:`side_by_side` prints a few test sentences with every row's translation
+  (``fairseq-kd side-by-side``, the demo's last step).
 
-Both first check that each file scores the BLEU the results file records, so
+All first check that each file scores the BLEU the results file records, so
 neither reports on translations other than the ones in the table.
 """
 import glob
@@ -133,3 +135,41 @@ def hypotheses_readme(ref_name, scores, signature):
     lines += [f"| {name} | {score:.2f} |" for name, score in scores]
     lines += ["", f"BLEU signature: `{signature}`"]
     return "\n".join(lines) + "\n"
+
+
+def pick_lines(sources, refs, count, max_chars):
+    """``count`` line numbers spread evenly over the test set (the first among them), of the
+    pairs whose source and reference are non-empty and at most ``max_chars`` characters."""
+    candidates = [i for i, (src, ref) in enumerate(zip(sources, refs))
+                  if src.strip() and ref.strip() and max(len(src), len(ref)) <= max_chars]
+    if len(candidates) <= count:
+        return candidates
+    return [candidates[k * len(candidates) // count] for k in range(count)]
+
+
+def side_by_side(results_path, results, src_path, ref_path, names, count=3, decoding="beam", max_chars=160):
+    """Text: ``count`` test sentences (:func:`pick_lines`), each with its source, reference and
+    the translation of every row in ``names``, from the hypotheses fairseq-kd evaluate wrote
+    beside ``results_path`` (each checked to score the BLEU the results file records)."""
+    from sacrebleu.metrics import BLEU
+
+    require(decoding in DECODINGS, f"decoding must be one of {', '.join(DECODINGS)}, got {decoding}")
+    require(count >= 1, f"the number of sentences must be positive, got {count}")
+    sources, refs = read_lines(src_path), read_lines(ref_path)
+    require(len(sources) == len(refs), f"{src_path} has {len(sources)} lines, {ref_path} {len(refs)}")
+    bleu = BLEU(references=[refs])
+    translations = []
+    for name in names:
+        system = find_system(results, name, "--systems")
+        hyps = row_hypotheses(results_path, system, decoding, len(refs))
+        require_recorded_score(bleu.corpus_score(hyps, None).score, system, decoding, results_path, ref_path)
+        translations.append(hyps)
+    labels = ["source", "reference", *names]
+    width = max(map(len, labels))
+    lines = []
+    for i in pick_lines(sources, refs, count, max_chars):
+        lines.append(f"test sentence {i + 1} of {len(refs)}:")
+        for label, text in zip(labels, [sources[i], refs[i], *(hyps[i] for hyps in translations)]):
+            lines.append(f"  {label:<{width}}  {text}")
+        lines.append("")
+    return "\n".join(lines)

@@ -321,3 +321,77 @@ def make_distilled_data(data_root, dest, sources, hypotheses, split="train"):
 
 def gold_sources(data_root, split="train"):
     return (Path(data_root) / "pieces" / f"{split}.sp.es").read_text(encoding="utf-8").splitlines()
+
+
+def rescore_shipped_folder(folder, model_file, name, lines, beam, tmp, batch_size=None):
+    """Score ``folder``'s model (a folder of the recipes' ship or ship_students step) on the
+    first ``lines`` test pairs of the corpus in examples/data, from the folder alone, as a
+    user with a clean clone would: the folder's SentencePiece model and dictionary encode
+    them, stock fairseq translates (``fairseq-kd evaluate --no-user-dir``).  Returns the
+    results entry, as ``evaluation.check.json`` records it."""
+    import json
+
+    import sentencepiece as spm
+
+    folder, tmp = Path(folder), Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
+    with tarfile.open(BIBLE_ARCHIVE) as tar:
+        for lang in ("es", "en"):
+            text = tar.extractfile(f"bible.es-en/test.{lang}").read().decode("utf-8").splitlines()[:lines]
+            (tmp / f"test.{lang}").write_text("\n".join(text) + "\n", encoding="utf-8")
+            pieces = [" ".join(sp.encode(line.strip(), out_type=str)) for line in text]
+            (tmp / f"test.sp.{lang}").write_text("\n".join(pieces) + "\n", encoding="utf-8")
+    run([tool("fairseq-preprocess"), "-s", "es", "-t", "en", "--testpref", tmp / "test.sp",
+         "--destdir", tmp / "bin", "--srcdict", folder / "dict.txt", "--joined-dictionary", "--workers", "1"])
+    results = tmp / "results.json"
+    run([tool("fairseq-kd"), "evaluate", "--data", tmp / "bin", "--checkpoint", folder / model_file,
+         "--name", name, "--ref", tmp / "test.en", "--results", results, "--beam", str(beam), "--cpu",
+         "--no-user-dir", *(["--batch-size", str(batch_size)] if batch_size else [])])
+    measured, = json.loads(results.read_text())["systems"]
+    return measured
+
+
+# The Bible recipe's cpu_converged profile (students validated by greedy BLEU, their best
+# checkpoint shipped; the shipped teacher's vocabulary) on a slice, with a student small enough
+# to train in a minute: what tests/test_shipped_students.py and the demo's test ship.
+TINY_ARCH = ("--arch transformer --share-all-embeddings --encoder-layers 1 --decoder-layers 1 "
+             "--encoder-embed-dim 64 --decoder-embed-dim 64 --encoder-ffn-embed-dim 128 "
+             "--decoder-ffn-embed-dim 128 --encoder-attention-heads 2 --decoder-attention-heads 2")
+SHIP_TINY = {
+    "PROFILE": "cpu_converged", "GPUS": "cpu", "TRAIN_LINES": "1000", "VALID_LINES": "30", "TEST_LINES": "40",
+    "PREPROCESS_WORKERS": "1", "STUDENT_JOBS": "1", "PRUNE_FROM": "", "CT2_QUANT": "", "BEAM": "2",
+    "SHIP_CHECK_LINES": "20", "MAX_TOKENS": "2000",
+    "OPTIM_ARGS": "--optimizer adam --adam-betas (0.9,0.98) --lr 5e-3 --lr-scheduler inverse_sqrt --warmup-updates 30",
+    "STUDENT_ARGS": TINY_ARCH, "STUDENT_TRAIN": "--max-epoch 5 --patience 5",
+}
+# Instead of the shipped teacher's 8k vocabulary, which a tiny student does not learn to use in
+# a minute (it writes one word over and over): a 300-piece one of the recipe's, and a teacher
+# trained for one epoch on it (the translation_kd task of every student needs one; the baseline
+# never loads it).  Its baseline writes a different translation for every test sentence.
+OWN_VOCABULARY = {"TEACHER_PATH": "", "VOCAB": "300", "TEACHER_ARGS": TINY_ARCH, "TEACHER_TRAIN": "--max-epoch 1"}
+
+
+def run_bible_recipe(work, *steps, check=True, **settings):
+    """recipes/bible_es_en/run.sh STEPS... with SHIP_TINY and ``settings``, WORK=``work``."""
+    e = env()
+    e["PATH"] = f"{BIN}{os.pathsep}{e['PATH']}"
+    e.update(SHIP_TINY, WORK=str(work), **settings)
+    proc = subprocess.run(["bash", REPO / "recipes" / "bible_es_en" / "run.sh", *steps],
+                          capture_output=True, text=True, env=e, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"run.sh {' '.join(steps)} failed ({proc.returncode})\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def ship_tiny_students(work, methods="baseline", **settings):
+    """Train the students ``methods`` of a tiny cpu_converged study in ``work`` and ship every
+    one of them with the recipe's ship_students step into work/shipped_students/NAME; returns
+    that step's run."""
+    settings = {"METHODS": methods, "SHIP_STUDENTS": methods, **settings}
+    steps = ["prepare", "spm", "binarize", "teacher", "students"]
+    if methods != "baseline":
+        steps.insert(4, "corpus")  # the teacher's translations, for seq_kd
+    run_bible_recipe(work, *steps, **settings)
+    return run_bible_recipe(work, "ship_students", **settings)

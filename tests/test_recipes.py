@@ -139,7 +139,7 @@ def test_ship_step_exports_the_teacher_in_half_precision_and_scores_it_with_stoc
     assert not any("--half" in c for c in cmds)  # only when named
     cmds = dry_run_commands("bible_es_en", tmp_path, "ship", PROFILE="cpu", SHIP_DIR=str(tmp_path / "shipped"))
     export, evaluate, spm, check = [c for c in cmds if c[0] == "fairseq-kd"]
-    assert export[1] == "export" and "--half" in export
+    assert export[1] == "export" and "--half" in export and "--portable" in export
     assert train_option(export, "--path").endswith("/teacher/checkpoint_best.pt")
     assert train_option(export, "--out") == str(tmp_path / "shipped" / "teacher.pt")
     assert evaluate[1] == "evaluate" and "--no-user-dir" in evaluate
@@ -160,6 +160,70 @@ def test_ship_step_exports_the_teacher_in_half_precision_and_scores_it_with_stoc
     assert train_option(check, "--results") == str(shipped / "evaluation.check.json")
     for cmd in cmds:
         check_options(cmd)
+
+
+def test_ship_students_step_ships_each_students_evaluated_checkpoint_in_half_precision(tmp_path):
+    """ship_students (only when named): for each SHIP_STUDENTS (default baseline seq_kd), the
+    checkpoint the export and evaluate steps use, exported as the teacher is, scored on the test
+    split and on its first SHIP_CHECK_LINES pairs from the shipped folder alone."""
+    work, shipped = tmp_path / "bible_es_en", tmp_path / "students"
+    cmds = dry_run_commands("bible_es_en", tmp_path, PROFILE="cpu_converged", GPUS="", SHIP_STUDENTS_DIR=str(shipped))
+    assert not any("--half" in c for c in cmds)  # only when named
+    cmds = dry_run_commands("bible_es_en", tmp_path, "ship_students", PROFILE="cpu_converged", GPUS="",
+                            SHIP_STUDENTS_DIR=str(shipped))
+    for cmd in cmds:
+        check_options(cmd)
+    kd = [c for c in cmds if c[0] == "fairseq-kd"]
+    assert [c[1] for c in kd] == ["export", "evaluate", "spm", "evaluate"] * 2
+    for name, (export, evaluate, spm, check) in zip(("baseline", "seq_kd"), (kd[:4], kd[4:])):
+        partial = shipped / f"{name}.partial"  # written beside its place, then moved there
+        assert train_option(export, "--path") == str(work / f"student_{name}" / "checkpoint_best.pt")
+        assert train_option(export, "--out") == str(partial / "student.pt")
+        assert "--half" in export and "--portable" in export and train_option(export, "--data") == str(work / "bin")
+        for scored, results in ((evaluate, "evaluation.json"), (check, "evaluation.check.json")):
+            assert train_option(scored, "--checkpoint") == str(partial / "student.pt") and "--no-user-dir" in scored
+            assert train_option(scored, "--name") == name and train_option(scored, "--results") == str(partial / results)
+        assert train_option(evaluate, "--data") == str(work / "bin")
+        assert train_option(check, "--data") == str(work / "ship_check" / "bin")
+        assert train_option(spm, "--model") == str(partial / "spm.model")
+    assert [c[1:] for c in cmds if c[0] == "mv"] == [[str(shipped / f"{n}.partial"), str(shipped / n)]
+                                                     for n in ("baseline", "seq_kd")]
+    assert [c[2] for c in cmds if c[0] == "head"] == ["300"] * 4
+    # the cpu profile compares students at equal updates: its last checkpoints; any student, pruned ones too
+    cmds = dry_run_commands("bible_es_en", tmp_path, "ship_students", PROFILE="cpu", GPUS="",
+                            SHIP_STUDENTS="pruned_seq_kd a2d")
+    assert [train_option(c, "--path") for c in cmds if c[1:2] == ["export"]] == [
+        str(work / "student_pruned_seq_kd" / "checkpoint_last.pt"), str(work / "student_a2d" / "checkpoint_last.pt")]
+    assert train_option([c for c in cmds if c[1:2] == ["export"]][0], "--out") == str(
+        work / "shipped_students" / "pruned_seq_kd.partial" / "student.pt")
+    proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(work), "PROFILE": "cpu_converged",
+                                      "SHIP_STUDENTS": "seq_kd word-kd"}, "ship_students", check=False)
+    assert proc.returncode != 0 and "RUN:" not in proc.stdout
+    assert proc.stderr.strip().endswith("ship_students: word-kd is not a student of this study (baseline seq_kd "
+                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned_seq_kd); set SHIP_STUDENTS")
+
+
+def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
+    """The students and prune steps run the command lines student_train_args and pruned_train_args
+    build, which ship_students writes into a shipped student's README."""
+    def commands(*steps):
+        return [c for c in dry_run_commands("bible_es_en", tmp_path, *steps, PROFILE="cpu", GPUS="")
+                if c[0] == "fairseq-train"]
+
+    trained = commands("students", "prune")
+    script = (f'source "{REPO}/recipes/bible_es_en/config.sh"; source "{REPO}/recipes/common/pipeline.sh"; '
+              'resolve_devices; for m in $METHODS; do student_train_args "$m"; printf "%q " "${TRAIN_ARGS[@]}"; '
+              'echo; done; pruned_train_args; printf "%q " "${TRAIN_ARGS[@]}"; echo')
+    e = env()
+    e.update(PROFILE="cpu", GPUS="cpu", WORK=str(tmp_path / "bible_es_en"))
+    shown = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e, check=True).stdout
+    shown = [shlex.split(line) for line in shown.splitlines()]
+    assert len(shown) == len(trained) == 9
+    assert shown[:-1] == trained[:-1]
+    # the retraining's first run also starts from the pruned weights (--restore-file ... --reset-*)
+    first_run = trained[-1]
+    restore = first_run.index("--restore-file")
+    assert first_run[:restore] + first_run[restore + 6:] == shown[-1]
 
 
 @pytest.mark.parametrize("best_epoch, resumes", [(16, False), (17, True)])

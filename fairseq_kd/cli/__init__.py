@@ -44,6 +44,9 @@ SUBCOMMANDS = {
     "hypotheses": ("fairseq_kd.cli.hypotheses",
                    "Write every system's test hypotheses (greedy and beam) xz-compressed into a folder, "
                    "to ship with the results."),
+    "side-by-side": ("fairseq_kd.cli.side_by_side",
+                     "Print a few test sentences side by side: source, reference and each system's "
+                     "translation."),
     "cache-teacher": ("fairseq_kd.cli.cache_teacher",
                       "Run a teacher once over binarized splits and cache its top-k distributions for "
                       "word-level KD."),

@@ -14,6 +14,10 @@ teacher (the data folder may be long gone by then).
   fairseq-kd export --path student/checkpoint_best.pt --out student.pt
   fairseq-generate DATA --path student.pt --task translation --required-batch-size-multiple 1 ...
 
+--half stores the weights as float16 and --portable leaves out every path of
+this machine (the training data folder): the recipes' ship and ship_students
+steps export what they ship with both.
+
 --format ctranslate2 writes a model folder to ship: the CTranslate2 model
 (--quantization), the SentencePiece model (--spm-model) and fairseq_kd.json
 (languages, how it was made).  ``fairseq-kd translate --model OUT`` then
@@ -52,6 +56,11 @@ def add_arguments(p):
     p.add_argument("--half", action="store_true",
                    help="--format fairseq: store the weights as float16 (half the size, e.g. to ship a "
                         "teacher); fairseq loads them into a float32 model")
+    p.add_argument("--portable", action="store_true",
+                   help="--format fairseq: a file to ship, holding no path of this machine: the training data "
+                        "folder the task config records (and any other absolute path in the config) is left "
+                        "empty; fairseq's tools read the data folder from their command line, and the "
+                        "dictionaries stay embedded")
     p.add_argument("--data", help="folder with the model's dictionaries, dict.SRC.txt and dict.TGT.txt "
                                   "(--format fairseq also takes a joined dict.txt); embedded in a fairseq "
                                   "export, converted into a ctranslate2 one (default: the data folder the "
@@ -125,7 +134,8 @@ def export_fairseq(args):
     from fairseq_kd.deploy.export import write_export
 
     state, exported, dictionaries = write_export(args.path, args.out, half=args.half, data=args.data,
-                                               langs=(args.source_lang, args.target_lang))
+                                               langs=(args.source_lang, args.target_lang),
+                                               portable=args.portable)
     dropped = sorted(k for k in state if k not in exported and state[k] is not None)
     before, after = os.path.getsize(args.path), os.path.getsize(args.out)
     if dictionaries is None:
@@ -143,6 +153,7 @@ def run(args):
     require(os.path.abspath(args.out) != os.path.abspath(args.path), "--out must differ from --path")
     require(not (args.half and args.format == "ctranslate2"),
             "--half is for --format fairseq; --format ctranslate2 takes --quantization float16")
+    require(not (args.portable and args.format == "ctranslate2"), "--portable is for --format fairseq")
     if args.format == "ctranslate2":
         export_ct2(args)
     else:

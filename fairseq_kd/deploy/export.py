@@ -205,9 +205,18 @@ def with_dictionaries(exported, symbols):
 
 
 # ------------------------------------------------------------------- export
-def export_state(state, half=False):
+def without_machine_paths(config):
+    """``config`` with every value that is an absolute path set to None: the paths of the
+    machine that trained the model (the task's data folder, which fairseq's tools never read
+    from a checkpoint they are given a data folder for; pretrained embedding files)."""
+    return {key: None if isinstance(value, str) and os.path.isabs(value.split(os.pathsep)[0]) else value
+            for key, value in config.items()}
+
+
+def export_state(state, half=False, portable=False):
     """A loadable, inference-only checkpoint dict built from a training checkpoint
-    (``half``: floating-point weights stored as float16)."""
+    (``half``: floating-point weights stored as float16; ``portable``: no path of this
+    machine in it, :func:`without_machine_paths`)."""
     from omegaconf import OmegaConf
 
     from fairseq_kd.checkpoint import checkpoint_cfg
@@ -215,11 +224,14 @@ def export_state(state, half=False):
     cfg = checkpoint_cfg(state)
     plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
     task = translation_task_config(plain["task"])
+    hparams = transformer_hyperparameters(plain["model"])
+    if portable:
+        task, hparams = without_machine_paths(task), without_machine_paths(hparams)
     num_updates = (state.get("optimizer_history") or [{}])[-1].get("num_updates", 0)
     return {
         # CTranslate2's converter reads checkpoint["args"] first (None: use cfg)
         "args": None,
-        "cfg": {"_name": None, "model": converter_model_config(transformer_hyperparameters(plain["model"]), task),
+        "cfg": {"_name": None, "model": converter_model_config(hparams, task),
                 "task": task},
         "model": half_precision(state["model"]) if half else dict(state["model"].items()),
         # fairseq's loader requires these two entries; they carry no training state.
@@ -229,17 +241,18 @@ def export_state(state, half=False):
     }
 
 
-def write_export(path, out, half=False, data=None, langs=(None, None)):
+def write_export(path, out, half=False, data=None, langs=(None, None), portable=False):
     """Export checkpoint ``path`` to ``out`` with its dictionaries when they can be
     found (``data``: the folder holding them, ``langs``: its (source, target)
-    languages; see :func:`checkpoint_dictionaries`).
+    languages; see :func:`checkpoint_dictionaries`); ``half`` and ``portable`` as
+    :func:`export_state`.
 
     Returns (training state, exported state, where the dictionaries came from or None).
     """
     from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
 
     state = load_checkpoint_state(path)
-    exported = export_state(state, half)
+    exported = export_state(state, half, portable)
     dictionaries = checkpoint_dictionaries(state, checkpoint_cfg(state), data, langs)
     if dictionaries is not None:
         with_dictionaries(exported, dictionaries[1])

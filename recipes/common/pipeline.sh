@@ -28,6 +28,9 @@
 #   ship      the teacher for inference (float16, no optimizer), its SentencePiece
 #             model and dictionary, scored on the test split, with a provenance
 #             note                                                  -> $SHIP_DIR
+#   ship_students  the same for each student in $SHIP_STUDENTS (default: baseline seq_kd)
+#             whose training has finished: its $STUDENT_CHECKPOINT checkpoint
+#                                                     -> $SHIP_STUDENTS_DIR/NAME
 #
 # A step is finished when its stamp $WORK/done/<name> exists (written only
 # after success) or, for evaluation, when results.json holds the system.
@@ -42,7 +45,7 @@ PIPELINE_STEPS="prepare spm binarize teacher corpus cache students prune finetun
 EXTERNAL_STEPS="prepare teacher corpus spm binarize students prune finetune export evaluate report"
 # The methods an external teacher (TEACHER_CT2) can teach: they need its translations only
 EXTERNAL_METHODS="baseline seq_kd seq_inter"
-NAMED_STEPS="ship"  # run only when named: `run.sh ship`
+NAMED_STEPS="ship ship_students"  # run only when named: `run.sh ship`, `run.sh ship_students`
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 USER_DIR=$REPO/fairseq_kd
@@ -217,14 +220,21 @@ step_binarize() {
   mark_done binarize
 }
 
-# train NAME DATA ARGS...: fairseq-train into $WORK/NAME (resumes from its checkpoint_last.pt).
-train() {
+# train_args NAME DATA ARGS...: TRAIN_ARGS becomes the fairseq-train command line that
+# trains into $WORK/NAME (what train runs; ship_students writes it into a README).
+train_args() {
   local name=$1 data=$2; shift 2
   # shellcheck disable=SC2086  # option strings from config.sh are split on purpose
-  run_logged "$WORK/logs/$name.log" fairseq-train "$data" --user-dir "$USER_DIR" \
+  TRAIN_ARGS=(fairseq-train "$data" --user-dir "$USER_DIR" \
     --source-lang "$SRC" --target-lang "$TGT" --save-dir "$WORK/$name" \
     "${DEVICE_ARGS[@]}" "${FP16_ARGS[@]}" $OPTIM_ARGS --max-tokens "$MAX_TOKENS" \
-    --seed "$SEED" --log-format simple --log-interval 50 "$@"
+    --seed "$SEED" --log-format simple --log-interval 50 "$@")
+}
+
+# train NAME DATA ARGS...: fairseq-train into $WORK/NAME (resumes from its checkpoint_last.pt).
+train() {
+  train_args "$@"
+  run_logged "$WORK/logs/$1.log" "${TRAIN_ARGS[@]}"
 }
 
 # epochs_since_best DIR: how many epochs DIR/checkpoint_last.pt is past
@@ -467,14 +477,19 @@ method_args() {
   echo "${!extra_var:-}"
 }
 
+# student_train_args NAME: TRAIN_ARGS becomes the fairseq-train command line of student NAME.
+student_train_args() {
+  # shellcheck disable=SC2046,SC2086
+  train_args "student_$1" "$(method_data "$1")" $(method_args "$1") $STUDENT_ARGS $STUDENT_TRAIN \
+    $STUDENT_VALID $STUDENT_SAVE
+}
+
 train_student() {
   local name=$1 gpus=$2
   # shellcheck disable=SC2086
   if ! early_stopped "$WORK/student_$name" $STUDENT_TRAIN; then
-    # shellcheck disable=SC2046,SC2086
-    CUDA_VISIBLE_DEVICES=${gpus/#cpu/} train "student_$name" "$(method_data "$name")" \
-      $(method_args "$name") $STUDENT_ARGS $STUDENT_TRAIN \
-      $STUDENT_VALID $STUDENT_SAVE
+    student_train_args "$name"
+    CUDA_VISIBLE_DEVICES=${gpus/#cpu/} run_logged "$WORK/logs/student_$name.log" "${TRAIN_ARGS[@]}"
   fi
   mark_done "student_$name"
   [ -n "$DRY_RUN" ] || log "student $name finished"
@@ -518,10 +533,8 @@ step_prune() {
   log "retrain $name with the mask held (log: $WORK/logs/student_$name.log)"
   # shellcheck disable=SC2086
   if ! early_stopped "$WORK/student_$name" $PRUNE_TRAIN; then
-    # shellcheck disable=SC2046,SC2086
-    train "student_$name" "$(method_data "$PRUNE_FROM")" \
-      $(method_args "$PRUNE_FROM") --prune-mask "${out%.pt}.mask.pt" "${start[@]}" \
-      $STUDENT_ARGS $PRUNE_TRAIN $STUDENT_VALID $STUDENT_SAVE
+    pruned_train_args "${start[@]}"
+    run_logged "$WORK/logs/student_$name.log" "${TRAIN_ARGS[@]}"
   fi
   mark_done "student_$name"
 }
@@ -710,6 +723,15 @@ test each row against it.
 
 $table
 MD
+}
+
+# pruned_train_args [START...]: TRAIN_ARGS becomes the fairseq-train command line that
+# retrains the pruned $PRUNE_FROM with its mask held (START: the options of its first run).
+pruned_train_args() {
+  # shellcheck disable=SC2046,SC2086
+  train_args "student_pruned_$PRUNE_FROM" "$(method_data "$PRUNE_FROM")" \
+    $(method_args "$PRUNE_FROM") --prune-mask "$WORK/pruned/$PRUNE_FROM.mask.pt" "$@" \
+    $STUDENT_ARGS $PRUNE_TRAIN $STUDENT_VALID $STUDENT_SAVE
 }
 
 # student_checkpoint NAME: the checkpoint of student NAME that is used ($STUDENT_CHECKPOINT).
@@ -958,7 +980,7 @@ MD
 }
 
 # ship: the teacher as a user gets it (examples/teacher in this repository):
-# teacher.pt (fairseq-kd export --half), spm.model, dict.txt (the joined
+# teacher.pt (fairseq-kd export --half --portable), spm.model, dict.txt (the joined
 # dictionary), evaluation.json (its test scores, stock fairseq) and README.md
 # (how it was made: the settings, the commit, training time, valid loss, BLEU).
 step_ship() {
@@ -966,28 +988,46 @@ step_ship() {
   [ -z "$TEACHER_PATH$TEACHER_CT2" ] || die "ship: the teacher came from TEACHER_PATH or TEACHER_CT2; ship ships a teacher the recipe trained"
   log "ship the teacher -> $dir"
   run_cmd mkdir -p "$dir"
-  run_logged "$WORK/logs/ship.log" fairseq-kd export --path "$WORK/teacher/checkpoint_best.pt" \
-    --out "$dir/teacher.pt" --half
-  run_cmd cp "$WORK/pieces/spm.model" "$dir/spm.model"
-  run_cmd cp "$WORK/bin/dict.$SRC.txt" "$dir/dict.txt"
-  [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.json"
-  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
-    --data "$WORK/bin" --checkpoint "$dir/teacher.pt" --name teacher --ref "$WORK/raw/test.$TGT" \
-    --results "$dir/evaluation.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
-    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
-  ship_check "$dir"
+  ship_model "$WORK/teacher/checkpoint_best.pt" "$dir" teacher.pt
+  ship_evaluate "$dir" teacher.pt teacher
+  ship_check "$dir" teacher.pt teacher
   if [ -n "$DRY_RUN" ]; then return; fi
-  rm -f "$dir"/evaluation*.teacher.*.txt  # the hypotheses: not shipped
+  ship_results "$dir"
   teacher_provenance "$dir" > "$dir/README.md.tmp" && mv "$dir/README.md.tmp" "$dir/README.md"
   cat "$dir/README.md"
 }
 
-# ship_check DIR: the first SHIP_CHECK_LINES test pairs scored from DIR alone
-# (its spm.model, dict.txt and teacher.pt; stock fairseq) into
-# DIR/evaluation.check.json: the score tests/test_shipped_teacher.py
-# reproduces from a clean clone.
+# ship_model CHECKPOINT DIR FILE: CHECKPOINT for inference as DIR/FILE (float16, no path of this
+# machine, the dictionaries embedded), with the SentencePiece model and the joined dictionary
+# that encode its data.
+ship_model() {
+  local ckpt=$1 dir=$2 file=$3
+  run_logged "$WORK/logs/ship.log" fairseq-kd export --path "$ckpt" --out "$dir/$file" --half --portable \
+    --data "$WORK/bin"
+  run_cmd cp "$WORK/pieces/spm.model" "$dir/spm.model"
+  # SentencePiece records the paths of its training files in the model: their names only
+  [ -n "$DRY_RUN" ] || python3 -c 'import sys; from fairseq_kd.shipping import write_portable_spm_model
+write_portable_spm_model(sys.argv[1])' "$dir/spm.model"
+  run_cmd cp "$WORK/bin/dict.$SRC.txt" "$dir/dict.txt"
+}
+
+# ship_evaluate DIR FILE NAME: DIR/FILE scored on the test split by stock fairseq, as the
+# system NAME, into DIR/evaluation.json.
+ship_evaluate() {
+  local dir=$1 file=$2 name=$3
+  [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.json"
+  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
+    --data "$WORK/bin" --checkpoint "$dir/$file" --name "$name" --ref "$WORK/raw/test.$TGT" \
+    --results "$dir/evaluation.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
+    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+}
+
+# ship_check DIR FILE NAME: the first SHIP_CHECK_LINES test pairs scored from DIR alone
+# (its spm.model, dict.txt and FILE; stock fairseq) into DIR/evaluation.check.json: the
+# score tests/test_shipped_teacher.py (tests/test_shipped_students.py) reproduces from a
+# clean clone.
 ship_check() {
-  local dir=$1 check=$WORK/ship_check lang
+  local dir=$1 file=$2 name=$3 check=$WORK/ship_check lang
   run_cmd rm -rf "$check"
   run_cmd mkdir -p "$check/raw"
   for lang in "$SRC" "$TGT"; do
@@ -1000,9 +1040,126 @@ ship_check() {
     --destdir "$check/bin" --srcdict "$dir/dict.txt" --joined-dictionary --workers 1
   [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.check.json"
   CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
-    --data "$check/bin" --checkpoint "$dir/teacher.pt" --name teacher --ref "$check/raw/test.$TGT" \
+    --data "$check/bin" --checkpoint "$dir/$file" --name "$name" --ref "$check/raw/test.$TGT" \
     --results "$dir/evaluation.check.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
     --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+}
+
+# ship_results DIR: DIR's results files name the model by its file name (no path of this
+# machine), and the hypotheses fairseq-kd evaluate wrote beside them are not shipped.
+# (ship_students does the same in student_provenance.)
+ship_results() {
+  rm -f "$1"/evaluation*.txt
+  python3 -c 'import sys; from fairseq_kd.shipping import portable_results
+for path in sys.argv[1:]: portable_results(path)' "$1/evaluation.json" "$1/evaluation.check.json"
+}
+
+# ship_students: each student of SHIP_STUDENTS as a user gets it (examples/students/NAME in
+# this repository), in SHIP_STUDENTS_DIR/NAME: student.pt (its $STUDENT_CHECKPOINT checkpoint,
+# the one the export and evaluate steps use, exported as ship_model does), spm.model and
+# dict.txt, evaluation.json and evaluation.check.json (as the teacher's) and README.md (how it
+# was trained: student_provenance).  Only a student whose training has finished (its stamp);
+# each folder is written whole beside its place (NAME.partial), checked, then moved into place
+# and stamped ship_student_NAME, so a rerun skips it (delete the stamp to ship it again).
+step_ship_students() {
+  local root=${SHIP_STUDENTS_DIR:-$WORK/shipped_students} name students
+  students=" $(echo $(student_names)) "
+  [ -n "${SHIP_STUDENTS// /}" ] || die "ship_students: SHIP_STUDENTS names no student"
+  for name in $SHIP_STUDENTS; do
+    [[ "$students" == *" $name "* ]] || die "ship_students: $name is not a student of this study ($(echo $students)); set SHIP_STUDENTS"
+  done
+  for name in $SHIP_STUDENTS; do ship_student "$root" "$name"; done
+}
+
+ship_student() {
+  local root=$1 name=$2 dir=$1/$2.partial ckpt
+  ckpt=$(student_checkpoint "$name")
+  if is_done "ship_student_$name"; then skip "ship_student_$name"; return; fi
+  if [ -z "$DRY_RUN" ]; then
+    [ -e "$WORK/done/student_$name" ] || die "ship_students: $name has not finished training (no $WORK/done/student_$name); ship it once it has"
+    [ -s "$ckpt" ] || die "ship_students: $ckpt not found"
+  fi
+  log "ship student $name ($(basename "$ckpt")) -> $root/$name"
+  run_cmd rm -rf "$dir"
+  run_cmd mkdir -p "$dir"
+  ship_model "$ckpt" "$dir" student.pt
+  ship_evaluate "$dir" student.pt "$name"
+  ship_check "$dir" student.pt "$name"
+  if [ -z "$DRY_RUN" ]; then
+    rm -f "$dir"/evaluation*.txt  # the hypotheses: not shipped
+    student_provenance "$name" "$dir" || die "ship_students: $dir is not fit to ship (above)"
+  fi
+  run_cmd rm -rf "${root:?}/$name"
+  run_cmd mv "$dir" "$root/$name"
+  mark_done "ship_student_$name"
+}
+
+# method_corpus NAME: what student NAME trained on, in words (its README).
+method_corpus() {
+  local data; data=$(basename "$(method_data "$1")")
+  case $1 in
+    hybrid_kd | hybrid_fixed) echo "the gold pairs (\`$data/\`) and the teacher's beam-$BEAM translations (\`distilled/\`), mixed per sentence by its gate" ;;
+    *) case $data in
+         bin) echo "the gold pairs (\`bin/\`)" ;;
+         distilled) echo "the teacher's beam-$BEAM translations of the training sources (\`distilled/\`, Seq-KD)" ;;
+         *) echo "\`$data/\` (fairseq-kd corpus $(corpus_variant_args "$1"))" ;;
+       esac ;;
+  esac
+}
+
+# The students' vocabulary, in words (a shipped student's README).
+vocabulary_setting() {
+  if [ -n "$TEACHER_CT2" ]; then echo "trained by the recipe on the source and TEACHER_CT2's translations ($VOCAB pieces)"
+  elif [ -n "$TEACHER_PATH" ]; then echo "the teacher's (TEACHER_SPM, TEACHER_DICT)"
+  else echo "trained by the recipe on the training pairs ($VOCAB pieces), the teacher's too"; fi
+}
+
+# The machine, in words: its CPU and cores (not OMP_NUM_THREADS, which nproc would report).
+machine_setting() {
+  echo "$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs), $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) cores"
+}
+
+# student_provenance NAME DIR: DIR, where the student NAME is being shipped, finished and
+# checked (fairseq_kd.shipping.finish_student_folder): its results files name student.pt,
+# its README.md says how it was trained, and nothing in it names a path of this machine
+# (the work folder, the repository, the home folder); the README is printed.
+student_provenance() {
+  local name=$1 dir=$2 method=$1 ckpt teacher= corpus
+  ckpt=$(student_checkpoint "$name")
+  if [[ $name == pruned_* ]]; then
+    method=${name#pruned_}
+    corpus="$(method_corpus "$method"), pruned to $PRUNE_RATIO (fairseq-kd prune) and retrained with the mask held"
+    pruned_train_args
+  else
+    corpus=$(method_corpus "$method")
+    student_train_args "$name"
+  fi
+  [ "$method" = baseline ] || teacher=$(teacher_setting)
+  SHIP="$dir" CKPT="$ckpt" LOG="$WORK/logs/student_$name.log" NAME="$name" RECIPE="$RECIPE" \
+  PROFILE="$PROFILE" PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
+  CORPUS="$corpus" \
+  TEACHER="$teacher" VOCABULARY="$(vocabulary_setting)" MODEL_ARGS="$STUDENT_ARGS" CHOICE="$STUDENT_CHECKPOINT" \
+  STALE="$(epochs_since_best "$WORK/student_$name")" \
+  PATIENCE="$(option_value --patience "${TRAIN_ARGS[@]}")" \
+  CPU="$(machine_setting)" JOBS="$STUDENT_JOBS" TRAIN_PAIRS="$(wc -l < "$WORK/raw/train.$SRC")" VOCAB="$(wc -l < "$dir/dict.txt")" \
+  TEST="$(basename "$WORK")/raw/test.$TGT" TEST_LINES="$(wc -l < "$WORK/raw/test.$TGT")" \
+  ROOTS="$WORK:$REPO" FORBIDDEN="$WORK:$REPO:$HOME" python3 - "${TRAIN_ARGS[@]}" <<'PY'
+import os, sys
+from fairseq_kd.errors import KDError
+from fairseq_kd.shipping import StudentShipment, finish_student_folder
+e = os.environ
+shipment = StudentShipment(
+    name=e["NAME"], recipe=e["RECIPE"], profile=e["PROFILE"], pair=e["PAIR"], commit=e["COMMIT"],
+    train_command=sys.argv[1:], corpus=e["CORPUS"], teacher=e["TEACHER"], model_args=e["MODEL_ARGS"],
+    checkpoint_choice=e["CHOICE"], stale=e["STALE"], patience=e["PATIENCE"], machine=e["CPU"], jobs=e["JOBS"],
+    train_pairs=int(e["TRAIN_PAIRS"]), vocab=int(e["VOCAB"]), vocabulary=e["VOCABULARY"], test=e["TEST"], test_lines=int(e["TEST_LINES"]),
+    roots=tuple(e["ROOTS"].split(":")))
+try:
+    print(finish_student_folder(e["SHIP"], "student.pt", e["CKPT"], e["LOG"], shipment,
+                                e["FORBIDDEN"].split(":")), end="")
+except KDError as error:
+    sys.exit(str(error))
+PY
 }
 
 # The shipped teacher's README: what a user needs to trust and reproduce it.
@@ -1010,7 +1167,7 @@ teacher_provenance() {
   SHIP="$1" CKPT="$WORK/teacher/checkpoint_best.pt" RECIPE="$RECIPE" PROFILE="$PROFILE" \
   PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
   STALE="$(epochs_since_best "$WORK/teacher")" PATIENCE="$(option_value --patience $TEACHER_TRAIN)" \
-  CPU="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | xargs), $(nproc) cores" \
+  CPU="$(machine_setting)" \
   TEACHER_ARGS="$TEACHER_ARGS" TEACHER_TRAIN="$TEACHER_TRAIN" VOCAB="$VOCAB" \
   OPTIM="$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING" \
   TRAIN_PAIRS="$(wc -l < "$WORK/raw/train.$SRC")" TEST="$(basename "$WORK")/raw/test.$TGT" \
@@ -1049,7 +1206,7 @@ shipped on {datetime.date.today()} by `run.sh ship` at git {e['COMMIT']}.
 
 | | |
 |---|---|
-| model | `{e['TEACHER_ARGS']}`, {t['params'] / 1e6:.1f}M parameters, stored as float16 (`fairseq-kd export --half`) |
+| model | `{e['TEACHER_ARGS']}`, {t['params'] / 1e6:.1f}M parameters, stored as float16 (`fairseq-kd export --half --portable`) |
 | training | `{e['TEACHER_TRAIN']}`, `{e['OPTIM']}` |
 | data | {e['TRAIN_PAIRS']} training pairs, joint SentencePiece vocabulary {e['VOCAB']} (`spm.model`, `dict.txt`) |
 | best checkpoint | epoch {extra['train_iterator']['epoch'] - 1}, {state['optimizer_history'][-1]['num_updates']} updates, {extra['previous_training_time'] / 3600:.2f} h of training to it (fairseq's cumulative wall time, including any time the machine was shared) |

@@ -150,7 +150,13 @@ PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
   "--max-update 800 --stop-time-hours 1" \
   "--max-epoch 100 --patience 6 --stop-time-hours 6")}
 EVAL_BATCH_SIZE=${EVAL_BATCH_SIZE:-128}            # fairseq-generate rows (CTranslate2 rows: its own)
-SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship: test pairs the shipped teacher's test rescores
+SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship, ship_students: test pairs a shipped model's test rescores
+# ship_students (run only when named): the students shipped, one folder each in
+# SHIP_STUDENTS_DIR (default $WORK/shipped_students; the repository's are in
+# examples/students).  A baseline and a KD student to compare it with: by default
+# Seq-KD, the common choice; no rule picks "the best" student, so set it from the
+# study's results page (any name of METHODS, or pruned_NAME).
+SHIP_STUDENTS=${SHIP_STUDENTS:-baseline seq_kd}
 
 # --- fine-tuning a trained student (the finetune step; nothing while FINETUNE_FROM is empty)
 # FINETUNE_FROM: a student (e.g. seq_kd) whose evaluated checkpoint (STUDENT_CHECKPOINT: best

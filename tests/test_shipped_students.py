@@ -1,0 +1,212 @@
+"""The students shipped in examples/students work from a clean clone.
+
+The recipes' ``ship_students`` step ships each converged student of the Bible study in
+``examples/students/NAME`` (student.pt, spm.model, dict.txt, evaluation.json,
+evaluation.check.json, README.md) and scores the first test pairs from that folder
+alone into ``evaluation.check.json``.  For every folder there,
+:func:`check_shipped_student` checks that the folder is complete and small, names no
+path of a machine, and that those scores come out again from the files a user gets
+(the corpus in examples/data, the folder's SentencePiece model and dictionary,
+``fairseq-kd evaluate --no-user-dir``).  No student is shipped yet: that test then
+skips, and the same function runs here on a tiny student the recipe ships.
+"""
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairseq_kd.curves import read_log
+from fairseq_kd.shipping import folder_problems
+from helpers import OWN_VOCABULARY, REPO, rescore_shipped_folder, run_bible_recipe, ship_tiny_students
+
+STUDENTS_DIR = REPO / "examples" / "students"
+# fp16 weights of the Bible study's 128-dim 3+3 student with an 8k vocabulary: 2.4M parameters, ~5 MB
+MAX_BYTES = 8 * 2**20
+# BLEU and chrF points another machine's floating point may move a score by (a few changed translations)
+TOLERANCE = 1.0
+HOME = os.path.expanduser("~")
+
+
+def score_mismatches(documented, measured, tolerance):
+    """How a rescored results entry differs from the documented one by more than ``tolerance``."""
+    problems = [f"{key}: documented {documented[key]}, measured {measured[key]}"
+                for key in ("name", "params", "sentences") if documented[key] != measured[key]]
+    for decoding in ("greedy", "beam"):
+        if documented[decoding]["beam"] != measured[decoding]["beam"]:
+            problems.append(f"{decoding}: beam {documented[decoding]['beam']} documented, "
+                            f"{measured[decoding]['beam']} measured")
+        for metric in ("bleu", "chrf"):
+            was, now = documented[decoding][metric], measured[decoding][metric]
+            if abs(was - now) > tolerance:
+                problems.append(f"{decoding} {metric}: documented {was}, measured {now}")
+    return problems
+
+
+def check_shipped_student(folder, tmp, tolerance=TOLERANCE, machine_paths=(str(REPO), HOME)):
+    """A shipped student's folder: complete, at most MAX_BYTES, no path of a machine
+    (:func:`fairseq_kd.shipping.folder_problems`), a README that names its method and its
+    test scores, and ``evaluation.check.json`` reproduced within ``tolerance`` from a clean
+    clone.  Returns (documented, measured) check entries."""
+    folder = Path(folder)
+    problems = folder_problems(folder, "student.pt", MAX_BYTES, machine_paths)
+    assert not problems, f"{folder}:\n  " + "\n  ".join(problems)
+    (full,), (documented,) = (json.loads((folder / name).read_text())["systems"]
+                              for name in ("evaluation.json", "evaluation.check.json"))
+    assert full["name"] == documented["name"] == folder.name
+    assert 0 < documented["sentences"] <= full["sentences"]
+    readme = (folder / "README.md").read_text()
+    assert readme.startswith(f"# Student: {folder.name}, ")
+    for decoding in ("greedy", "beam"):
+        assert f"sacreBLEU {full[decoding]['bleu']}, chrF {full[decoding]['chrf']}" in readme
+    measured = rescore_shipped_folder(folder, "student.pt", documented["name"], documented["sentences"],
+                                      documented["beam"]["beam"], tmp)
+    mismatches = score_mismatches(documented, measured, tolerance)
+    assert not mismatches, f"{folder}/evaluation.check.json not reproduced:\n  " + "\n  ".join(mismatches)
+    return documented, measured
+
+
+SHIPPED = sorted(p for p in STUDENTS_DIR.iterdir() if p.is_dir()) if STUDENTS_DIR.is_dir() else []
+
+
+@pytest.mark.parametrize("folder", SHIPPED or [None], ids=[p.name for p in SHIPPED] or ["none-shipped"])
+def test_shipped_student_reproduces_its_check_from_a_clean_clone(folder, tmp_path):
+    if folder is None:
+        pytest.skip("examples/students/ holds no shipped student yet: `PROFILE=cpu_converged "
+                    "recipes/bible_es_en/run.sh ship_students` ships them once the study's students "
+                    "have converged (SHIP_STUDENTS_DIR=examples/students)")
+    check_shipped_student(folder, tmp_path)
+
+
+# ------------------------------------------------- a tiny student, shipped by the recipe
+
+@pytest.fixture(scope="module")
+def tiny_shipment(tmp_path_factory):
+    """A work folder whose baseline student the recipe's ship_students step shipped."""
+    work = tmp_path_factory.mktemp("ship_students") / "work"
+    log = ship_tiny_students(work, **OWN_VOCABULARY).stdout
+    return work, log
+
+
+def test_the_check_passes_on_a_tiny_student_the_recipe_shipped(tiny_shipment, tmp_path):
+    work, _ = tiny_shipment
+    folder = work / "shipped_students" / "baseline"
+    assert sorted(p.name for p in (work / "shipped_students").iterdir()) == ["baseline"]  # no .partial left
+    # this machine, the same settings: the check's scores come out exactly
+    documented, _ = check_shipped_student(folder, tmp_path, tolerance=0,
+                                          machine_paths=(str(work), str(REPO), HOME))
+    assert documented["sentences"] == 20 and json.loads((folder / "evaluation.json").read_text())[
+        "systems"][0]["sentences"] == 40
+    # the shipped weights are the evaluated checkpoint's (checkpoint_best.pt), in float16
+    shipped = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
+    trained = torch.load(work / "student_baseline" / "checkpoint_best.pt", map_location="cpu",
+                         weights_only=False)["model"]
+    assert shipped["model"].keys() == trained.keys()
+    for key, value in trained.items():
+        expected = value.half() if value.is_floating_point() else value
+        assert torch.equal(shipped["model"][key], expected), key
+    assert shipped["cfg"]["task"]["data"] is None  # the training machine's data folder is not in it
+    assert (folder / "dict.txt").read_bytes() == (work / "bin" / "dict.es.txt").read_bytes()
+    # a student whose translations differ from sentence to sentence: reproducing its scores means something
+    hyps = (tmp_path / "results.baseline.greedy.txt").read_text().splitlines()
+    assert len(hyps) == 20 and len(set(hyps)) >= 10
+
+
+def test_the_check_fails_a_folder_that_does_not_reproduce_or_leaks_a_path(tiny_shipment, tmp_path):
+    work, _ = tiny_shipment
+    documented = json.loads((work / "shipped_students" / "baseline" / "evaluation.check.json").read_text())
+    entry = documented["systems"][0]
+    changed = json.loads(json.dumps(entry))
+    changed["beam"]["chrf"] += 1.5
+    assert score_mismatches(entry, changed, TOLERANCE) == [
+        f"beam chrf: documented {entry['beam']['chrf']}, measured {changed['beam']['chrf']}"]
+    assert score_mismatches(entry, entry, 0) == []
+
+    def copy():
+        folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}" / "baseline"
+        shutil.copytree(work / "shipped_students" / "baseline", folder)
+        return folder
+
+    folder = copy()
+    (folder / "evaluation.baseline.beam.txt").write_text("a hypothesis\n")
+    (folder / "README.md").unlink()
+    assert folder_problems(folder, "student.pt") == [
+        "README.md is missing", "evaluation.baseline.beam.txt should not be shipped (only README.md, dict.txt, "
+        "evaluation.check.json, evaluation.json, spm.model, student.pt)"]
+    folder = copy()
+    results = json.loads((folder / "evaluation.json").read_text())
+    results["systems"][0]["checkpoint"] = str(folder / "student.pt")
+    (folder / "evaluation.json").write_text(json.dumps(results))
+    assert folder_problems(folder, "student.pt", machine_paths=[str(tmp_path)]) == [
+        f"evaluation.json: systems.0.checkpoint is a path of the machine: {folder / 'student.pt'}",
+        f"evaluation.json: system baseline was scored from {folder / 'student.pt'}, not student.pt",
+        f"evaluation.json contains the path {tmp_path}"]
+    folder = copy()
+    state = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
+    state["cfg"]["task"]["data"] = str(work / "bin")
+    state["model"] = {k: v.float() for k, v in state["model"].items()}
+    torch.save(state, folder / "student.pt")
+    problems = folder_problems(folder, "student.pt", max_bytes=1000)
+    assert problems[0].startswith("student.pt is ") and problems[0].endswith(" MiB, over 0.0 MiB")
+    assert re.fullmatch(r"student\.pt: weight \S+ is torch\.float32, not float16 \(fairseq-kd export --half\)",
+                        problems[1])
+    assert problems[-1] == f"student.pt: cfg.task.data is a path of the machine: {work / 'bin'}"
+
+
+def readme_rows(readme):
+    return dict(re.findall(r"^\| ([^|]+) \| (.+) \|$", readme, re.M))
+
+
+def test_readme_says_how_the_student_was_trained(tiny_shipment):
+    work, log = tiny_shipment
+    folder = work / "shipped_students" / "baseline"
+    readme = (folder / "README.md").read_text()
+    assert readme in log  # the step prints it
+    rows = readme_rows(readme)
+    state = torch.load(work / "student_baseline" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    updates = state["optimizer_history"][-1]["num_updates"]
+    curve = read_log(work / "logs" / "student_baseline.log", "baseline")
+    epoch = curve.validations[updates]["epoch"]
+    assert rows["checkpoint"].endswith(f"use: epoch {epoch}, {updates} updates, "
+                                       f"valid BLEU {curve.validations[updates]['bleu']:.2f}")
+    assert rows["checkpoint"].startswith("`checkpoint_best.pt` (STUDENT_CHECKPOINT=best: the best valid BLEU")
+    by_epoch = {stats["epoch"]: stats["bleu"] for _, stats in sorted(curve.validations.items())}
+    assert rows["valid BLEU by epoch"] == ", ".join(f"{by_epoch[e]:.2f}" for e in sorted(by_epoch))
+    assert len(by_epoch) == 5 and rows["stopped by"] == "--max-epoch reached"
+    system = json.loads((folder / "evaluation.json").read_text())["systems"][0]
+    assert rows["test, beam 2"] == (f"sacreBLEU {system['beam']['bleu']}, chrF {system['beam']['chrf']}, "
+                                    f"{system['beam']['sentences_per_s']} sentences/s")
+    assert rows["teacher it learned from"] == "none: no KD, the gold targets only"
+    assert rows["method"] == "`baseline`: trained on the gold pairs (`bin/`)"
+    entries = len((folder / "dict.txt").read_text().splitlines())
+    assert rows["data"] == (f"1000 training pairs, encoded by `spm.model` and `dict.txt` ({entries} entries): "
+                            "trained by the recipe on the training pairs (300 pieces), the teacher's too")
+    # the fairseq-train command as the students step ran it, with the work folder's paths made relative
+    assert rows["fairseq-train"].startswith("`fairseq-train bin --user-dir fairseq_kd --source-lang es "
+                                            "--target-lang en --save-dir student_baseline --cpu --optimizer adam")
+    assert "--teacher-path teacher/checkpoint_best.pt --criterion label_smoothed_cross_entropy" in rows["fairseq-train"]
+    assert "--max-epoch 5 --patience 5 --eval-bleu" in rows["fairseq-train"]
+    assert re.search(r"\| machine \| .*, \d+ cores \|", readme)
+    assert str(work) not in readme and str(REPO) not in readme and f"{HOME}/" not in readme
+
+
+def test_a_rerun_skips_a_shipped_student_and_an_unfinished_one_is_refused(tiny_shipment, tmp_path):
+    work, _ = tiny_shipment
+    files = sorted((work / "shipped_students" / "baseline").iterdir())
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    rerun = run_bible_recipe(work, "ship_students", METHODS="baseline", SHIP_STUDENTS="baseline",
+                             **OWN_VOCABULARY).stdout
+    assert "skip ship_student_baseline (done" in rerun
+    assert [p.stat().st_mtime_ns for p in sorted((work / "shipped_students" / "baseline").iterdir())] == mtimes
+    # a student still training (no stamp of the students step) is not shipped
+    fresh = tmp_path / "work"
+    proc = run_bible_recipe(fresh, "ship_students", check=False, METHODS="baseline seq_kd")
+    assert proc.returncode != 0 and not (fresh / "shipped_students").exists()
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"ship_students: baseline has not finished training (no {fresh}/done/student_baseline); ship it once it has")
+    proc = run_bible_recipe(fresh, "ship_students", check=False, METHODS="baseline", SHIP_STUDENTS="baseline a2d")
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "ship_students: a2d is not a student of this study (baseline); set SHIP_STUDENTS")
