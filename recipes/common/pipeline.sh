@@ -903,7 +903,7 @@ MD
 | students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | $(corpora_setting) |
-| pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
+| pruning | $(if [ -n "$PRUNE_FROM" ]; then echo "\`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\`"; else echo "none (PRUNE_FROM empty)"; fi) |
 $(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g; s|$REPO/||g")"; done)
 $([ -z "$FINETUNE_FROM" ] || finetune_settings)
 
