@@ -91,8 +91,11 @@ def signed(difference):
     return f"{round(difference, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
 
 
-def markdown_table(results, baseline=None, teacher=None, significance=None):
+def markdown_table(results, baseline=None, teacher=None, significance=None, speed=True):
     """The systems as a Markdown table and the signatures.
+
+    ``speed=False`` leaves out the sentences/s columns (systems timed beside
+    other jobs: their speeds would mean nothing).
 
     ``baseline`` adds "vs BASELINE" BLEU columns (each decoding against the
     baseline's same decoding), ``teacher`` "vs TEACHER beam" columns (each
@@ -115,14 +118,15 @@ def markdown_table(results, baseline=None, teacher=None, significance=None):
     if significance is not None:
         for d in DECODINGS:
             columns.append((f"BLEU {d} 95% CI", lambda s, d=d: interval(significance[d][s["name"]])))
-    head = "| system | params | BLEU greedy | chrF greedy | sent/s greedy | BLEU beam | chrF beam | sent/s beam |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
-    lines = [head + "".join(f" {h} |" for h, _ in columns), rule + "---:|" * len(columns)]
+    fixed = [("params", lambda s: f"{s['params'] / 1e6:.1f}M")]
+    for d in DECODINGS:
+        fixed += [(f"BLEU {d}", lambda s, d=d: f"{s[d]['bleu']:.1f}"), (f"chrF {d}", lambda s, d=d: f"{s[d]['chrf']:.1f}")]
+        if speed:
+            fixed.append((f"sent/s {d}", lambda s, d=d: f"{s[d]['sentences_per_s']:.0f}"))
+    lines = ["| system |" + "".join(f" {h} |" for h, _ in fixed + columns),
+             "|---|" + "---:|" * (len(fixed) + len(columns))]
     for s in results["systems"]:
-        g, b = s["greedy"], s["beam"]
-        row = (f"| {s['name']} | {s['params'] / 1e6:.1f}M | {g['bleu']:.1f} | {g['chrf']:.1f} | "
-               f"{g['sentences_per_s']:.0f} | {b['bleu']:.1f} | {b['chrf']:.1f} | {b['sentences_per_s']:.0f} |")
-        lines.append(row + "".join(f" {cell(s)} |" for _, cell in columns))
+        lines.append(f"| {s['name']} |" + "".join(f" {cell(s)} |" for _, cell in fixed + columns))
     lines.append("")
     lines.append(f"BLEU signature: `{results.get('bleu_signature', '')}`  ")
     lines.append(f"chrF signature: `{results.get('chrf_signature', '')}`  ")

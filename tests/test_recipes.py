@@ -651,12 +651,19 @@ def test_a_study_reports_in_a_section_of_its_own(tmp_path, monkeypatch):
     docs.mkdir()
     profile_section = "<!-- results bible_es_en cpu -->\n## the CPU study\n<!-- /results bible_es_en cpu -->"
     (docs / "results.md").write_text(f"# Results\n\n{profile_section}\n")
-    run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu", "STUDY": "techniques", "GPUS": "cpu",
-                               "CT2_QUANT": "", "METHODS": "seq_kd seq_kd_filtered", "PRUNE_FROM": "",
-                               "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}, "report")
+    env = {"WORK": str(work), "PROFILE": "cpu", "STUDY": "techniques", "GPUS": "cpu", "CT2_QUANT": "",
+           "METHODS": "seq_kd seq_kd_filtered", "PRUNE_FROM": "", "RESULTS_MD": str(docs / "results.md"),
+           "PLOT_DIR": str(docs)}
+    run_recipe("bible_es_en", env, "report")
     page = (docs / "results.md").read_text()
     assert page.startswith(f"# Results\n\n{profile_section}\n\n<!-- results bible_es_en cpu techniques -->\n"
                            "## bible_es_en, PROFILE=cpu, STUDY=techniques\n")
-    assert "![BLEU vs speed](bible_es_en_cpu_techniques.speed.png)" in page
+    assert "![BLEU vs speed](bible_es_en_cpu_techniques.speed.png)" in page and "| sent/s greedy |" in page
     assert (docs / "bible_es_en_cpu_techniques.speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # REPORT_SPEED=0: no speed anywhere on the page, and no speed plot
+    (docs / "bible_es_en_cpu_techniques.speed.png").unlink()
+    run_recipe("bible_es_en", {**env, "REPORT_SPEED": "0"}, "report")
+    page = (docs / "results.md").read_text()
+    assert "sent/s" not in page and "BLEU vs speed" not in page and "not reported (REPORT_SPEED=0" in page
+    assert not (docs / "bible_es_en_cpu_techniques.speed.png").exists()
     assert "| corpora | Seq-KD beam 5; seq_kd_filtered: the beam corpus with `--filter all` |" in page

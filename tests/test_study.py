@@ -180,3 +180,13 @@ def test_export_refuses_hypotheses_that_do_not_score_as_recorded(study, tmp_path
         export_hypotheses(results_path, results, ref, str(tmp_path / "out"))
     with pytest.raises(KDError, match="--systems nobody: no such system"):
         export_hypotheses(results_path, results, ref, str(tmp_path / "out"), ["nobody"])
+
+
+def test_table_without_speed_drops_only_the_speed_columns(study):
+    """--no-speed: the same table less its two sent/s columns, cell for cell."""
+    results = read_results(study[0])
+    full = [line.split("|") for line in markdown_table(results, "baseline").splitlines()[:5]]
+    quality = [line.split("|") for line in markdown_table(results, "baseline", speed=False).splitlines()[:5]]
+    speed_cols = [i for i, h in enumerate(full[0]) if "sent/s" in h]
+    assert len(speed_cols) == 2
+    assert quality == [[c for i, c in enumerate(row) if i not in speed_cols] for row in full]

@@ -23,6 +23,9 @@ def add_arguments(p):
                         "must be among them")
     p.add_argument("--bootstrap-samples", type=int, default=BOOTSTRAP_SAMPLES,
                    help="resamples of the paired bootstrap test")
+    p.add_argument("--no-speed", action="store_true",
+                   help="leave out the sentences/s columns (for systems scored while other jobs ran, "
+                        "whose speeds mean nothing)")
 
 
 def run(args):
@@ -38,4 +41,4 @@ def run(args):
         require(args.baseline is not None, "--significance compares with --baseline: name one")
         significance = paired_significance(args.results, results, args.significance, args.baseline,
                                            args.bootstrap_samples)
-    print(markdown_table(results, args.baseline, args.teacher, significance), end="")
+    print(markdown_table(results, args.baseline, args.teacher, significance, speed=not args.no_speed), end="")

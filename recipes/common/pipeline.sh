@@ -809,8 +809,8 @@ step_evaluate() {
 step_report() {
   log "report -> $RESULTS_MD (section $(section_title)), $PLOT_DIR/$(plot_name).{speed,params}.png"
   run_cmd mkdir -p "$PLOT_DIR" "$(dirname "$RESULTS_MD")"
-  run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x speed --decoding greedy --out "$PLOT_DIR/$(plot_name).speed.png" \
-    --title "$RECIPE ($PROFILE): BLEU vs greedy speed"
+  [ "$REPORT_SPEED" = 0 ] || run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x speed \
+    --decoding greedy --out "$PLOT_DIR/$(plot_name).speed.png" --title "$RECIPE ($PROFILE): BLEU vs greedy speed"
   run_logged "$WORK/logs/report.log" fairseq-kd plot "$RESULTS" --x params --decoding beam --out "$PLOT_DIR/$(plot_name).params.png" \
     --title "$RECIPE ($PROFILE): BLEU (beam $BEAM) vs parameters"
   if [ "$PROFILE" = cpu_converged ]; then
@@ -840,6 +840,7 @@ reported() { [ -n "$DRY_RUN" ] || has_result "$1"; }
 # BLEU and the paired bootstrap p-value of each difference from the baseline.
 table_args() {
   TABLE_ARGS=()
+  [ "$REPORT_SPEED" != 0 ] || TABLE_ARGS+=(--no-speed)
   if reported baseline; then TABLE_ARGS+=(--baseline baseline); fi
   [ "$PROFILE" = cpu_converged ] || return 0
   if reported teacher; then TABLE_ARGS+=(--teacher teacher); fi
@@ -903,15 +904,12 @@ write_results_md() {
 
 Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)).
 Test set: \`raw/test.$TGT\` of the work folder ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
-Translation speed: sentences/s of the translation alone (model loading excluded),
-one system at a time on $(results_device): fairseq-generate with batches of
-$EVAL_BATCH_SIZE sentences, and for the "(ct2 ...)" rows the model converted to
-CTranslate2 with fairseq-kd evaluate's batch size for it.
+$(speed_md)
 Students are evaluated from their \`fairseq-kd export\` files with stock fairseq.
 
 $table
 
-![BLEU vs speed](${rel}$(plot_name).speed.png)
+$( [ "$REPORT_SPEED" = 0 ] || echo "![BLEU vs speed](${rel}$(plot_name).speed.png)")
 ![BLEU vs parameters](${rel}$(plot_name).params.png)
 MD
   if [ "$PROFILE" = cpu_converged ]; then converged_md "$rel" || return 1; fi
@@ -927,11 +925,25 @@ MD
 | students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | $(corpora_setting) |
-| pruning | \`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\` |
+| pruning | $(if [ -n "$PRUNE_FROM" ]; then echo "\`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\`"; else echo "none (PRUNE_FROM empty)"; fi) |
 $(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g; s|$REPO/||g")"; done)
 $([ -z "$FINETUNE_FROM" ] || finetune_settings)
 
 Training logs: \`logs/\` of the work folder.
+MD
+}
+
+# The page's sentence on translation speed.
+speed_md() {
+  if [ "$REPORT_SPEED" = 0 ]; then
+    echo "Translation speed: not reported (REPORT_SPEED=0: the systems were scored while other jobs ran)."
+    return
+  fi
+  cat <<MD
+Translation speed: sentences/s of the translation alone (model loading excluded),
+one system at a time on $(results_device): fairseq-generate with batches of
+$EVAL_BATCH_SIZE sentences, and for the "(ct2 ...)" rows the model converted to
+CTranslate2 with fairseq-kd evaluate's batch size for it.
 MD
 }
 

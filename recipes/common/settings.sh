@@ -43,6 +43,9 @@ STUDENT_JOBS=${STUDENT_JOBS:-$(profile_value 8 2)}
 # its report gets a section of the results page and plots of its own instead of
 # replacing the profile's (e.g. STUDY=techniques)
 STUDY=${STUDY-}
+# REPORT_SPEED=0: the report leaves out translation speeds (columns and plot), for systems
+# scored while other jobs shared the machine
+REPORT_SPEED=${REPORT_SPEED:-1}
 SEED=${SEED:-1}
 
 # --- data: first TRAIN_LINES / VALID_LINES / TEST_LINES pairs of each split (0 = all)
