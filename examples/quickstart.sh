@@ -21,13 +21,21 @@
 #        word_kd   --criterion word_kd --kd-topk 8 on the gold targets
 #   4. fairseq-kd evaluate (greedy and beam 5, sacreBLEU/chrF with signatures,
 #      sentences/s) of the teacher and every student; fairseq-kd table
+#   5. only when STUDENTS_DIR (examples/students) holds students shipped by the
+#      recipes' ship_students step (trained to convergence by the Bible study):
+#      each scored the same way on the same test sentences and shown in a table
+#      of its own, then a few test sentences side by side (fairseq-kd
+#      side-by-side: source, reference, the teacher's and each shipped
+#      student's translation)
 #
 # Training is bounded by wall time (fairseq's --stop-time-hours), so each
 # student gets the same minutes whatever the machine; a faster machine trains
 # further.  Finished steps are skipped on a second run.
 # Variables (environment): WORK, METHODS (default "seq_kd word_kd"),
 # STUDENT_MINUTES, TRAIN_LINES, TEST_LINES, VOCAB, TEACHER_DIR (a folder with
-# teacher.pt, spm.model, dict.txt), and TEACHER: shipped (use TEACHER_DIR),
+# teacher.pt, spm.model, dict.txt), STUDENTS_DIR (default examples/students:
+# shipped students, a folder NAME/ each, with student.pt and the teacher's
+# dict.txt), and TEACHER: shipped (use TEACHER_DIR),
 # train (train one from scratch for TEACHER_MINUTES: on CPU far too short to
 # converge, so KD then has little to teach) or auto (the default: shipped when
 # TEACHER_DIR holds a teacher, else train).
@@ -42,6 +50,7 @@ TEST_LINES=${TEST_LINES:-500}
 TEACHER=${TEACHER:-auto}
 TEACHER_DIR=${TEACHER_DIR:-$REPO/examples/teacher}
 TEACHER_MINUTES=${TEACHER_MINUTES:-6}
+STUDENTS_DIR=${STUDENTS_DIR:-$REPO/examples/students}
 VOCAB=${VOCAB:-8000}                  # TEACHER=train only (a shipped teacher brings its own)
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONWARNINGS=ignore
 USER_DIR=$REPO/fairseq_kd
@@ -61,6 +70,17 @@ esac
 for m in $METHODS; do
   case $m in seq_kd | word_kd) ;; *) echo "quickstart: METHODS may hold seq_kd and word_kd, not '$m'" >&2; exit 2 ;; esac
 done
+# Students shipped in STUDENTS_DIR, the baseline first: scored only with the shipped teacher,
+# whose vocabulary encodes the test sentences, and only those that share it.
+SHIPPED=()
+if [ "$TEACHER" = shipped ]; then
+  for dir in "$STUDENTS_DIR"/baseline/ "$STUDENTS_DIR"/*/; do
+    dir=${dir%/}
+    [ -s "$dir/student.pt" ] && [[ " ${SHIPPED[*]} " != *" $dir "* ]] || continue
+    if cmp -s "$dir/dict.txt" "$TEACHER_DIR/dict.txt"; then SHIPPED+=("$dir")
+    else echo "quickstart: $dir: its dict.txt is not the teacher's, so it is not scored" >&2; fi
+  done
+fi
 mkdir -p "$WORK/raw"
 cd "$WORK"
 
@@ -132,5 +152,28 @@ for name in teacher baseline $METHODS; do
   grep -q "\"name\": \"$name\"" results.json 2>/dev/null || fairseq-kd evaluate --data bin \
     --checkpoint "$ckpt" --name "$name" --ref raw/test.en --results results.json --beam 5 --cpu
 done
+if [ ${#SHIPPED[@]} = 0 ]; then
+  echo
+  fairseq-kd table results.json --baseline baseline
+  exit 0
+fi
+
+SHIPPED_ROWS=()
+step "6. the students shipped in ${STUDENTS_DIR#"$REPO"/}: the same $TEST_LINES test sentences"
+for dir in "${SHIPPED[@]}"; do
+  row="$(basename "$dir") (shipped)"
+  SHIPPED_ROWS+=("$row")
+  grep -qF "\"name\": \"$row\"" results.json || fairseq-kd evaluate --data bin --checkpoint "$dir/student.pt" \
+    --name "$row" --ref raw/test.en --results results.json --beam 5 --cpu --no-user-dir
+done
+step "results: the first $STUDENT_MINUTES minutes of training, the pipeline end to end"
 echo
-fairseq-kd table results.json --baseline baseline
+fairseq-kd table results.json --baseline baseline --systems teacher baseline $METHODS
+step "results: converged students shipped in ${STUDENTS_DIR#"$REPO"/} (how each was trained: its README.md)"
+echo
+BASE=()  # the shipped baseline's differences, when there is one (it comes first)
+if [ "$(basename "${SHIPPED[0]}")" = baseline ]; then BASE=(--baseline "baseline (shipped)"); fi
+fairseq-kd table results.json "${BASE[@]}" --systems teacher "${SHIPPED_ROWS[@]}"
+step "7. a few test sentences side by side: the teacher and the shipped students (beam 5)"
+echo
+fairseq-kd side-by-side results.json --src raw/test.es --ref raw/test.en --systems teacher "${SHIPPED_ROWS[@]}"

@@ -329,8 +329,8 @@ def student_readme(folder, model_file, checkpoint, train_log, s):
     require(system["name"] == s.name == checked["name"],
             f"{folder}: its results files score {system['name']} and {checked['name']}, not {s.name}")
     command = portable_text(shlex.join(s.train_command), s.roots)
-    choice = {"best": f"the best valid {label} ({'greedy, ' if metric == 'bleu' else ''}validated every epoch)",
-              "last": "the last one saved"}.get(s.checkpoint_choice, s.checkpoint_choice)
+    choice = {"best": f"the one with the best valid {label}", "last": "the last one saved"}.get(
+        s.checkpoint_choice, s.checkpoint_choice)
     teacher = portable_text(s.teacher, s.roots) if s.teacher else "none: no KD, the gold targets only"
     rows = [
         ("method", f"`{s.name}`: trained on {portable_text(s.corpus, s.roots)}"),
@@ -340,13 +340,13 @@ def student_readme(folder, model_file, checkpoint, train_log, s):
                   f"(`fairseq-kd export --half --portable`)"),
         ("data", f"{s.train_pairs} training pairs, encoded by `spm.model` and `dict.txt` ({s.vocab} "
                  f"entries): {portable_text(s.vocabulary, s.roots)}"),
-        ("checkpoint", f"`checkpoint_{s.checkpoint_choice}.pt` (STUDENT_CHECKPOINT={s.checkpoint_choice}: "
-                       f"{choice}), the one the recipe's export and evaluate steps use: epoch {epoch}, "
-                       f"{updates} updates"
+        ("checkpoint", f"`checkpoint_{s.checkpoint_choice}.pt`, {choice} (STUDENT_CHECKPOINT="
+                       f"{s.checkpoint_choice}, which the recipe's export and evaluate steps use too): "
+                       f"epoch {epoch}, {updates} updates"
                        + (f", valid {label} {at_checkpoint:.2f}" if at_checkpoint is not None else "")),
         ("training to it", f"{update_hours:.2f} h in training updates (fairseq's `train_wall`, validation "
-                           f"excluded), {wall_hours:.2f} h of fairseq's cumulative wall time; {s.jobs} "
-                           f"student(s) trained at a time on the machine (STUDENT_JOBS)"),
+                           f"excluded), {wall_hours:.2f} h of fairseq's cumulative wall time; the students "
+                           f"trained {s.jobs} at a time on the machine (STUDENT_JOBS={s.jobs})"),
         ("machine", s.machine),
         (f"valid {label}", f"best {best:.2f}, first reached at update {best_update} (epoch "
                            f"{curve.validations[best_update]['epoch']}); "

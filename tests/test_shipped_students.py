@@ -170,11 +170,23 @@ def test_readme_says_how_the_student_was_trained(tiny_shipment):
     updates = state["optimizer_history"][-1]["num_updates"]
     curve = read_log(work / "logs" / "student_baseline.log", "baseline")
     epoch = curve.validations[updates]["epoch"]
-    assert rows["checkpoint"].endswith(f"use: epoch {epoch}, {updates} updates, "
-                                       f"valid BLEU {curve.validations[updates]['bleu']:.2f}")
-    assert rows["checkpoint"].startswith("`checkpoint_best.pt` (STUDENT_CHECKPOINT=best: the best valid BLEU")
+    assert rows["checkpoint"] == ("`checkpoint_best.pt`, the one with the best valid BLEU (STUDENT_CHECKPOINT=best, "
+                                  "which the recipe's export and evaluate steps use too): "
+                                  f"epoch {epoch}, {updates} updates, valid BLEU {curve.validations[updates]['bleu']:.2f}")
+    train_hours = sum(stats["train_wall"] for e, stats in curve.epochs.items() if e <= epoch) / 3600
+    wall_hours = state["extra_state"]["previous_training_time"] / 3600
+    assert rows["training to it"] == (
+        f"{train_hours:.2f} h in training updates (fairseq's `train_wall`, validation excluded), "
+        f"{wall_hours:.2f} h of fairseq's cumulative wall time; the students trained 1 at a time on the machine "
+        "(STUDENT_JOBS=1)")
     by_epoch = {stats["epoch"]: stats["bleu"] for _, stats in sorted(curve.validations.items())}
     assert rows["valid BLEU by epoch"] == ", ".join(f"{by_epoch[e]:.2f}" for e in sorted(by_epoch))
+    best = max(by_epoch.values())
+    first = min(u for u, stats in curve.validations.items() if stats["bleu"] == best)
+    last = max(curve.validations)
+    assert rows["valid BLEU"] == (
+        f"best {best:.2f}, first reached at update {first} (epoch {curve.validations[first]['epoch']}); "
+        f"last validation at update {last} (epoch 5), {sum(u > first for u in curve.validations)} after the best")
     assert len(by_epoch) == 5 and rows["stopped by"] == "--max-epoch reached"
     system = json.loads((folder / "evaluation.json").read_text())["systems"][0]
     assert rows["test, beam 2"] == (f"sacreBLEU {system['beam']['bleu']}, chrF {system['beam']['chrf']}, "

@@ -28,14 +28,25 @@ def trainer_spec_strings(model):
     return [payload.decode() for number, wire, _, payload in proto_fields(spec) if number in (1, 2) and wire == 2]
 
 
-def test_a_portable_sentencepiece_model_encodes_exactly_as_the_original():
+def test_a_portable_sentencepiece_model_keeps_file_names_only_and_encodes_exactly_as_before(tmp_path):
     import sentencepiece as spm
 
+    # SentencePiece records the paths of its training files and output in the model
+    text = tmp_path / "corpus" / "train.es"
+    text.parent.mkdir()
+    with tarfile.open(BIBLE_ARCHIVE) as tar:
+        text.write_bytes(tar.extractfile("bible.es-en/train.es").read()[:50_000])
+    (tmp_path / "pieces").mkdir()
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "pieces" / "spm"), vocab_size=200,
+                                   minloglevel=2)
+    trained = (tmp_path / "pieces" / "spm.model").read_bytes()
+    assert trainer_spec_strings(trained) == [str(text), str(tmp_path / "pieces" / "spm")]
+    assert trainer_spec_strings(portable_spm_model(trained)) == ["train.es", "spm"]
+    assert str(tmp_path).encode() not in portable_spm_model(trained)
+    # the teacher's 8k model (whatever it recorded): only names left, every test verse encoded as before
     original = (TEACHER_DIR / "spm.model").read_bytes()
     portable = portable_spm_model(original)
-    # SentencePiece recorded the training machine's files; only their names are left
-    assert all(os.path.isabs(s) for s in trainer_spec_strings(original))
-    assert trainer_spec_strings(portable) == ["train.es", "train.en", "spm"]
+    assert trainer_spec_strings(portable) == [os.path.basename(p) for p in trainer_spec_strings(original)]
     assert portable_spm_model(portable) == portable
     a, b = (spm.SentencePieceProcessor(model_proto=m) for m in (original, portable))
     assert a.get_piece_size() == b.get_piece_size() == 8000
@@ -52,19 +63,23 @@ def test_a_portable_sentencepiece_model_encodes_exactly_as_the_original():
 def test_a_portable_export_records_no_path_of_the_machine(tmp_path):
     from fairseq_kd.deploy.export import write_export
 
-    # the shipped teacher was exported before --portable: its config names its training machine's data folder
-    assert model_problems(str(TEACHER_DIR / "teacher.pt")) == [
-        "teacher.pt: cfg.task.data is a path of the machine: /root/kd-work/bible_cpu/bin"]
-    _, exported, origin = write_export(str(TEACHER_DIR / "teacher.pt"), str(tmp_path / "teacher.pt"), half=True,
+    # a checkpoint trained on a data folder of this machine (the shipped teacher's weights)
+    state = torch.load(TEACHER_DIR / "teacher.pt", map_location="cpu", weights_only=True)
+    state["cfg"]["task"]["data"] = str(tmp_path / "bin")
+    torch.save(state, tmp_path / "trained.pt")
+    write_export(str(tmp_path / "trained.pt"), str(tmp_path / "plain.pt"), half=True, data=str(TEACHER_DIR))
+    assert model_problems(str(tmp_path / "plain.pt")) == [
+        f"plain.pt: cfg.task.data is a path of the machine: {tmp_path / 'bin'}"]
+    _, exported, origin = write_export(str(tmp_path / "trained.pt"), str(tmp_path / "teacher.pt"), half=True,
                                        data=str(TEACHER_DIR), portable=True)
     assert origin == str(TEACHER_DIR / "dict.txt")  # its dictionaries embedded from the folder's dict.txt
     assert model_problems(str(tmp_path / "teacher.pt")) == []
-    state = torch.load(tmp_path / "teacher.pt", map_location="cpu", weights_only=True)
-    assert state["cfg"]["task"]["data"] is None and state["cfg"]["model"].data is None
-    assert state["cfg"]["task"]["source_lang"] == "es" and len(state["fairseq_kd"]["dictionaries"]["src"]) == 4 + 8004  # the specials and dict.txt
-    original = torch.load(TEACHER_DIR / "teacher.pt", map_location="cpu", weights_only=True)["model"]
-    assert all(torch.equal(state["model"][k], v) for k, v in original.items())
-    # and stock fairseq translates with it from a data folder it is given
+    assert str(tmp_path).encode() not in (tmp_path / "teacher.pt").read_bytes()
+    shipped = torch.load(tmp_path / "teacher.pt", map_location="cpu", weights_only=True)
+    assert shipped["cfg"]["task"]["data"] is None and shipped["cfg"]["model"].data is None
+    assert shipped["cfg"]["task"]["source_lang"] == "es"
+    assert len(shipped["fairseq_kd"]["dictionaries"]["src"]) == 4 + 8004  # the specials and dict.txt
+    assert all(torch.equal(shipped["model"][k], v) for k, v in state["model"].items())
     proc = run([tool("fairseq-kd"), "export", "--path", TEACHER_DIR / "teacher.pt", "--out", tmp_path / "x",
                 "--format", "ctranslate2", "--portable", "--spm-model", TEACHER_DIR / "spm.model"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("error: --portable is for --format fairseq")
