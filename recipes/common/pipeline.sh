@@ -496,23 +496,33 @@ train_student() {
 }
 
 step_students() {
-  local name i=0 names=() jobs=$STUDENT_JOBS
-  [ -z "$DRY_RUN" ] || jobs=1
+  local name
   for name in $METHODS; do method_args "$name" >/dev/null; done  # unknown names fail early
-  for name in $METHODS; do
+  # shellcheck disable=SC2086
+  in_slots "" train_student "students" $METHODS
+}
+
+# in_slots PREFIX FUNCTION WHAT ITEMS...: FUNCTION ITEM GPUS for every ITEM whose stamp
+# student_PREFIXITEM is missing, STUDENT_JOBS at a time (one in a dry run); dies naming
+# WHAT that did not finish.
+in_slots() {
+  local prefix=$1 fn=$2 what=$3 item name i=0 names=() jobs=$STUDENT_JOBS gpus; shift 3
+  [ -z "$DRY_RUN" ] || jobs=1
+  for item in "$@"; do
+    name=$prefix$item
     if is_done "student_$name"; then skip "student_$name"; continue; fi
-    local gpus; gpus=$(job_gpus "$i"); i=$((i + 1))
-    # a free slot first, so the log says when each student starts
+    gpus=$(job_gpus "$i"); i=$((i + 1))
+    # a free slot first, so the log says when each one starts
     [ "$jobs" = 1 ] || while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
     log "student $name on ${gpus:-cpu} (log: $WORK/logs/student_$name.log)"
-    if [ "$jobs" = 1 ]; then train_student "$name" "$gpus"; continue; fi
-    train_student "$name" "$gpus" & names+=("$name")
+    if [ "$jobs" = 1 ]; then "$fn" "$item" "$gpus"; continue; fi
+    "$fn" "$item" "$gpus" & names+=("$name")
   done
   wait
   # a job's stamp, not its exit status (wait -n may already have reaped it), says it finished
   local failed=
   for name in "${names[@]}"; do [ -e "$WORK/done/student_$name" ] || failed+=" $name"; done
-  [ -z "$failed" ] || die "students failed:$failed (see $WORK/logs/student_*.log)"
+  [ -z "$failed" ] || die "$what failed:$failed (see $WORK/logs/student_$prefix*.log)"
 }
 
 step_prune() {
@@ -653,22 +663,11 @@ finetune_run() {
 step_finetune() {
   [ -n "$FINETUNE_FROM" ] || return 0
   check_finetune
-  local run name i=0 names=() jobs=$STUDENT_JOBS gpus
+  local jobs=$STUDENT_JOBS
   [ -z "$DRY_RUN" ] || jobs=1
   log "finetune $FINETUNE_FROM ($(student_checkpoint "$FINETUNE_FROM")): $FINETUNE_METHODS, $FINETUNE_MINUTES min each, lr $FINETUNE_LR, $jobs at a time"
-  for run in $FINETUNE_METHODS; do
-    name=ft_$run
-    if is_done "student_$name"; then skip "student_$name"; continue; fi
-    gpus=$(job_gpus "$i"); i=$((i + 1))
-    [ "$jobs" = 1 ] || while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || true; done
-    log "$name on ${gpus:-cpu} (log: $WORK/logs/student_$name.log)"
-    if [ "$jobs" = 1 ]; then finetune_run "$run" "$gpus"; continue; fi
-    finetune_run "$run" "$gpus" & names+=("$name")
-  done
-  wait
-  local failed=
-  for name in "${names[@]}"; do [ -e "$WORK/done/student_$name" ] || failed+=" $name"; done
-  [ -z "$failed" ] || die "fine-tune runs failed:$failed (see $WORK/logs/student_ft_*.log)"
+  # shellcheck disable=SC2086
+  in_slots ft_ finetune_run "fine-tune runs" $FINETUNE_METHODS
 }
 
 # finetune_table_args: FT_TABLE_ARGS, fairseq-kd table's options for the fine-tuned rows: the start
