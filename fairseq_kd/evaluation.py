@@ -348,6 +348,5 @@ def evaluate(spec, report=print):
             line += (f", {latency['median_ms']} ms median / {latency['p90_ms']} ms p90 per sentence "
                      f"one at a time")
         report(line)
-    record_system(results, spec.results, entry, str(bleu.get_signature()), str(chrf.get_signature()),
-                  device)
+    record_system(spec.results, entry, str(bleu.get_signature()), str(chrf.get_signature()), device)
     return entry

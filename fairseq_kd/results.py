@@ -11,9 +11,11 @@ columns come from the hypotheses files beside it (:mod:`fairseq_kd.study`).
 Neither fairseq nor torch is imported here (``fairseq-kd table`` and ``plot``
 start quickly).
 """
+import contextlib
 import json
 import os
 
+from fairseq_kd.atomic_io import write_atomic
 from fairseq_kd.errors import KDError, require
 
 DECODINGS = ("greedy", "beam")
@@ -69,14 +71,33 @@ def check_same_device(results, path, name, device):
             f"delete this one to evaluate every system on this device")
 
 
-def record_system(results, path, entry, bleu_signature, chrf_signature, device):
-    """Write ``results`` to ``path`` with ``entry`` in place of the system of its name."""
-    results["bleu_signature"] = bleu_signature
-    results["chrf_signature"] = chrf_signature
-    results["device"] = device
-    results["systems"] = [s for s in results["systems"] if s["name"] != entry["name"]] + [entry]
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+def record_system(path, entry, bleu_signature, chrf_signature, device):
+    """Put ``entry`` in ``path`` in place of the system of its name.
+
+    The file is read again under a lock, so an evaluation that ran meanwhile
+    into the same file (two recipe runs sharing a work folder) keeps its row.
+    """
+    with locked(path):
+        results = results_to_update(path)
+        check_same_device(results, path, entry["name"], device)
+        results["bleu_signature"] = bleu_signature
+        results["chrf_signature"] = chrf_signature
+        results["device"] = device
+        results["systems"] = [s for s in results["systems"] if s["name"] != entry["name"]] + [entry]
+        write_atomic(path, json.dumps(results, indent=2))
+
+
+@contextlib.contextmanager
+def locked(path):
+    """An exclusive lock on ``path``'s companion file PATH.lock for the ``with`` block."""
+    import fcntl
+
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def find_system(results, name, option):

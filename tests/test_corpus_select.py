@@ -279,6 +279,31 @@ def test_mbr_corpus_equals_brute_force_over_the_nbest(tiny_data, tiny_teacher, t
     assert report["changed_picks"] == changed and report["utility"] == "chrf" and report["candidates"] == NBEST
 
 
+def test_a_smaller_keep_merges_from_chunks_saved_with_a_larger_one(tiny_data, tiny_teacher, tmp_path):
+    """MBR-1 from MBR-n's decode (the recipe's seq_kd_mbr beside seq_kd_mbr_n): the first of each
+    line's n kept candidates is the one --keep 1 keeps, so only the merge runs again."""
+    args = ["--split", "test", "--chunk-size", "20", "--select", "mbr", "--candidates", str(NBEST),
+            "--utility", "chrf", "--post-process", "sentencepiece", "--formats", "bin,pieces"]
+    corpus(tiny_data / "bin", tiny_teacher, tmp_path / "mbr_n", *args, "--keep", "2")
+    corpus(tiny_data / "bin", tiny_teacher, tmp_path / "fresh", *args, "--keep", "1")
+    reused = tmp_path / "mbr"
+    shutil.copytree(tmp_path / "mbr_n" / "test.work", reused / "test.work")
+    (reused / "test.work" / "chunk-000001.json").unlink()  # one chunk left to translate
+    proc = corpus(tiny_data / "bin", tiny_teacher, reused, *args, "--keep", "1")
+    assert "resuming: 1 of 2 chunks already done" in proc.stdout
+    for name in ("test.en", "test.es", "test.es-en.en.bin", "test.es-en.es.bin"):
+        assert (reused / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    report, fresh = (json.loads((d / "test.report.json").read_text()) for d in (reused, tmp_path / "fresh"))
+    assert (report["keep"], report["pairs"], report["changed_picks"]) == (1, 40, fresh["changed_picks"])
+    # the chunk translated on resume kept as many as the saved ones: the folder still serves --keep 2
+    for c in ("chunk-000000.json", "chunk-000001.json"):
+        assert (reused / "test.work" / c).read_text() == (tmp_path / "mbr_n" / "test.work" / c).read_text()
+    corpus(tiny_data / "bin", tiny_teacher, reused, *args, "--keep", "2")
+    assert read_lines(reused / "test.en") == read_lines(tmp_path / "mbr_n" / "test.en")
+    proc = corpus(tiny_data / "bin", tiny_teacher, reused, *args, "--keep", "3", check=False)
+    assert "holds a run with other settings (keep)" in proc.stderr
+
+
 def helpers_post(pieces):
     return pieces.replace(" ", "").replace("\u2581", " ").strip()
 

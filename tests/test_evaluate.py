@@ -103,3 +103,38 @@ def test_one_results_file_holds_one_device(capsys, tiny_data, tiny_teacher, tmp_
     assert len(lines) == 1
     assert "results.json holds systems timed on NVIDIA H100 80GB HBM3, this run decodes on CPU (" in lines[0]
     assert json.loads(results.read_text())["systems"] == [other]
+
+
+def _record(path, name):
+    from fairseq_kd.results import record_system
+
+    entry = {"name": name, "params": 1, "device": "cpu",
+             **{d: {"beam": 1, "bleu": 1.0, "chrf": 1.0, "sentences_per_s": 1.0} for d in ("greedy", "beam")}}
+    record_system(path, entry, "bleu-sig", "chrf-sig", "cpu")
+
+
+def test_evaluations_writing_one_results_file_at_once_keep_every_row(tmp_path, monkeypatch):
+    """Two recipe runs sharing a work folder evaluate into one results.json: each write reads
+    the file again under a lock, so no row is lost to a concurrent one."""
+    import multiprocessing
+    import time
+
+    from fairseq_kd import results as results_module
+    from fairseq_kd.results import read_results
+
+    read = results_module.results_to_update
+
+    def slow_read(path):  # widens the window between reading and writing the file
+        results = read(path)
+        time.sleep(0.05)
+        return results
+
+    monkeypatch.setattr(results_module, "results_to_update", slow_read)
+    path = str(tmp_path / "results.json")
+    names = [f"system{i}" for i in range(24)]
+    with multiprocessing.get_context("fork").Pool(6) as pool:
+        pool.starmap(_record, [(path, n) for n in names])
+    results = read_results(path)
+    assert sorted(s["name"] for s in results["systems"]) == sorted(names)
+    _record(path, "system3")  # a system evaluated again replaces its row
+    assert [s["name"] for s in read_results(path)["systems"]].count("system3") == 1

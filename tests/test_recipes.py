@@ -624,6 +624,8 @@ def test_corpus_variants_and_selective_kd_are_method_names(tmp_path):
         check_options(cmd)
     assert sorted(corpora) == ["distilled", "distilled_filtered", "distilled_mbr", "distilled_mbr_n",
                                "distilled_nbest"]
+    # MBR-n decodes first, whatever METHODS' order: MBR-1 merges from its chunks
+    assert list(corpora).index("distilled_mbr_n") < list(corpora).index("distilled_mbr")
     assert train_option(corpora["distilled_mbr"], "--select") == "mbr"
     assert train_option(corpora["distilled_mbr"], "--candidates") == "8" and "--keep" not in corpora["distilled_mbr"]
     assert train_option(corpora["distilled_mbr_n"], "--keep") == "3"

@@ -384,6 +384,9 @@ def build(args):
     """``fairseq-kd corpus``: translate what is missing, then merge (or run one shard)."""
     data, work, layout = prepare_split(args)
     work.prepare()
+    # the chunks still to translate keep as many candidates as the saved ones (a larger
+    # saved --keep serves this one: the merge keeps the first --keep of each line)
+    merge_keep, args.keep = args.keep, work.keep
     workers = args.workers or default_workers(args)
     num_shards = args.num_shards or workers
     started = time.time()
@@ -407,6 +410,7 @@ def build(args):
     run_workers(args, todo, num_shards, workers)
     missing = work.pending(range(len(work.chunks)))
     require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
+    args.keep = merge_keep
     if layout is not None:
         report = external.merge(args, data, work, layout, time.time() - started)
     else:

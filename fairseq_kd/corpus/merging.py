@@ -17,7 +17,7 @@ def kept_pairs(args, work, sources):
     entries): the source line of each kept pair, its target, the lines the
     teacher did not translate, and the report's entries.
     """
-    merged = MergedChunks(work)
+    merged = MergedChunks(work, args.keep)
     require(len(merged.hyps) == len(sources), f"merged {len(merged.hyps)} lines, the split has {len(sources)}")
     untranslated = merged.untranslated(args.long_inputs)
     selected = merged.pairs()
@@ -38,21 +38,22 @@ def kept_pairs(args, work, sources):
 
 
 class MergedChunks:
-    """The saved chunks of a split, in line order: per line the kept hypotheses and their scores.
+    """The saved chunks of a split, in line order: per line the first ``keep`` kept hypotheses
+    (chunks saved with a larger --keep hold more) and their scores.
 
     Chunks saved before selections existed hold one line each ("lines") and
     no scores nor changed picks: they merge as they are (``scored`` and
     ``changed`` say what they lack).
     """
 
-    def __init__(self, work):
+    def __init__(self, work, keep):
         self.hyps, self.scores, self.empty, self.long, self.changed = [], [], [], [], []
         self.scored = True
         for c in range(len(work.chunks)):
             chunk = work.load(c)
             if "hyps" in chunk:
-                self.hyps += chunk["hyps"]
-                self.scores += chunk["scores"]
+                self.hyps += [hs[:keep] for hs in chunk["hyps"]]
+                self.scores += [ss[:keep] for ss in chunk["scores"]]
                 if self.changed is not None:
                     self.changed += chunk["changed"]
             else:  # an earlier version's chunk

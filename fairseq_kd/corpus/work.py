@@ -17,6 +17,9 @@ OUTPUT_SETTINGS = ("path", "data", "split", "source_lang", "target_lang", "beam"
 CT2_SETTINGS = ("backend", "quantization")
 # The selection options (select.DEFAULTS) are recorded only where they differ from their
 # defaults, for the same reason; the --filter options act at the merge and bind nothing.
+# --keep binds only upwards: a line's kept candidates are its first distinct ones in ranked
+# order (select.first_distinct), so the m kept under --keep m are the first m of those kept
+# under any larger --keep, and chunks saved with a larger one serve a smaller one.
 
 
 class WorkDir:
@@ -35,12 +38,22 @@ class WorkDir:
         self.settings.update(select.saved_settings(args))
 
     def prepare(self):
+        """Check the saved settings against this run's and record this run's.
+
+        Sets ``self.keep``: how many candidates per line the chunks hold and the
+        chunks still to translate must keep (this run's --keep, or the larger one
+        of a folder whose settings differ in nothing else).
+        """
         os.makedirs(self.path, exist_ok=True)
         settings_file = os.path.join(self.path, "settings.json")
+        self.keep = saved_keep(self.settings)
         if os.path.exists(settings_file):
             with open(settings_file) as f:
                 old = json.load(f)
             changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+            if changed == ["keep"] and saved_keep(old) > self.keep and has_saved_chunk(self.path):
+                self.keep = saved_keep(old)  # its chunks hold more candidates: the merge keeps the first
+                return
             # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
             require(not changed or not has_saved_chunk(self.path),
                     f"{self.path} holds a run with other settings ({', '.join(changed)}); "
@@ -64,6 +77,11 @@ class WorkDir:
     def load(self, c):
         with open(self.chunk_file(c), encoding="utf-8") as f:
             return json.load(f)
+
+
+def saved_keep(settings):
+    """The --keep of a work folder's settings (recorded only where it is not the default)."""
+    return settings.get("keep", select.DEFAULTS["keep"])
 
 
 def work_path(args):

@@ -165,7 +165,8 @@ external_spm() {
   fi
 }
 
-uses_seq_inter() { [[ " $METHODS " == *" seq_inter "* ]]; }
+in_methods() { [[ " $METHODS " == *" $1 "* ]]; }
+uses_seq_inter() { in_methods seq_inter; }
 
 step_spm() {
   if is_done spm; then skip spm; return; fi
@@ -331,16 +332,29 @@ step_corpus() {
   corpus distilled --beam "$BEAM"
   local m
   for m in $METHODS; do
-    [ "$m" != seq_kd_filtered ] || reuse_decoding distilled distilled_filtered
-    # shellcheck disable=SC2046
-    [ -z "$(corpus_variant "$m")" ] || corpus "$(corpus_variant "$m")" $(corpus_variant_args "$m")
+    case $m in
+      seq_kd_filtered) reuse_decoding distilled distilled_filtered ;;
+      # MBR-1 keeps the first of MBR-n's picks: with both, one decode serves the two
+      seq_kd_mbr) if in_methods seq_kd_mbr_n; then
+                    variant_corpus seq_kd_mbr_n
+                    reuse_decoding distilled_mbr_n distilled_mbr
+                  fi ;;
+    esac
+    variant_corpus "$m"
   done
+}
+
+# variant_corpus METHOD: METHOD's own corpus (corpus_variant), if it has one.
+variant_corpus() {
+  # shellcheck disable=SC2046
+  [ -z "$(corpus_variant "$1")" ] || corpus "$(corpus_variant "$1")" $(corpus_variant_args "$1")
 }
 
 # reuse_decoding FROM TO: TO starts from FROM's decoded chunks (its train.work), which
 # fairseq-kd corpus resumes from: --filter acts when the chunks are merged and binds
-# none of their settings, so the filtered corpus costs no second beam search (unless
-# FROM's chunks were saved by a version that kept no teacher scores).
+# none of their settings, and chunks saved with --keep n serve a smaller --keep, so the
+# filtered and the MBR-1 corpus cost no second decode (unless FROM's chunks were saved
+# by a version that kept no teacher scores).
 reuse_decoding() {
   local from=$WORK/$1/train.work to=$WORK/$2/train.work
   if is_done "$2" || [ -e "$to" ] || [ ! -d "$from" ]; then return; fi
