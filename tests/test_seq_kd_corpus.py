@@ -16,6 +16,7 @@ import sacrebleu
 
 import helpers
 from fairseq_kd import cli
+from fairseq_kd.checksum import file_sha256
 from helpers import run, tool
 
 # Short outputs keep the tiny (degenerate) teacher's beam search fast; the same
@@ -279,3 +280,34 @@ def test_failed_start_does_not_bind_the_settings(tiny_data, tiny_teacher, tmp_pa
     monkeypatch.chdir(tiny_teacher.parent)
     proc = corpus(tiny_data / "bin", tiny_teacher.name, out, "--split", "test", "--formats", "pieces")
     assert "chunks already done" in proc.stdout
+
+
+def test_a_teacher_is_known_by_its_checksum_not_its_file_time(tiny_data, tiny_teacher, tmp_path):
+    """A fresh clone or copy gives the teacher another modification time: the run still resumes.
+    Other bytes are another teacher; an earlier version's fingerprint (path, size, time) is
+    trusted while it still matches the file, and replaced by the checksum."""
+    from fairseq_kd.corpus import work
+
+    teacher, out = tmp_path / "teacher.pt", tmp_path / "o"
+    shutil.copyfile(tiny_teacher, teacher)
+    args = ["--split", "test", "--formats", "pieces"]
+    corpus(tiny_data / "bin", teacher, out, *args)
+    settings_file = out / "test.work" / "settings.json"
+    fingerprint = json.loads(settings_file.read_text())["teacher_fingerprint"]
+    assert fingerprint == [f"{teacher.stat().st_size}:sha256:{file_sha256(teacher)}"]
+    os.utime(teacher, (1e9, 1e9))
+    assert "chunks already done" in corpus(tiny_data / "bin", teacher, out, *args).stdout
+    # an earlier version's folder: upgraded while its fingerprint matches the file
+    settings = json.loads(settings_file.read_text())
+    settings_file.write_text(json.dumps({**settings, "teacher_fingerprint": [work.legacy_fingerprint(teacher)]}))
+    assert "chunks already done" in corpus(tiny_data / "bin", teacher, out, *args).stdout
+    assert json.loads(settings_file.read_text())["teacher_fingerprint"] == fingerprint
+    settings_file.write_text(json.dumps({**settings, "teacher_fingerprint": [work.legacy_fingerprint(teacher)]}))
+    os.utime(teacher, (2e9, 2e9))  # touched since: nothing says it is the same teacher
+    proc = corpus(tiny_data / "bin", teacher, out, *args, check=False)
+    assert "holds a run with other settings (teacher_fingerprint)" in proc.stderr
+    settings_file.write_text(json.dumps(settings))
+    with open(teacher, "ab") as f:
+        f.write(b"\0")
+    proc = corpus(tiny_data / "bin", teacher, out, *args, check=False)
+    assert "holds a run with other settings (teacher_fingerprint)" in proc.stderr

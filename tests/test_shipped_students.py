@@ -91,6 +91,7 @@ def tiny_shipment(tmp_path_factory):
     return work, log
 
 
+@pytest.mark.slow  # the recipe trains and ships a tiny student (~100 s)
 def test_the_check_passes_on_a_tiny_student_the_recipe_shipped(tiny_shipment, tmp_path):
     work, _ = tiny_shipment
     folder = work / "shipped_students" / "baseline"
@@ -115,6 +116,7 @@ def test_the_check_passes_on_a_tiny_student_the_recipe_shipped(tiny_shipment, tm
     assert len(hyps) == 20 and len(set(hyps)) >= 10
 
 
+@pytest.mark.slow  # the recipe trains and ships a tiny student (~100 s)
 def test_the_check_fails_a_folder_that_does_not_reproduce_or_leaks_a_path(tiny_shipment, tmp_path):
     work, _ = tiny_shipment
     documented = json.loads((work / "shipped_students" / "baseline" / "evaluation.check.json").read_text())
@@ -160,6 +162,7 @@ def readme_rows(readme):
     return dict(re.findall(r"^\| ([^|]+) \| (.+) \|$", readme, re.M))
 
 
+@pytest.mark.slow  # the recipe trains and ships a tiny student (~100 s)
 def test_readme_says_how_the_student_was_trained(tiny_shipment):
     work, log = tiny_shipment
     folder = work / "shipped_students" / "baseline"
@@ -205,7 +208,8 @@ def test_readme_says_how_the_student_was_trained(tiny_shipment):
     assert str(work) not in readme and str(REPO) not in readme and f"{HOME}/" not in readme
 
 
-def test_a_rerun_skips_a_shipped_student_and_an_unfinished_one_is_refused(tiny_shipment, tmp_path):
+@pytest.mark.slow  # the recipe trains and ships a tiny student (~100 s)
+def test_a_rerun_skips_a_shipped_student(tiny_shipment, tmp_path):
     work, _ = tiny_shipment
     files = sorted((work / "shipped_students" / "baseline").iterdir())
     mtimes = [p.stat().st_mtime_ns for p in files]
@@ -213,7 +217,10 @@ def test_a_rerun_skips_a_shipped_student_and_an_unfinished_one_is_refused(tiny_s
                              **OWN_VOCABULARY).stdout
     assert "skip ship_student_baseline (done" in rerun
     assert [p.stat().st_mtime_ns for p in sorted((work / "shipped_students" / "baseline").iterdir())] == mtimes
-    # a student still training (no stamp of the students step) is not shipped
+
+
+def test_an_unfinished_or_unknown_student_is_refused(tmp_path):
+    """A student still training (no stamp of the students step) is not shipped."""
     fresh = tmp_path / "work"
     proc = run_bible_recipe(fresh, "ship_students", check=False, METHODS="baseline seq_kd")
     assert proc.returncode != 0 and not (fresh / "shipped_students").exists()

@@ -5,6 +5,7 @@ import json
 import os
 
 from fairseq_kd.atomic_io import write_atomic
+from fairseq_kd.checksum import file_sha256
 from fairseq_kd.corpus import select
 from fairseq_kd.corpus.data import chunk_ranges
 from fairseq_kd.errors import require
@@ -50,15 +51,18 @@ class WorkDir:
         if os.path.exists(settings_file):
             with open(settings_file) as f:
                 old = json.load(f)
+            upgraded = upgrade_fingerprints(old, self.settings)
             changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
             if changed == ["keep"] and saved_keep(old) > self.keep and has_saved_chunk(self.path):
                 self.keep = saved_keep(old)  # its chunks hold more candidates: the merge keeps the first
+                if upgraded:
+                    write_atomic(settings_file, json.dumps(old, indent=1))
                 return
             # Settings of a run that saved no chunk (e.g. one that failed at start) bind nothing.
             require(not changed or not has_saved_chunk(self.path),
                     f"{self.path} holds a run with other settings ({', '.join(changed)}); "
                     "use another --out or delete that folder")
-            if not changed:
+            if not changed and not upgraded:
                 return
         write_atomic(settings_file, json.dumps(self.settings, indent=1))
 
@@ -105,6 +109,30 @@ def chunks_hold_scores(path):
 
 
 def file_fingerprint(path):
+    """What identifies a teacher checkpoint: its size and SHA-256.  Not its modification time,
+    which a fresh clone or a copy changes while the weights stay the same."""
     require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
+    return f"{os.path.getsize(path)}:sha256:{file_sha256(path)}"
+
+
+def legacy_fingerprint(path):
+    """The fingerprint earlier versions saved: path, size and modification time."""
     st = os.stat(path)
     return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def upgrade_fingerprints(old, settings):
+    """Replace in the saved settings ``old`` each earlier version's teacher fingerprint that
+    still matches its file (same path, size and time) by the checksum this version records;
+    whether any was.  One that no longer matches stays, and the run is refused as before."""
+    if "teacher_ct2" in settings:  # an external teacher's files keep their earlier fingerprint
+        return False
+    saved, paths = old.get("teacher_fingerprint"), settings["path"].split(":")
+    if not isinstance(saved, list) or len(saved) != len(paths):
+        return False
+    upgraded = False
+    for i, path in enumerate(paths):
+        if ":sha256:" not in saved[i] and os.path.isfile(path) and saved[i] == legacy_fingerprint(path):
+            saved[i] = settings["teacher_fingerprint"][i]
+            upgraded = True
+    return upgraded
