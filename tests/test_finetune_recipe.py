@@ -204,6 +204,14 @@ def test_report_tests_the_fine_tuned_rows_against_the_continued_run_and_says_wha
     assert ("--criterion onpolicy_kd --onpolicy-ratio 0.5 --jsd-beta 1`; budget 60 min at lr 1e-4, 2 runs at a "
             "time: 876 updates in 60.2 min |") in page
     assert "--jsd-beta 0`; not run |" in page
+    assert "sent/s" in section
+    # REPORT_SPEED=0 (scored beside other jobs): no speed in the fine-tune's table either
+    run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu", "GPUS": "cpu", "CT2_QUANT": "",
+                               "METHODS": "seq_kd", "PRUNE_FROM": "", "FINETUNE_FROM": "seq_kd",
+                               "FINETUNE_METHODS": "seq_kd onpolicy_kd_b1 onpolicy_kd_b0", "REPORT_SPEED": "0",
+                               "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}, "report")
+    page = (docs / "results.md").read_text()
+    assert "### Fine-tuning seq_kd" in page and "sent/s" not in page
 
 
 # ---------------------------------------------------------------- a real fine-tune (slow)

@@ -692,6 +692,7 @@ finetune_table_args() {
   for name in "$FINETUNE_FROM" $(finetune_names); do if reported "$name"; then systems+=("$name"); fi; done
   [[ " ${systems[*]} " == *" ft_"* ]] || return 1
   FT_TABLE_ARGS=(--systems "${systems[@]}")
+  [ "$REPORT_SPEED" != 0 ] || FT_TABLE_ARGS+=(--no-speed)
   if reported "$first"; then FT_TABLE_ARGS+=(--baseline "$first" --significance "$WORK/raw/test.$TGT"); fi
 }
 
