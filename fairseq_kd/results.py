@@ -89,15 +89,19 @@ def record_system(path, entry, bleu_signature, chrf_signature, device):
 
 @contextlib.contextmanager
 def locked(path):
-    """An exclusive lock on ``path``'s companion file PATH.lock for the ``with`` block."""
+    """An exclusive lock on the folder that holds ``path``, for the ``with`` block.
+
+    The folder, not a lock file beside ``path``: a shipped folder's results
+    file must leave nothing else behind in it.
+    """
     import fcntl
 
-    with open(f"{path}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def find_system(results, name, option):

@@ -136,5 +136,6 @@ def test_evaluations_writing_one_results_file_at_once_keep_every_row(tmp_path, m
         pool.starmap(_record, [(path, n) for n in names])
     results = read_results(path)
     assert sorted(s["name"] for s in results["systems"]) == sorted(names)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no lock or temporary file left
     _record(path, "system3")  # a system evaluated again replaces its row
     assert [s["name"] for s in read_results(path)["systems"]].count("system3") == 1
