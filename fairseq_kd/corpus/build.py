@@ -18,7 +18,7 @@ from fairseq_kd.corpus import external, filters, select
 from fairseq_kd.corpus.data import SplitData, shard_chunks
 from fairseq_kd.corpus.merging import kept_pairs
 from fairseq_kd.corpus.translators import AUTO, CT2Translator, FairseqTranslator
-from fairseq_kd.corpus.work import WorkDir, file_fingerprint, has_saved_chunk, work_path
+from fairseq_kd.corpus.work import WorkDir, has_saved_chunk, require_teacher_file, work_path
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.processes import die_with_parent, usable_cores
 
@@ -372,7 +372,7 @@ def prepare_split(args):
                     f"{args.split}.{args.source_lang}")
         return data, work, layout
     for p in args.path.split(":"):
-        file_fingerprint(p)  # a missing teacher is reported before any work
+        require_teacher_file(p)  # a missing teacher is reported before any work
     os.makedirs(args.out, exist_ok=True)
     data = SplitData(args)
     resolve_backend(args)

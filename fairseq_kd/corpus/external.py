@@ -42,9 +42,8 @@ import struct
 from fairseq_kd.atomic_io import write_atomic, write_lines
 from fairseq_kd.corpus import select
 from fairseq_kd.corpus.merging import kept_pairs
-from fairseq_kd.corpus.data import chunk_ranges
 from fairseq_kd.corpus.translators import ChunkTranslator, ct2_decoder
-from fairseq_kd.corpus.work import WorkDir, work_path
+from fairseq_kd.corpus.work import WorkDir
 from fairseq_kd.errors import require
 
 logger = logging.getLogger("fairseq_kd.corpus")
@@ -352,13 +351,12 @@ def make_translator(args, data, device, device_index=0):
 class ExternalWorkDir(WorkDir):
     """OUT/SPLIT.work of an external teacher: its settings name the teacher's folder and the raw text."""
 
-    def __init__(self, args, n_lines):
-        self.path = work_path(args)
-        self.chunks = chunk_ranges(n_lines, args.chunk_size)
-        self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
-        self.settings.update(teacher_ct2=os.path.abspath(args.teacher_ct2), data=os.path.abspath(args.data),
-                             n_lines=n_lines, teacher_fingerprint=teacher_fingerprint(args.teacher_ct2))
-        self.settings.update(select.saved_settings(args))
+    def run_settings(self, args, n_lines):
+        settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
+        settings.update(teacher_ct2=os.path.abspath(args.teacher_ct2), data=os.path.abspath(args.data),
+                        n_lines=n_lines, teacher_fingerprint=teacher_fingerprint(args.teacher_ct2))
+        settings.update(select.saved_settings(args))
+        return settings
 
 
 # ---------------------------------------------------------------- the corpus

@@ -1,5 +1,6 @@
 """The work folder of a corpus build (OUT/SPLIT.work): the settings a resumed run must share,
 and one saved file per finished chunk, so an interrupted run resumes where it stopped."""
+import functools
 import glob
 import json
 import os
@@ -29,14 +30,24 @@ class WorkDir:
     def __init__(self, args, n_lines):
         self.path = work_path(args)
         self.chunks = chunk_ranges(n_lines, args.chunk_size)
-        self.settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
-        self.settings["data"] = os.path.abspath(args.data)
-        self.settings["path"] = ":".join(os.path.abspath(p) for p in args.path.split(":") if p)
-        self.settings["n_lines"] = n_lines
-        self.settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
+        self.args, self.n_lines = args, n_lines
+
+    @functools.cached_property
+    def settings(self):
+        """This run's settings, computed when :meth:`prepare` compares them, not by every
+        worker that opens the folder to save chunks: the teacher's checksum reads its file."""
+        return self.run_settings(self.args, self.n_lines)
+
+    def run_settings(self, args, n_lines):
+        settings = {k: getattr(args, k) for k in OUTPUT_SETTINGS}
+        settings["data"] = os.path.abspath(args.data)
+        settings["path"] = ":".join(os.path.abspath(p) for p in args.path.split(":") if p)
+        settings["n_lines"] = n_lines
+        settings["teacher_fingerprint"] = [file_fingerprint(p) for p in args.path.split(":") if p]
         if args.backend != "fairseq":
-            self.settings.update({k: getattr(args, k) for k in CT2_SETTINGS})
-        self.settings.update(select.saved_settings(args))
+            settings.update({k: getattr(args, k) for k in CT2_SETTINGS})
+        settings.update(select.saved_settings(args))
+        return settings
 
     def prepare(self):
         """Check the saved settings against this run's and record this run's.
@@ -108,10 +119,14 @@ def chunks_hold_scores(path):
     return bool(files)
 
 
+def require_teacher_file(path):
+    require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
+
+
 def file_fingerprint(path):
     """What identifies a teacher checkpoint: its size and SHA-256.  Not its modification time,
     which a fresh clone or a copy changes while the weights stay the same."""
-    require(os.path.isfile(path), f"--path: teacher checkpoint not found: {path}")
+    require_teacher_file(path)
     return f"{os.path.getsize(path)}:sha256:{file_sha256(path)}"
 
 

@@ -543,7 +543,7 @@ step_prune() {
   [ -n "$PRUNE_FROM" ] || return 0
   local name="pruned_$PRUNE_FROM" out=$WORK/pruned/$PRUNE_FROM.pt
   if is_done "student_$name"; then skip "student_$name"; return; fi
-  [[ " $METHODS " == *" $PRUNE_FROM "* ]] || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
+  in_methods "$PRUNE_FROM" || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
   if ! is_done "prune_$PRUNE_FROM"; then
     log "prune $PRUNE_FROM: ratio $PRUNE_RATIO -> $out"
     run_cmd mkdir -p "$WORK/pruned"
