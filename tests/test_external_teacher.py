@@ -7,6 +7,7 @@ converted by the stock ct2-fairseq-converter and used as an external
 teacher, against today's built-in path line for line.
 """
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -161,6 +162,38 @@ def test_a_killed_run_resumes_and_shards_merge_to_the_same_text(teachers, raw, t
         os.remove(work / name)
     status, err = corpus(raw, teachers["marian"], out, "--chunk-size", "8", "--beam", "3")
     assert "holds a run with other settings (beam)" in error_line(status, err)
+
+
+def test_an_external_teacher_is_known_by_its_checksums_not_its_file_times(teachers, raw, tmp_path):
+    """A copied or re-downloaded teacher folder has other file times: the run still resumes.
+    Other bytes are another teacher; an earlier version's fingerprint (name, size, time) is
+    trusted while it still matches the files, and replaced by the checksums."""
+    teacher, out = tmp_path / "teacher", tmp_path / "out"
+    shutil.copytree(teachers["marian"], teacher)
+    assert corpus(raw, teacher, out, "--chunk-size", "8")[0] == 0
+    settings_file = out / "train.work" / "settings.json"
+    settings = json.loads(settings_file.read_text())
+    model = teacher / "model.bin"
+    assert f"model.bin:{model.stat().st_size}:sha256:{hashlib.sha256(model.read_bytes()).hexdigest()}" in settings["teacher_fingerprint"]
+
+    def resumes():
+        os.remove(out / "train.work" / "chunk-000001.json")
+        status, err = corpus(raw, teacher, out, "--chunk-size", "8")
+        return status == 0 and "other settings" not in err
+
+    for path in teacher.iterdir():
+        os.utime(path, (1e9, 1e9))
+    assert resumes()
+    legacy = external.legacy_teacher_fingerprint(teacher)
+    settings_file.write_text(json.dumps({**settings, "teacher_fingerprint": legacy}))
+    assert resumes() and json.loads(settings_file.read_text()) == settings
+    settings_file.write_text(json.dumps({**settings, "teacher_fingerprint": legacy}))
+    os.utime(model, (2e9, 2e9))  # touched since: nothing says it is the same teacher
+    assert "other settings (teacher_fingerprint)" in error_line(*corpus(raw, teacher, out, "--chunk-size", "8"))
+    settings_file.write_text(json.dumps(settings))
+    with open(teacher / "config.json", "a") as f:
+        f.write(" ")
+    assert "other settings (teacher_fingerprint)" in error_line(*corpus(raw, teacher, out, "--chunk-size", "8"))
 
 
 def test_multilingual_teacher_gets_its_language_codes_and_drops_the_target_code(teachers, raw, tmp_path):

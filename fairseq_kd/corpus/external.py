@@ -40,6 +40,7 @@ import shutil
 import struct
 
 from fairseq_kd.atomic_io import write_atomic, write_lines
+from fairseq_kd.checksum import file_sha256
 from fairseq_kd.corpus import select
 from fairseq_kd.corpus.merging import kept_pairs
 from fairseq_kd.corpus.translators import ChunkTranslator, ct2_decoder
@@ -254,11 +255,21 @@ def max_source_positions(model_dir):
     return min(rows) if rows else DEFAULT_MAX_SOURCE
 
 
+def teacher_files(model_dir):
+    """The files of the teacher's folder that decide its output, those it has."""
+    return [(name, path) for name in ["model.bin", "config.json", *SEPARATE_SPM, *SHARED_SPM]
+            if os.path.isfile(path := os.path.join(model_dir, name))]
+
+
 def teacher_fingerprint(model_dir):
-    """Path, size and modification time of the files that decide the teacher's output."""
-    layout_files = ["model.bin", "config.json", *SEPARATE_SPM, *SHARED_SPM]
-    return [f"{name}:{st.st_size}:{int(st.st_mtime)}" for name in layout_files
-            if os.path.isfile(path := os.path.join(model_dir, name)) and (st := os.stat(path))]
+    """Name, size and SHA-256 of each file that decides the teacher's output.  Not their
+    modification times, which a copy or a fresh download changes while the teacher stays."""
+    return [f"{name}:{os.path.getsize(path)}:sha256:{file_sha256(path)}" for name, path in teacher_files(model_dir)]
+
+
+def legacy_teacher_fingerprint(model_dir):
+    """The fingerprint earlier versions saved: name, size and modification time of each file."""
+    return [f"{name}:{(st := os.stat(path)).st_size}:{int(st.st_mtime)}" for name, path in teacher_files(model_dir)]
 
 
 # ---------------------------------------------------------------- the raw split
@@ -357,6 +368,9 @@ class ExternalWorkDir(WorkDir):
                         n_lines=n_lines, teacher_fingerprint=teacher_fingerprint(args.teacher_ct2))
         settings.update(select.saved_settings(args))
         return settings
+
+    def legacy_fingerprints(self):
+        return legacy_teacher_fingerprint(self.args.teacher_ct2)
 
 
 # ---------------------------------------------------------------- the corpus

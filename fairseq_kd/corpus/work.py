@@ -49,6 +49,11 @@ class WorkDir:
         settings.update(select.saved_settings(args))
         return settings
 
+    def legacy_fingerprints(self):
+        """The teacher fingerprints earlier versions saved for this run's teacher files, in
+        the order of ``settings["teacher_fingerprint"]``."""
+        return [legacy_fingerprint(p) for p in self.args.path.split(":") if p]
+
     def prepare(self):
         """Check the saved settings against this run's and record this run's.
 
@@ -62,7 +67,7 @@ class WorkDir:
         if os.path.exists(settings_file):
             with open(settings_file) as f:
                 old = json.load(f)
-            upgraded = upgrade_fingerprints(old, self.settings)
+            upgraded = upgrade_fingerprints(old, self.settings, self.legacy_fingerprints())
             changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
             if changed == ["keep"] and saved_keep(old) > self.keep and has_saved_chunk(self.path):
                 self.keep = saved_keep(old)  # its chunks hold more candidates: the merge keeps the first
@@ -136,18 +141,17 @@ def legacy_fingerprint(path):
     return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
 
 
-def upgrade_fingerprints(old, settings):
+def upgrade_fingerprints(old, settings, legacy):
     """Replace in the saved settings ``old`` each earlier version's teacher fingerprint that
-    still matches its file (same path, size and time) by the checksum this version records;
-    whether any was.  One that no longer matches stays, and the run is refused as before."""
-    if "teacher_ct2" in settings:  # an external teacher's files keep their earlier fingerprint
-        return False
-    saved, paths = old.get("teacher_fingerprint"), settings["path"].split(":")
-    if not isinstance(saved, list) or len(saved) != len(paths):
+    still matches its file (``legacy``: what that version would save for this run's files) by
+    the checksum this version records; whether any was.  One that no longer matches stays,
+    and the run is refused as before."""
+    saved, new = old.get("teacher_fingerprint"), settings["teacher_fingerprint"]
+    if not isinstance(saved, list) or len(saved) != len(new) or len(legacy) != len(new):
         return False
     upgraded = False
-    for i, path in enumerate(paths):
-        if ":sha256:" not in saved[i] and os.path.isfile(path) and saved[i] == legacy_fingerprint(path):
-            saved[i] = settings["teacher_fingerprint"][i]
+    for i, fingerprint in enumerate(saved):
+        if ":sha256:" not in fingerprint and fingerprint == legacy[i]:
+            saved[i] = new[i]
             upgraded = True
     return upgraded
