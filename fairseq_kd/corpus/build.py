@@ -380,24 +380,32 @@ def prepare_split(args):
     return data, WorkDir(args, len(data)), None
 
 
-def build(args):
-    """``fairseq-kd corpus``: translate what is missing, then merge (or run one shard)."""
-    data, work, layout = prepare_split(args)
-    work.prepare()
-    # the chunks still to translate keep as many candidates as the saved ones (a larger
-    # saved --keep serves this one: the merge keeps the first --keep of each line)
-    merge_keep, args.keep = args.keep, work.keep
-    workers = args.workers or default_workers(args)
-    num_shards = args.num_shards or workers
-    started = time.time()
-    if args.shard_id is not None:
-        set_cpu_threads(args, 1)
-        prepare_backend(args)
-        run_workers(args, [args.shard_id], num_shards, 1)
-        done = len(shard_chunks(len(work.chunks), num_shards, args.shard_id))
-        print(f"shard {args.shard_id}/{num_shards}: {done} chunks done in {time.time() - started:.1f}s; "
-              "run again without --shard-id to merge")
-        return 0
+def decoding_args(args, keep):
+    """The workers' copy of the options: the chunks still to translate keep as many candidates
+    as the saved ones (a larger saved --keep serves this run: the merge keeps the first
+    --keep of each line)."""
+    decoding = argparse.Namespace(**vars(args))
+    decoding.keep = keep
+    return decoding
+
+
+def shard_count(args):
+    """--num-shards, by default one shard per worker process."""
+    return args.num_shards or args.workers or default_workers(args)
+
+
+def translate_given_shard(args, work):
+    """Translate the chunks of shard --shard-id not saved yet, in this process; how many
+    chunks the shard has."""
+    set_cpu_threads(args, 1)
+    prepare_backend(args)
+    run_workers(args, [args.shard_id], shard_count(args), 1)
+    return len(shard_chunks(len(work.chunks), shard_count(args), args.shard_id))
+
+
+def translate_pending(args, work):
+    """Translate the chunks not saved yet, over the workers of their shards."""
+    workers, num_shards = args.workers or default_workers(args), shard_count(args)
     pending_before = work.pending(range(len(work.chunks)))
     if len(pending_before) < len(work.chunks):
         print(f"resuming: {len(work.chunks) - len(pending_before)} of {len(work.chunks)} chunks already done")
@@ -410,7 +418,20 @@ def build(args):
     run_workers(args, todo, num_shards, workers)
     missing = work.pending(range(len(work.chunks)))
     require(not missing, f"{len(missing)} chunks were not translated; rerun to resume")
-    args.keep = merge_keep
+
+
+def build(args):
+    """``fairseq-kd corpus``: translate what is missing, then merge (or run one shard)."""
+    data, work, layout = prepare_split(args)
+    work.prepare()
+    decoding = decoding_args(args, work.keep)
+    started = time.time()
+    if args.shard_id is not None:
+        done = translate_given_shard(decoding, work)
+        print(f"shard {args.shard_id}/{shard_count(args)}: {done} chunks done in {time.time() - started:.1f}s; "
+              "run again without --shard-id to merge")
+        return 0
+    translate_pending(decoding, work)
     if layout is not None:
         report = external.merge(args, data, work, layout, time.time() - started)
     else:
