@@ -200,7 +200,7 @@ def test_ship_students_step_ships_each_students_evaluated_checkpoint_in_half_pre
                                       "SHIP_STUDENTS": "seq_kd word-kd"}, "ship_students", check=False)
     assert proc.returncode != 0 and "RUN:" not in proc.stdout
     assert proc.stderr.strip().endswith("ship_students: word-kd is not a student of this study (baseline seq_kd "
-                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned_seq_kd); set SHIP_STUDENTS")
+                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned50_seq_kd pruned80_seq_kd); set SHIP_STUDENTS")
 
 
 def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
@@ -213,7 +213,7 @@ def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
     trained = commands("students", "prune")
     script = (f'source "{REPO}/recipes/bible_es_en/config.sh"; source "{REPO}/recipes/common/pipeline.sh"; '
               'resolve_devices; for m in $METHODS; do student_train_args "$m"; printf "%q " "${TRAIN_ARGS[@]}"; '
-              'echo; done; pruned_train_args; printf "%q " "${TRAIN_ARGS[@]}"; echo')
+              'echo; done; pruned_train_args pruned_seq_kd; printf "%q " "${TRAIN_ARGS[@]}"; echo')
     e = env()
     e.update(PROFILE="cpu", GPUS="cpu", WORK=str(tmp_path / "bible_es_en"))
     shown = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e, check=True).stdout
@@ -224,6 +224,29 @@ def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
     first_run = trained[-1]
     restore = first_run.index("--restore-file")
     assert first_run[:restore] + first_run[restore + 6:] == shown[-1]
+
+
+def test_several_prune_ratios_prune_the_trained_student_once_each(tmp_path):
+    """PRUNE_RATIO="0.5 0.8": two pruned students, each pruned from the trained (dense) student
+    to its own ratio and retrained with its own mask; both exported and evaluated."""
+    cmds = dry_run_commands("bible_es_en", tmp_path, "prune", "export", PROFILE="cpu", PRUNE_RATIO="0.5 0.8")
+    work = f"{tmp_path}/bible_es_en"
+    prunes = [c for c in cmds if c[1:2] == ["prune"]]
+    assert [(c[c.index("--path") + 1], c[c.index("--ratio") + 1], c[c.index("--out") + 1]) for c in prunes] == [
+        (f"{work}/student_seq_kd/checkpoint_last.pt", ratio, f"{work}/pruned/seq_kd.{pct}.pt")
+        for ratio, pct in (("0.5", 50), ("0.8", 80))]
+    retrains = [c for c in cmds if c[0] == "fairseq-train"]
+    assert [(c[c.index("--save-dir") + 1], c[c.index("--prune-mask") + 1], c[c.index("--restore-file") + 1])
+            for c in retrains] == [(f"{work}/student_pruned{pct}_seq_kd", f"{work}/pruned/seq_kd.{pct}.mask.pt",
+                                    f"{work}/pruned/seq_kd.{pct}.pt") for pct in (50, 80)]
+    exported = [c[c.index("--path") + 1] for c in cmds if c[1:2] == ["export"]]
+    assert [p for p in exported if "pruned" in p] == [
+        f"{work}/student_pruned{pct}_seq_kd/checkpoint_last.pt" for pct in (50, 80)]
+    # cpu_converged prunes to Kim & Rush's 80% beside 50% by default; cpu keeps its single student
+    for profile, names in (("cpu_converged", ["pruned50_seq_kd", "pruned80_seq_kd"]), ("cpu", ["pruned_seq_kd"])):
+        exported = [c[c.index("--path") + 1] for c in dry_run_commands("bible_es_en", tmp_path, "export", PROFILE=profile)
+                    if c[1:2] == ["export"]]
+        assert [p.rsplit("/", 2)[1] for p in exported if "pruned" in p] == [f"student_{n}" for n in names]
 
 
 @pytest.mark.parametrize("best_epoch, resumes", [(16, False), (17, True)])
@@ -453,7 +476,7 @@ def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_p
     trained = [c for c in cmds if c[0] == "fairseq-train"]
     names = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in trained]
     assert names == ["student_" + m for m in ("baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd",
-                                               "ckd", "a2d", "seq_inter", "pruned_seq_kd")]
+                                               "ckd", "a2d", "seq_inter", "pruned50_seq_kd", "pruned80_seq_kd")]
     # word-level terms read the teacher's top-8 from caches built once over the folder each trains on
     caches = {train_option(c, "--out").rsplit("/", 1)[1]: c[2].rsplit("/", 1)[1]
               for c in cmds if c[1:2] == ["cache-teacher"]}
@@ -546,7 +569,8 @@ def test_converged_report_adds_curves_significance_and_hypotheses(tmp_path):
     table, curves, hypotheses = kd["table"], kd["curves"], kd["hypotheses"]
     assert train_option(table, "--baseline") == "baseline" and train_option(table, "--teacher") == "teacher"
     assert train_option(table, "--significance") == str(work / "raw" / "test.en")
-    students = ["baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd", "ckd", "a2d", "seq_inter", "pruned_seq_kd"]
+    students = ["baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd", "ckd", "a2d", "seq_inter", "pruned50_seq_kd",
+                "pruned80_seq_kd"]
     assert [curves[i + 1] for i, a in enumerate(curves) if a == "--log"] == [
         f"{name}={work}/logs/student_{name}.log" for name in students]
     assert train_option(curves, "--metric") == "bleu"

@@ -539,17 +539,56 @@ in_slots() {
   [ -z "$failed" ] || die "$what failed:$failed (see $WORK/logs/student_$prefix*.log)"
 }
 
+# pruned_names: the pruned students, one per ratio of PRUNE_RATIO, each pruned from the
+# trained PRUNE_FROM: pruned_FROM for a single ratio, prunedPCT_FROM for several
+# (PRUNE_RATIO="0.5 0.8": pruned50_seq_kd, pruned80_seq_kd).
+pruned_names() {
+  [ -n "$PRUNE_FROM" ] || return 0
+  # shellcheck disable=SC2086
+  set -- $PRUNE_RATIO
+  if [ $# = 1 ]; then echo "pruned_$PRUNE_FROM"; return; fi
+  local ratio
+  for ratio; do echo "pruned$(awk -v r="$ratio" 'BEGIN { printf "%d", r * 100 + 0.5 }')_$PRUNE_FROM"; done
+}
+
+# pruned_ratio NAME: the ratio of PRUNE_RATIO the pruned student NAME was pruned to.
+pruned_ratio() {
+  local wanted=$1 ratio
+  # shellcheck disable=SC2046
+  set -- $(pruned_names)
+  for ratio in $PRUNE_RATIO; do
+    [ "$1" != "$wanted" ] || { echo "$ratio"; return; }
+    shift
+  done
+}
+
+# pruned_file NAME: the pruned weights of the pruned student NAME before retraining (the
+# mask beside them: .mask.pt); $WORK/pruned/FROM.pt for a single ratio, FROM.PCT.pt for several.
+pruned_file() {
+  local tag=${1%%_*}
+  tag=${tag#pruned}
+  echo "$WORK/pruned/$PRUNE_FROM${tag:+.$tag}.pt"
+}
+
 step_prune() {
   [ -n "$PRUNE_FROM" ] || return 0
-  local name="pruned_$PRUNE_FROM" out=$WORK/pruned/$PRUNE_FROM.pt
+  local name
+  for name in $(pruned_names); do prune_and_retrain "$name"; done
+}
+
+# prune_and_retrain NAME: the trained PRUNE_FROM pruned to NAME's ratio, then retrained with
+# the mask held until PRUNE_TRAIN stops it.
+prune_and_retrain() {
+  local name=$1 out ratio stamp=${1/pruned/prune}
+  out=$(pruned_file "$name") ratio=$(pruned_ratio "$name")
   if is_done "student_$name"; then skip "student_$name"; return; fi
   in_methods "$PRUNE_FROM" || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
-  if ! is_done "prune_$PRUNE_FROM"; then
-    log "prune $PRUNE_FROM: ratio $PRUNE_RATIO -> $out"
+  if ! is_done "$stamp"; then
+    log "prune $PRUNE_FROM: ratio $ratio -> $out"
     run_cmd mkdir -p "$WORK/pruned"
-    run_logged "$WORK/logs/prune.log" fairseq-kd prune --path "$(student_checkpoint "$PRUNE_FROM")" \
-      --ratio "$PRUNE_RATIO" --out "$out"
-    mark_done "prune_$PRUNE_FROM"
+    run_logged "$WORK/logs/$stamp.log" fairseq-kd prune --path "$(student_checkpoint "$PRUNE_FROM")" \
+      --ratio "$ratio" --out "$out"
+    mark_done "$stamp"
   fi
   # Start from the pruned weights once; a resumed run continues from its own checkpoint_last.pt.
   local start=(--restore-file "$out" --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters)
@@ -557,7 +596,7 @@ step_prune() {
   log "retrain $name with the mask held (log: $WORK/logs/student_$name.log)"
   # shellcheck disable=SC2086
   if ! early_stopped "$WORK/student_$name" $PRUNE_TRAIN; then
-    pruned_train_args "${start[@]}"
+    pruned_train_args "$name" "${start[@]}"
     run_logged "$WORK/logs/student_$name.log" "${TRAIN_ARGS[@]}"
   fi
   mark_done "student_$name"
@@ -739,12 +778,15 @@ $table
 MD
 }
 
-# pruned_train_args [START...]: TRAIN_ARGS becomes the fairseq-train command line that
-# retrains the pruned $PRUNE_FROM with its mask held (START: the options of its first run).
+# pruned_train_args NAME [START...]: TRAIN_ARGS becomes the fairseq-train command line that
+# retrains the pruned student NAME with its mask held (START: the options of its first run).
 pruned_train_args() {
+  local name=$1 mask
+  shift
+  mask=$(pruned_file "$name")
   # shellcheck disable=SC2046,SC2086
-  train_args "student_pruned_$PRUNE_FROM" "$(method_data "$PRUNE_FROM")" \
-    $(method_args "$PRUNE_FROM") --prune-mask "$WORK/pruned/$PRUNE_FROM.mask.pt" "$@" \
+  train_args "student_$name" "$(method_data "$PRUNE_FROM")" \
+    $(method_args "$PRUNE_FROM") --prune-mask "${mask%.pt}.mask.pt" "$@" \
     $STUDENT_ARGS $PRUNE_TRAIN $STUDENT_VALID $STUDENT_SAVE
 }
 
@@ -756,7 +798,7 @@ student_checkpoint() {
 
 student_names() {
   echo $METHODS
-  [ -z "$PRUNE_FROM" ] || echo "pruned_$PRUNE_FROM"
+  pruned_names
   finetune_names
 }
 
@@ -939,7 +981,7 @@ MD
 | students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | $(corpora_setting) |
-| pruning | $(if [ -n "$PRUNE_FROM" ]; then echo "\`$PRUNE_FROM\` pruned to $PRUNE_RATIO (class-blind), retrained \`$PRUNE_TRAIN\`"; else echo "none (PRUNE_FROM empty)"; fi) |
+| pruning | $(if [ -n "$PRUNE_FROM" ]; then echo "\`$PRUNE_FROM\` pruned to $(echo $PRUNE_RATIO | sed 's/ / and /g') (class-blind, each from the trained student), retrained \`$PRUNE_TRAIN\`"; else echo "none (PRUNE_FROM empty)"; fi) |
 $(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g; s|$REPO/||g")"; done)
 $([ -z "$FINETUNE_FROM" ] || finetune_settings)
 
@@ -1152,10 +1194,10 @@ machine_setting() {
 student_provenance() {
   local name=$1 dir=$2 method=$1 ckpt teacher= corpus
   ckpt=$(student_checkpoint "$name")
-  if [[ $name == pruned_* ]]; then
-    method=${name#pruned_}
-    corpus="$(method_corpus "$method"), pruned to $PRUNE_RATIO (fairseq-kd prune) and retrained with the mask held"
-    pruned_train_args
+  if [[ $name == pruned* ]]; then
+    method=$PRUNE_FROM
+    corpus="$(method_corpus "$method"), pruned to $(pruned_ratio "$name") (fairseq-kd prune) and retrained with the mask held"
+    pruned_train_args "$name"
   else
     corpus=$(method_corpus "$method")
     student_train_args "$name"

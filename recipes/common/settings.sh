@@ -147,7 +147,10 @@ CORPUS_BACKEND=${CORPUS_BACKEND:-$(profile_value fairseq ctranslate2)}
 CT2_QUANT=${CT2_QUANT-int8}                   # CTranslate2 rows of the evaluation (space-separated; "" = none)
 MAX_LEN_A=${MAX_LEN_A:-1.5} MAX_LEN_B=${MAX_LEN_B:-10}
 PRUNE_FROM=${PRUNE_FROM-seq_kd}               # student pruned and retrained ("" = no pruning)
-PRUNE_RATIO=${PRUNE_RATIO:-0.5}
+# PRUNE_RATIO: the fraction of its weights set to zero; several values: one pruned student
+# each, every one pruned from the trained PRUNE_FROM (pruned_FROM for one ratio, prunedPCT_FROM
+# for several: cpu_converged's pruned50_seq_kd and pruned80_seq_kd, Kim & Rush's 80% beside 50%)
+PRUNE_RATIO=${PRUNE_RATIO:-$(profile_value 0.5 0.5 "0.5 0.8")}
 PRUNE_TRAIN=${PRUNE_TRAIN:-$(profile_value \
   "--max-epoch 15 --patience 5" \
   "--max-update 800 --stop-time-hours 1" \
