@@ -97,4 +97,6 @@ def save_checkpoint(state, out):
     """Write ``state`` to ``out`` (its folder created) as fairseq saves: plain containers, no omegaconf."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     state["cfg"] = plain_cfg(state.get("cfg"))
-    torch.save(state, out)
+    # whole or not at all: the recipes reuse an average that exists (a killed write left none)
+    torch.save(state, out + ".tmp")
+    os.replace(out + ".tmp", out)

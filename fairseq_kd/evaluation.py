@@ -258,27 +258,32 @@ def external_decoder(spec, entry, report):
 BUFFER_SUFFIXES = ("version", "_float_tensor")
 
 
-def unique_parameter_count(state_dict, model_cfg=None):
-    """The number of parameters in ``state_dict``, each tied tensor counted once.
+def unique_parameter_count(state_dict, model_cfg=None, nonzero=False):
+    """The number of parameters in ``state_dict``, each tied tensor counted once
+    (``nonzero``: only those that are not zero, what a pruned model still holds).
 
     Ties are read from the model config's ``share_*`` flags, and from shared
     storage for other architectures (:func:`fairseq_kd.pruning.canonical_names`):
     storage alone misses them in checkpoints of GPU or fp16 runs, which fairseq
     moves to the CPU tensor by tensor (one copy per key).
     """
+    import torch
+
     from fairseq_kd.pruning import canonical_names
 
     canonical = canonical_names(state_dict, model_cfg)
-    return sum(value.numel() for key, value in state_dict.items()
+    size = (lambda t: int(torch.count_nonzero(t))) if nonzero else (lambda t: t.numel())
+    return sum(size(value) for key, value in state_dict.items()
                if canonical[key] == key and not key.endswith(BUFFER_SUFFIXES))
 
 
-def count_parameters(checkpoint):
-    """Parameters of the model in a checkpoint (tied embeddings counted once)."""
+def count_parameters(checkpoint, nonzero=False):
+    """Parameters of the model in a checkpoint (tied embeddings counted once; ``nonzero``:
+    those that are not zero)."""
     from fairseq_kd.checkpoint import checkpoint_model_cfg, load_checkpoint_state
 
     state = load_checkpoint_state(checkpoint)
-    return unique_parameter_count(state["model"], checkpoint_model_cfg(state))
+    return unique_parameter_count(state["model"], checkpoint_model_cfg(state), nonzero)
 
 
 def model_folder(spec):
@@ -321,7 +326,8 @@ def evaluate(spec, report=print):
     else:
         checkpoint = params_checkpoint(spec, folder)
         entry = {"name": name, "checkpoint": checkpoint, "params": count_parameters(checkpoint),
-                 "device": device, "sentences": len(refs)}
+                 "nonzero_params": count_parameters(checkpoint, nonzero=True), "device": device,
+                 "sentences": len(refs)}
     decoder = None
     if spec.teacher_ct2:
         decoder = external_decoder(spec, entry, report)

@@ -144,6 +144,9 @@ def markdown_table(results, baseline=None, teacher=None, significance=None, spee
         for d in DECODINGS:
             columns.append((f"BLEU {d} 95% CI", lambda s, d=d: interval(significance[d][s["name"]])))
     fixed = [("params", lambda s: f"{s['params'] / 1e6:.1f}M")]
+    if any(is_sparse(s) for s in results["systems"]):
+        fixed.append(("non-zero params", lambda s: f"{s['nonzero_params'] / 1e6:.1f}M" if "nonzero_params" in s
+                      else "-"))
     for d in DECODINGS:
         fixed += [(f"BLEU {d}", lambda s, d=d: f"{s[d]['bleu']:.1f}"), (f"chrF {d}", lambda s, d=d: f"{s[d]['chrf']:.1f}")]
         if speed:
@@ -163,6 +166,12 @@ def markdown_table(results, baseline=None, teacher=None, significance=None, spee
                      f"(bootstrap mean ± half-width); signature `{significance['signature']}`  ")
     lines.append(f"beam search: beam {results['systems'][0]['beam']['beam']}; device: {results.get('device')}")
     return "\n".join(lines) + "\n"
+
+
+def is_sparse(system):
+    """Whether a system holds noticeably fewer non-zero parameters than parameters (a pruned
+    model; a dense one has a few exact zeros, e.g. the padding embedding)."""
+    return "nonzero_params" in system and system["nonzero_params"] < 0.99 * system["params"]
 
 
 def p_value_note(significance, decoding, system):

@@ -267,7 +267,7 @@ class StudentShipment:
     corpus: str  # what the student trained on, in words
     teacher: str  # the teacher it learned from, in words ("" for none: the baseline)
     model_args: str  # the student's model options (STUDENT_ARGS)
-    checkpoint_choice: str  # STUDENT_CHECKPOINT: best or last
+    checkpoint_choice: str  # the checkpoint used: best, last or avgN (the mean of the last N)
     stale: str  # epochs from the best checkpoint to the last ("" when unknown)
     patience: str  # --patience of the run ("" for none)
     machine: str
@@ -278,6 +278,16 @@ class StudentShipment:
     test: str  # the test reference, named without a path of the machine
     test_lines: int
     roots: tuple = ()  # folders whose paths become relative in the README (work, repository)
+
+
+AVERAGED = re.compile(r"avg(\d+)")
+
+
+def checkpoint_words(kind, label):
+    """The checkpoint a student is used from (checkpoint_KIND.pt), in words."""
+    if averaged := AVERAGED.fullmatch(kind):
+        return f"the mean of its last {averaged.group(1)} checkpoints (`fairseq-kd average`)"
+    return {"best": f"the one with the best valid {label}", "last": "the last one saved"}.get(kind, kind)
 
 
 def checkpoint_facts(checkpoint, curve):
@@ -329,8 +339,8 @@ def student_readme(folder, model_file, checkpoint, train_log, s):
     require(system["name"] == s.name == checked["name"],
             f"{folder}: its results files score {system['name']} and {checked['name']}, not {s.name}")
     command = portable_text(shlex.join(s.train_command), s.roots)
-    choice = {"best": f"the one with the best valid {label}", "last": "the last one saved"}.get(
-        s.checkpoint_choice, s.checkpoint_choice)
+    choice = checkpoint_words(s.checkpoint_choice, label)
+    averaged = AVERAGED.fullmatch(s.checkpoint_choice) is not None
     teacher = portable_text(s.teacher, s.roots) if s.teacher else "none: no KD, the gold targets only"
     rows = [
         ("method", f"`{s.name}`: trained on {portable_text(s.corpus, s.roots)}"),
@@ -340,10 +350,11 @@ def student_readme(folder, model_file, checkpoint, train_log, s):
                   f"(`fairseq-kd export --half --portable`)"),
         ("data", f"{s.train_pairs} training pairs, encoded by `spm.model` and `dict.txt` ({s.vocab} "
                  f"entries): {portable_text(s.vocabulary, s.roots)}"),
-        ("checkpoint", f"`checkpoint_{s.checkpoint_choice}.pt`, {choice} (STUDENT_CHECKPOINT="
-                       f"{s.checkpoint_choice}, which the recipe's export and evaluate steps use too): "
+        ("checkpoint", f"`checkpoint_{s.checkpoint_choice}.pt`, {choice} (the one the recipe's export and "
+                       f"evaluate steps use too): {'the newest of them at ' if averaged else ''}"
                        f"epoch {epoch}, {updates} updates"
-                       + (f", valid {label} {at_checkpoint:.2f}" if at_checkpoint is not None else "")),
+                       + (f", valid {label} {at_checkpoint:.2f}" if at_checkpoint is not None and not averaged
+                          else "")),
         ("training to it", f"{update_hours:.2f} h in training updates (fairseq's `train_wall`, validation "
                            f"excluded), {wall_hours:.2f} h of fairseq's cumulative wall time; the students "
                            f"trained {s.jobs} at a time on the machine (STUDENT_JOBS={s.jobs})"),

@@ -386,11 +386,12 @@ def run_bible_recipe(work, *steps, check=True, **settings):
 
 
 def ship_tiny_students(work, methods="baseline", **settings):
-    """Train the students ``methods`` of a tiny cpu_converged study in ``work`` and ship every
-    one of them with the recipe's ship_students step into work/shipped_students/NAME; returns
-    that step's run."""
+    """Train the students ``methods`` of a tiny cpu_converged study in ``work``, let the
+    checkpoint step choose their checkpoint (the baseline's best or the mean of its last 5)
+    and ship every one of them with the recipe's ship_students step into
+    work/shipped_students/NAME; returns that step's run."""
     settings = {"METHODS": methods, "SHIP_STUDENTS": methods, **settings}
-    steps = ["prepare", "spm", "binarize", "teacher", "students"]
+    steps = ["prepare", "spm", "binarize", "teacher", "students", "checkpoint"]
     if methods != "baseline":
         steps.insert(4, "corpus")  # the teacher's translations, for seq_kd
     run_bible_recipe(work, *steps, **settings)

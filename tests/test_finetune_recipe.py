@@ -95,8 +95,9 @@ def test_without_finetune_from_nothing_is_fine_tuned(tmp_path):
 
 def test_finetune_commands_start_every_run_from_one_checkpoint_with_the_same_budget(tmp_path):
     work = tmp_path / "bible_es_en"
-    source = work / "student_seq_kd" / "checkpoint_best.pt"  # cpu_converged evaluates each student's best
+    source = work / "student_seq_kd" / "checkpoint_best.pt"
     fake_checkpoint(source, 20000, 7.25 * 3600, lr=2.2e-4)
+    (work / "checkpoint_choice").write_text("best\n")  # the checkpoint step chose each student's best
     cmds = dry_run_commands("bible_es_en", tmp_path, "finetune", "export", "evaluate", "report",
                             PROFILE="cpu_converged", GPUS="", FINETUNE_FROM="seq_kd", FINETUNE_METHODS=RUNS,
                             FINETUNE_MINUTES="45", FINETUNE_ARGS_onpolicy_kd_b0_5="--sample-temperature 0.5")

@@ -55,6 +55,15 @@ def test_prune_fp16_saved_checkpoint_with_embeddings_then_retrain(
     kept = torch.cat([original[n][m].abs() for n, m in masks.items()])
     dropped = torch.cat([original[n][~m].abs() for n, m in masks.items()])
     assert dropped.max() <= kept.min()
+    # the results' non-zero parameter count: the model's parameters (ties once) that are not zero
+    from fairseq import checkpoint_utils
+
+    from fairseq_kd.evaluation import count_parameters
+
+    [model], _ = checkpoint_utils.load_model_ensemble([str(out)])
+    assert count_parameters(str(out), nonzero=True) == sum(int((p != 0).sum()) for p in model.parameters())
+    assert count_parameters(str(out)) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(str(out), nonzero=True) <= count_parameters(str(out)) - round(0.5 * n_selected)
     # every copy of the tied matrix carries the same pruning (fairseq loads each key in turn)
     for key in TIED:
         assert torch.equal(pruned[key] == 0, ~masks[TIED[0]]), key

@@ -177,7 +177,8 @@ def test_ship_students_step_ships_each_students_evaluated_checkpoint_in_half_pre
     assert [c[1] for c in kd] == ["export", "evaluate", "spm", "evaluate"] * 2
     for name, (export, evaluate, spm, check) in zip(("baseline", "seq_kd"), (kd[:4], kd[4:])):
         partial = shipped / f"{name}.partial"  # written beside its place, then moved there
-        assert train_option(export, "--path") == str(work / f"student_{name}" / "checkpoint_best.pt")
+        # cpu_converged's checkpoint is the checkpoint step's choice: a dry run names its placeholder
+        assert train_option(export, "--path") == str(work / f"student_{name}" / "checkpoint_best_or_avg5.pt")
         assert train_option(export, "--out") == str(partial / "student.pt")
         assert "--half" in export and "--portable" in export and train_option(export, "--data") == str(work / "bin")
         for scored, results in ((evaluate, "evaluation.json"), (check, "evaluation.check.json")):
@@ -247,6 +248,69 @@ def test_several_prune_ratios_prune_the_trained_student_once_each(tmp_path):
         exported = [c[c.index("--path") + 1] for c in dry_run_commands("bible_es_en", tmp_path, "export", PROFILE=profile)
                     if c[1:2] == ["export"]]
         assert [p.rsplit("/", 2)[1] for p in exported if "pruned" in p] == [f"student_{n}" for n in names]
+
+
+# fairseq-kd as the checkpoint step calls it: each call is logged; average writes its --out,
+# evaluate records --name with the greedy BLEU FAKE_SCORES gives it
+FAKE_FAIRSEQ_KD = """#!/usr/bin/env python3
+import json, os, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+value = lambda option: args[args.index(option) + 1]
+if args[0] == "average":
+    open(value("--out"), "w").close()
+elif args[0] == "evaluate":
+    path = value("--results")
+    results = json.load(open(path)) if os.path.exists(path) else {"systems": []}
+    bleu = json.loads(os.environ["FAKE_SCORES"])[value("--name")]
+    results["systems"].append({"name": value("--name"), "greedy": {"bleu": bleu}, "beam": {"bleu": bleu}})
+    json.dump(results, open(path, "w"))
+"""
+
+
+@pytest.mark.parametrize("best, average, expected", [(20.0, 20.5, "avg5"), (20.5, 20.5, "best"), (21.0, 20.5, "best")])
+def test_checkpoint_step_uses_the_kind_that_scores_the_baseline_higher(tmp_path, best, average, expected):
+    """STUDENT_CHECKPOINT=choose (cpu_converged): the baseline's best checkpoint and the mean of its
+    last 5 translate the validation split; every student is then used from the kind that scored
+    the higher greedy BLEU (a tie keeps best); a rerun keeps the choice."""
+    work, stub = tmp_path / "work", tmp_path / "bin"
+    for folder in (work / "done", work / "student_baseline", stub):
+        folder.mkdir(parents=True)
+    (work / "done" / "student_baseline").touch()
+    (work / "student_baseline" / "checkpoint_last.pt").touch()
+    (stub / "fairseq-kd").write_text(FAKE_FAIRSEQ_KD)
+    (stub / "fairseq-kd").chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    settings = {"WORK": str(work), "GPUS": "cpu", "PROFILE": "cpu_converged", "FAKE_CALLS": str(calls),
+                "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}",
+                "FAKE_SCORES": json.dumps({"baseline (best)": best, "baseline (avg5)": average})}
+    run_recipe("bible_es_en", settings, "checkpoint")
+    assert (work / "checkpoint_choice").read_text() == expected + "\n"
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert made[0] == ["average", "--dir", f"{work}/student_baseline", "--last", "5",
+                       "--out", f"{work}/student_baseline/checkpoint_avg5.pt"]
+    evaluated = [(c[c.index("--checkpoint") + 1], c[c.index("--gen-subset") + 1], c[c.index("--ref") + 1])
+                 for c in made[1:]]
+    assert evaluated == [(f"{work}/student_baseline/checkpoint_{kind}.pt", "valid", f"{work}/raw/valid.en")
+                         for kind in ("best", "avg5")]
+    # the students are then exported from that kind; a rerun chooses nothing again
+    export = dry_run_commands("bible_es_en", tmp_path, "export", PROFILE="cpu_converged", WORK=str(work))
+    paths = [c[c.index("--path") + 1] for c in export if c[1:2] == ["export"]]
+    assert paths and all(p.endswith(f"/checkpoint_{expected}.pt") for p in paths)
+    assert (("fairseq-kd", "average") in {tuple(c[:2]) for c in export}) == (expected == "avg5")
+    rerun = run_recipe("bible_es_en", settings, "checkpoint")
+    assert f"skip checkpoint (chose {expected};" in rerun.stdout and len(calls.read_text().splitlines()) == 3
+
+
+def test_checkpoint_choice_needs_a_trained_baseline(tmp_path):
+    settings = {"WORK": str(tmp_path / "work"), "GPUS": "cpu", "PROFILE": "cpu_converged"}
+    proc = run_recipe("bible_es_en", {**settings, "METHODS": "seq_kd"}, "checkpoint", check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].endswith(
+        "STUDENT_CHECKPOINT=choose compares the baseline's checkpoints: add baseline to METHODS, "
+        "or set STUDENT_CHECKPOINT to best, last or average")
+    proc = run_recipe("bible_es_en", settings, "export", check=False)
+    assert proc.returncode != 0 and "STUDENT_CHECKPOINT=choose: nothing chosen yet" in proc.stderr
 
 
 @pytest.mark.parametrize("best_epoch, resumes", [(16, False), (17, True)])
@@ -460,6 +524,15 @@ def test_table_compares_with_the_baseline():
     assert "vs" not in markdown_table(results).splitlines()[0]  # unchanged without --baseline
     with pytest.raises(KDError, match="--baseline teacher: no such system"):
         markdown_table(results, "teacher")
+    # a pruned row (a non-zero count well below its parameters) adds the non-zero column; a row
+    # evaluated before counts were recorded shows none
+    assert "non-zero" not in markdown_table(results).splitlines()[0]
+    dense = {**system("seq_kd", 39.3, 40.0), "nonzero_params": 7.6e6 - 128}  # the zero padding embedding
+    assert "non-zero" not in markdown_table({"systems": [dense]}).splitlines()[0]
+    pruned = {**system("pruned80_seq_kd", 38.0, 39.0), "nonzero_params": 2.1e6}
+    rows = markdown_table({"systems": [*results["systems"], pruned]}).splitlines()
+    assert rows[0].startswith("| system | params | non-zero params | BLEU greedy |")
+    assert [row.split(" | ")[1:3] for row in rows[2:5]] == [["7.6M", "-"], ["7.6M", "-"], ["7.6M", "2.1M"]]
 
 
 def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_path):
@@ -499,7 +572,11 @@ def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_p
     seq_word = trained[names.index("student_seq_word_kd")]
     assert seq_word[1].endswith("/distilled") and train_option(seq_word, "--word-kd-alpha") == "0.5"
     exported = [train_option(c, "--path") for c in cmds if c[1:2] == ["export"]]
-    assert {p.rsplit("/", 1)[1] for p in exported} == {"checkpoint_best.pt"}
+    # the checkpoint step (after the students) chooses best or the average: a dry run names its placeholder
+    assert {p.rsplit("/", 1)[1] for p in exported} == {"checkpoint_best_or_avg5.pt"}
+    checkpoint = [c for c in cmds if c[1:2] == ["evaluate"] and "valid" in c]
+    assert [train_option(c, "--checkpoint").rsplit("/", 2)[1:] for c in checkpoint] == [
+        ["student_baseline", "checkpoint_best.pt"], ["student_baseline", "checkpoint_avg5.pt"]]
     for cmd in cmds:
         check_options(cmd)
 
@@ -602,6 +679,12 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
         lines = [line for k, b in enumerate(bleus, 1) for line in (valid_line(k, 100 * k, b, 6.0),
                                                                     train_line(k, 100 * k, 720, 800 * k))]
         (work / "logs" / f"student_{name}.log").write_text("\n".join(lines) + "\n")
+    # the checkpoint step's comparison on valid and its choice
+    chosen = json.loads(open(results).read())
+    chosen["systems"] = [{**system, "name": f"baseline ({kind})"} for system, kind in
+                         zip([s for s in chosen["systems"] if s["name"] in ("baseline", "seq_kd")], ("best", "avg5"))]
+    (work / "checkpoints.json").write_text(json.dumps(chosen))
+    (work / "checkpoint_choice").write_text("avg5\n")
     run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu_converged", "GPUS": "cpu", "CT2_QUANT": "",
                                "METHODS": "baseline seq_kd", "PRUNE_FROM": "", "RESULTS_MD": str(docs / "results.md"),
                                "PLOT_DIR": str(docs)}, "report")
@@ -617,6 +700,13 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     shipped = docs / "hypotheses" / "bible_es_en_cpu_converged"
     assert sorted(p.name for p in shipped.iterdir()) == sorted(
         [f"results.{n}.{d}.txt.xz" for n in rows for d in ("greedy", "beam")] + ["test.en.xz", "README.md"])
+    # which checkpoint: the comparison on valid, the choice every student is evaluated from
+    assert "### Which checkpoint" in page and "| baseline (avg5) |" in page and "| baseline (best) |" in page
+    assert "greedy BLEU, `checkpoint_avg5.pt`, is the kind every student above is evaluated" in page
+    assert "evaluated (and pruned) from each student's `checkpoint_avg5.pt` (the mean of its last 5 checkpoints" in page
+    # Kim & Rush's rows beside ours; what was not run says so
+    assert "### Beside Kim & Rush (2016)" in page and "| 2x500 Seq-KD | 84M | 18.9 | 19.0 | -0.6 / -0.5 |" in page
+    assert "| `word_kd` | not run |" in page
     # the repository's paths, not this machine's
     assert "--teacher-path examples/teacher/teacher.pt --criterion seq_kd" in page
     assert "| teacher | `examples/teacher/teacher.pt` (TEACHER_PATH: not trained by the recipe) |" in page

@@ -101,9 +101,9 @@ def test_the_check_passes_on_a_tiny_student_the_recipe_shipped(tiny_shipment, tm
                                           machine_paths=(str(work), str(REPO), HOME))
     assert documented["sentences"] == 20 and json.loads((folder / "evaluation.json").read_text())[
         "systems"][0]["sentences"] == 40
-    # the shipped weights are the evaluated checkpoint's (checkpoint_best.pt), in float16
+    # the shipped weights are the evaluated checkpoint's (the checkpoint step's choice), in float16
     shipped = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
-    trained = torch.load(work / "student_baseline" / "checkpoint_best.pt", map_location="cpu",
+    trained = torch.load(work / "student_baseline" / f"checkpoint_{chosen(work)}.pt", map_location="cpu",
                          weights_only=False)["model"]
     assert shipped["model"].keys() == trained.keys()
     for key, value in trained.items():
@@ -158,6 +158,37 @@ def test_the_check_fails_a_folder_that_does_not_reproduce_or_leaks_a_path(tiny_s
     assert problems[-1] == f"student.pt: cfg.task.data is a path of the machine: {work / 'bin'}"
 
 
+def chosen(work):
+    """The checkpoint kind the checkpoint step chose: best or avg5."""
+    return (work / "checkpoint_choice").read_text().strip()
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+@pytest.mark.slow  # the recipe trains and ships a tiny student (~100 s)
+def test_the_checkpoint_step_chooses_the_baselines_better_checkpoint_on_valid(tiny_shipment):
+    """STUDENT_CHECKPOINT=choose: the baseline's best checkpoint against the mean of its last 5
+    epoch checkpoints, both translating the validation split; the higher greedy BLEU wins."""
+    work, _ = tiny_shipment
+    student = work / "student_baseline"
+    # the average is the mean of the 5 epoch checkpoints, computed here independently
+    epochs = [weights(student / f"checkpoint{e}.pt") for e in range(1, 6)]
+    averaged = weights(student / "checkpoint_avg5.pt")
+    for key, value in averaged.items():
+        if value.is_floating_point():
+            expected = sum(e[key].double() for e in epochs) / 5
+            assert torch.allclose(value.double(), expected, atol=1e-6), key
+    scores = {s["name"]: s for s in json.loads((work / "checkpoints.json").read_text())["systems"]}
+    assert sorted(scores) == ["baseline (avg5)", "baseline (best)"]
+    valid = (work / "raw" / "valid.en").read_text().splitlines()
+    for name, system in scores.items():
+        assert system["sentences"] == len(valid) == 30
+    greedy = {name: system["greedy"]["bleu"] for name, system in scores.items()}
+    assert chosen(work) == ("avg5" if greedy["baseline (avg5)"] > greedy["baseline (best)"] else "best")
+
+
 def readme_rows(readme):
     return dict(re.findall(r"^\| ([^|]+) \| (.+) \|$", readme, re.M))
 
@@ -169,13 +200,19 @@ def test_readme_says_how_the_student_was_trained(tiny_shipment):
     readme = (folder / "README.md").read_text()
     assert readme in log  # the step prints it
     rows = readme_rows(readme)
-    state = torch.load(work / "student_baseline" / "checkpoint_best.pt", map_location="cpu", weights_only=False)
+    state = torch.load(work / "student_baseline" / f"checkpoint_{chosen(work)}.pt", map_location="cpu",
+                       weights_only=False)
     updates = state["optimizer_history"][-1]["num_updates"]
     curve = read_log(work / "logs" / "student_baseline.log", "baseline")
     epoch = curve.validations[updates]["epoch"]
-    assert rows["checkpoint"] == ("`checkpoint_best.pt`, the one with the best valid BLEU (STUDENT_CHECKPOINT=best, "
-                                  "which the recipe's export and evaluate steps use too): "
-                                  f"epoch {epoch}, {updates} updates, valid BLEU {curve.validations[updates]['bleu']:.2f}")
+    if chosen(work) == "best":
+        assert rows["checkpoint"] == (
+            "`checkpoint_best.pt`, the one with the best valid BLEU (the one the recipe's export and evaluate "
+            f"steps use too): epoch {epoch}, {updates} updates, valid BLEU {curve.validations[updates]['bleu']:.2f}")
+    else:
+        assert rows["checkpoint"] == (
+            "`checkpoint_avg5.pt`, the mean of its last 5 checkpoints (`fairseq-kd average`) (the one the recipe's "
+            f"export and evaluate steps use too): the newest of them at epoch {epoch}, {updates} updates")
     train_hours = sum(stats["train_wall"] for e, stats in curve.epochs.items() if e <= epoch) / 3600
     wall_hours = state["extra_state"]["previous_training_time"] / 3600
     assert rows["training to it"] == (

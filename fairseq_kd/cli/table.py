@@ -23,6 +23,11 @@ def add_arguments(p):
                         "must be among them")
     p.add_argument("--bootstrap-samples", type=int, default=BOOTSTRAP_SAMPLES,
                    help="resamples of the paired bootstrap test")
+    p.add_argument("--kim-rush", action="store_true",
+                   help="print instead Kim & Rush (2016)'s WMT14 En-De rows beside this study's systems that "
+                        "do the same (teacher, baseline, word_kd, seq_kd, seq_word_kd, pruned80_seq_kd): BLEU "
+                        "against each one's teacher beam score and no-KD student (--teacher, --baseline: "
+                        "ours, default teacher and baseline)")
     p.add_argument("--no-speed", action="store_true",
                    help="leave out the sentences/s columns (for systems scored while other jobs ran, "
                         "whose speeds mean nothing)")
@@ -30,6 +35,11 @@ def add_arguments(p):
 
 def run(args):
     results = read_results(args.results)
+    if args.kim_rush:
+        from fairseq_kd.published import kim_rush_table
+
+        print(kim_rush_table(results, args.teacher or "teacher", args.baseline or "baseline"), end="")
+        return
     if args.systems is not None:
         for option, name in (("--baseline", args.baseline), ("--teacher", args.teacher)):
             require(name is None or name in args.systems, f"{option} {name}: not one of --systems")

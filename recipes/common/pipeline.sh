@@ -14,6 +14,9 @@
 #   cache     fairseq-kd cache-teacher: the teacher's top-$CACHE_TOPK distributions for the
 #             methods in $CACHE_METHODS (gold folder, or the distilled one for seq_word_kd)
 #   students  fairseq-train, one student per method in $METHODS, $STUDENT_JOBS at once
+#   checkpoint (only STUDENT_CHECKPOINT=choose) the baseline's best checkpoint against the mean
+#             of its last $AVERAGE_LAST, on the validation split; the better one (greedy BLEU)
+#             is used for every student                       -> $WORK/checkpoint_choice
 #   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
 #   finetune  (only with FINETUNE_FROM) fine-tune that student's checkpoint once per run of
 #             $FINETUNE_METHODS for $FINETUNE_MINUTES of wall clock each   -> $WORK/student_ft_<run>
@@ -39,10 +42,10 @@
 # redo a step.  `run.sh STEP...` runs only the named steps; DRY_RUN=1 prints
 # the commands instead of running them.
 
-PIPELINE_STEPS="prepare spm binarize teacher corpus cache students prune finetune export evaluate report"
+PIPELINE_STEPS="prepare spm binarize teacher corpus cache students checkpoint prune finetune export evaluate report"
 # TEACHER_CT2: the teacher's text comes first, the students' vocabulary is made from it (no
 # cache: an external teacher has no distributions over the students' vocabulary)
-EXTERNAL_STEPS="prepare teacher corpus spm binarize students prune finetune export evaluate report"
+EXTERNAL_STEPS="prepare teacher corpus spm binarize students checkpoint prune finetune export evaluate report"
 # The methods an external teacher (TEACHER_CT2) can teach: they need its translations only
 EXTERNAL_METHODS="baseline seq_kd seq_inter"
 NAMED_STEPS="ship ship_students"  # run only when named: `run.sh ship`, `run.sh ship_students`
@@ -584,6 +587,7 @@ prune_and_retrain() {
   if is_done "student_$name"; then skip "student_$name"; return; fi
   in_methods "$PRUNE_FROM" || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
   if ! is_done "$stamp"; then
+    use_checkpoint "$PRUNE_FROM"
     log "prune $PRUNE_FROM: ratio $ratio -> $out"
     run_cmd mkdir -p "$WORK/pruned"
     run_logged "$WORK/logs/$stamp.log" fairseq-kd prune --path "$(student_checkpoint "$PRUNE_FROM")" \
@@ -715,6 +719,7 @@ finetune_run() {
 
 step_finetune() {
   [ -n "$FINETUNE_FROM" ] || return 0
+  use_checkpoint "$FINETUNE_FROM"
   check_finetune
   local jobs=$STUDENT_JOBS
   [ -z "$DRY_RUN" ] || jobs=1
@@ -790,10 +795,94 @@ pruned_train_args() {
     $STUDENT_ARGS $PRUNE_TRAIN $STUDENT_VALID $STUDENT_SAVE
 }
 
-# student_checkpoint NAME: the checkpoint of student NAME that is used ($STUDENT_CHECKPOINT).
+# ---- the checkpoint every student is used from (STUDENT_CHECKPOINT) --------
+# checkpoint_kind: the stem STEM of each student's used checkpoint_STEM.pt: best, last or
+# avgN (average: the mean of its last AVERAGE_LAST checkpoints, fairseq-kd average); with
+# choose, what the checkpoint step chose for the baseline (a dry run, before that choice,
+# prints the placeholder best_or_avgN).
+checkpoint_kind() {
+  local kind=$STUDENT_CHECKPOINT
+  if [ "$kind" = choose ]; then
+    kind=$(cat "$WORK/checkpoint_choice" 2>/dev/null) || kind=
+    if [ -z "$kind" ]; then
+      [ -n "$DRY_RUN" ] || die "STUDENT_CHECKPOINT=choose: nothing chosen yet ($WORK/checkpoint_choice); the checkpoint step chooses once the baseline has trained"
+      kind=best_or_avg$AVERAGE_LAST
+    fi
+  fi
+  [ "$kind" != average ] || kind=avg$AVERAGE_LAST
+  echo "$kind"
+}
+
+# checkpoint_setting: checkpoint_kind in words (the results page, a shipped student's README).
+checkpoint_setting() {
+  local kind what; kind=$(checkpoint_kind)
+  case $kind in
+    best) what="the one with the best validation $([ -n "$STUDENT_VALID" ] && echo BLEU || echo loss)" ;;
+    last) what="the last one saved" ;;
+    avg[0-9]*) what="the mean of its last $AVERAGE_LAST checkpoints (fairseq-kd average)" ;;
+    *) what="best or the mean of its last $AVERAGE_LAST, whichever the checkpoint step chooses" ;;
+  esac
+  [ "$STUDENT_CHECKPOINT" != choose ] || what+=", chosen by the baseline's greedy validation BLEU (STUDENT_CHECKPOINT=choose)"
+  echo "$what"
+}
+
+# student_checkpoint NAME: the checkpoint of student NAME that is used (checkpoint_kind).
 # A fine-tuned student (ft_*) is compared where its budget ended: its last checkpoint.
 student_checkpoint() {
-  case $1 in ft_*) echo "$WORK/student_$1/checkpoint_last.pt" ;; *) echo "$WORK/student_$1/checkpoint_$STUDENT_CHECKPOINT.pt" ;; esac
+  case $1 in
+    ft_*) echo "$WORK/student_$1/checkpoint_last.pt" ;;
+    *) echo "$WORK/student_$1/checkpoint_$(checkpoint_kind).pt" ;;
+  esac
+}
+
+# use_checkpoint NAME: student NAME's used checkpoint, made if it is an average: written
+# (fairseq-kd average) once, again when the student trained on after it.  Dies, in this
+# shell, when STUDENT_CHECKPOINT=choose has chosen nothing yet.
+use_checkpoint() {
+  local name=$1 kind dir=$WORK/student_$1 out
+  [[ $name != ft_* ]] || return 0
+  kind=$(checkpoint_kind) || exit 1
+  [[ $kind =~ ^avg[0-9]+$ ]] || return 0
+  out=$dir/checkpoint_$kind.pt
+  if [ -z "$DRY_RUN" ] && [ -s "$out" ] && ! [ "$dir/checkpoint_last.pt" -nt "$out" ]; then return 0; fi
+  log "average $name: the mean of its last $AVERAGE_LAST checkpoints -> $out"
+  run_logged "$WORK/logs/average.log" fairseq-kd average --dir "$dir" --last "$AVERAGE_LAST" --out "$out"
+}
+
+# checkpoint (STUDENT_CHECKPOINT=choose): the baseline's best checkpoint and the mean of its
+# last AVERAGE_LAST translated (greedy and beam $BEAM) on the validation split; the one with
+# the higher greedy BLEU is used for every student, KD or not (the issue's rule: decided on
+# the baseline, the same for all).  The best checkpoint was itself picked by greedy
+# validation BLEU on these sentences, so the comparison leans its way, not the average's.
+step_checkpoint() {
+  [ "$STUDENT_CHECKPOINT" = choose ] || return 0
+  if [ -z "$DRY_RUN" ] && [ -s "$WORK/checkpoint_choice" ]; then
+    log "skip checkpoint (chose $(cat "$WORK/checkpoint_choice"); delete $WORK/checkpoint_choice to choose again)"
+    return
+  fi
+  in_methods baseline || die "STUDENT_CHECKPOINT=choose compares the baseline's checkpoints: add baseline to METHODS, or set STUDENT_CHECKPOINT to best, last or average"
+  [ -n "$DRY_RUN" ] || is_done student_baseline || die "STUDENT_CHECKPOINT=choose: the baseline has not finished training"
+  local kind results=$WORK/checkpoints.json
+  STUDENT_CHECKPOINT=average use_checkpoint baseline
+  for kind in best "avg$AVERAGE_LAST"; do
+    if RESULTS=$results has_result "baseline ($kind)"; then log "skip evaluate baseline ($kind) (in $results)"; continue; fi
+    log "checkpoint: evaluate baseline ($kind) on valid"
+    CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/checkpoint.log" fairseq-kd evaluate \
+      --data "$WORK/bin" --gen-subset valid --checkpoint "$WORK/student_baseline/checkpoint_$kind.pt" \
+      --name "baseline ($kind)" --ref "$WORK/raw/valid.$TGT" --results "$results" --beam "$BEAM" \
+      --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" --batch-size "$EVAL_BATCH_SIZE" \
+      "${FP16_ARGS[@]}" "${DEVICE_ARGS[@]}"
+  done
+  [ -z "$DRY_RUN" ] || return 0
+  kind=$(python3 - "$results" "avg$AVERAGE_LAST" <<'PY'
+import json, sys
+scores = {s["name"]: s["greedy"]["bleu"] for s in json.load(open(sys.argv[1]))["systems"]}
+best, average = scores["baseline (best)"], scores[f"baseline ({sys.argv[2]})"]
+print(sys.argv[2] if average > best else "best")
+PY
+) || die "checkpoint: cannot read $results"
+  echo "$kind" > "$WORK/checkpoint_choice.tmp" && mv "$WORK/checkpoint_choice.tmp" "$WORK/checkpoint_choice"
+  log "checkpoint: every student is used from its checkpoint_$kind.pt (the baseline's higher greedy valid BLEU)"
 }
 
 student_names() {
@@ -806,6 +895,7 @@ step_export() {
   local name
   for name in $(student_names); do
     if is_done "export_$name"; then skip "export_$name"; continue; fi
+    use_checkpoint "$name"
     log "export $name -> $WORK/exported/$name.pt"
     run_cmd mkdir -p "$WORK/exported"
     run_logged "$WORK/logs/export.log" fairseq-kd export \
@@ -978,7 +1068,7 @@ MD
 |---|---|
 | data | $RECIPE, train $(wc -l < "$WORK/raw/train.$SRC") pairs, SentencePiece joint vocabulary $VOCAB |
 | teacher | $(teacher_setting) |
-| students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$STUDENT_CHECKPOINT.pt\` |
+| students | \`$STUDENT_ARGS $STUDENT_TRAIN\`; evaluated (and pruned) from each student's \`checkpoint_$(checkpoint_kind).pt\` ($(checkpoint_setting)) |
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | $(corpora_setting) |
 | pruning | $(if [ -n "$PRUNE_FROM" ]; then echo "\`$PRUNE_FROM\` pruned to $(echo $PRUNE_RATIO | sed 's/ / and /g') (class-blind, each from the trained student), retrained \`$PRUNE_TRAIN\`"; else echo "none (PRUNE_FROM empty)"; fi) |
@@ -1021,19 +1111,66 @@ page_relative() {
   python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], os.path.dirname(sys.argv[2])))' "$1" "$RESULTS_MD"
 }
 
+# kim_rush_md: Kim & Rush (2016)'s table beside this study's rows that do the same (the page).
+kim_rush_md() {
+  local table sizes; table=$(fairseq-kd table "$RESULTS" --kim-rush) || return 1
+  sizes=$(python3 - "$RESULTS" <<'PY'
+import json, sys
+systems = {s["name"]: s for s in json.load(open(sys.argv[1]))["systems"]}
+teacher, baseline = systems.get("teacher"), systems.get("baseline")
+share = f"{baseline['params'] / teacher['params']:.0%}" if teacher and baseline else "a part"
+print(f"the student {share} of the teacher's parameters; our teacher's beam BLEU "
+      f"{teacher['beam']['bleu']:.1f}" if teacher else f"the student {share} of the teacher's parameters")
+PY
+) || return 1
+  cat <<MD
+
+### Beside Kim & Rush (2016)
+
+Kim & Rush's Table 1 (WMT14 En-De, newstest2014; an LSTM teacher of 4x1000, beam BLEU 19.5,
+and students of 2x500, 38% of its parameters) beside this study's rows that do the same
+thing.  What differs: the data (here $(wc -l < "$WORK/raw/train.$SRC") Bible verse pairs, $SRC -> $TGT), the models
+(Transformers, $sizes) and Seq-Inter (in their combined and pruned rows, not
+in ours).  Compare the gaps and gains, not the BLEU itself.
+
+$table
+MD
+}
+
+# checkpoint_md: the checkpoint step's comparison (STUDENT_CHECKPOINT=choose), for the page.
+checkpoint_md() {
+  [ "$STUDENT_CHECKPOINT" = choose ] && [ -s "$WORK/checkpoints.json" ] || return 0
+  local table; table=$(fairseq-kd table "$WORK/checkpoints.json" --no-speed) || return 1
+  cat <<MD
+
+### Which checkpoint
+
+The baseline's \`checkpoint_best.pt\` (its best greedy validation BLEU) against the mean of
+its last $AVERAGE_LAST checkpoints (\`fairseq-kd average\`), both translating the
+$(wc -l < "$WORK/raw/valid.$TGT") validation sentences (\`raw/valid.$TGT\`, not the test set).  The higher
+greedy BLEU, \`checkpoint_$(checkpoint_kind).pt\`, is the kind every student above is evaluated
+(and pruned) from.  The best checkpoint was picked on these same sentences, so the
+comparison leans its way.
+
+$table
+MD
+}
+
 # converged_md PLOT_PREFIX: the page's part for cpu_converged: the learning curves,
 # how each student converged, and where its test hypotheses are.
 converged_md() {
   local summary hyps
   summary=$(learning_curves) || return 1
   hyps=$(page_relative "$(hypotheses_dir)") || return 1
+  checkpoint_md || return 1
+  kim_rush_md || return 1
   cat <<MD
 
 ### Convergence
 
 Validation BLEU (greedy, the $(wc -l < "$WORK/raw/valid.$TGT") sentences of \`raw/valid.$TGT\`) of every student after each
 epoch, from its training log (\`logs/student_NAME.log\`); a star marks its best validation
-(\`checkpoint_$STUDENT_CHECKPOINT.pt\` is the one evaluated above).  Training stops after
+(the star is the \`checkpoint_best.pt\`; the one evaluated above: \`checkpoint_$(checkpoint_kind).pt\`).  Training stops after
 \`--patience\` validations without a better one.
 
 ![validation BLEU by update](${1}$(plot_name).curves.png)
@@ -1145,6 +1282,7 @@ ship_student() {
   if is_done "ship_student_$name"; then skip "ship_student_$name"; return; fi
   if [ -z "$DRY_RUN" ]; then
     [ -e "$WORK/done/student_$name" ] || die "ship_students: $name has not finished training (no $WORK/done/student_$name); ship it once it has"
+    use_checkpoint "$name"
     [ -s "$ckpt" ] || die "ship_students: $ckpt not found"
   fi
   log "ship student $name ($(basename "$ckpt")) -> $root/$name"
@@ -1206,7 +1344,7 @@ student_provenance() {
   SHIP="$dir" CKPT="$ckpt" LOG="$WORK/logs/student_$name.log" NAME="$name" RECIPE="$RECIPE" \
   PROFILE="$PROFILE" PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
   CORPUS="$corpus" \
-  TEACHER="$teacher" VOCABULARY="$(vocabulary_setting)" MODEL_ARGS="$STUDENT_ARGS" CHOICE="$STUDENT_CHECKPOINT" \
+  TEACHER="$teacher" VOCABULARY="$(vocabulary_setting)" MODEL_ARGS="$STUDENT_ARGS" CHOICE="$(checkpoint_kind)" AVERAGE_LAST="$AVERAGE_LAST" \
   STALE="$(epochs_since_best "$WORK/student_$name")" \
   PATIENCE="$(option_value --patience "${TRAIN_ARGS[@]}")" \
   CPU="$(machine_setting)" JOBS="$STUDENT_JOBS" TRAIN_PAIRS="$(wc -l < "$WORK/raw/train.$SRC")" VOCAB="$(wc -l < "$dir/dict.txt")" \
@@ -1300,7 +1438,8 @@ run_pipeline() {
   for s in $steps; do
     [[ " $PIPELINE_STEPS $NAMED_STEPS " == *" $s "* ]] || die "unknown step '$s' (steps: $PIPELINE_STEPS $NAMED_STEPS)"
   done
-  [[ " best last " == *" $STUDENT_CHECKPOINT "* ]] || die "STUDENT_CHECKPOINT must be best or last, got '$STUDENT_CHECKPOINT'"
+  [[ " best last average choose " == *" $STUDENT_CHECKPOINT "* ]] || die "STUDENT_CHECKPOINT must be best, last, average or choose, got '$STUDENT_CHECKPOINT'"
+  [[ $AVERAGE_LAST =~ ^[1-9][0-9]*$ ]] || die "AVERAGE_LAST must be a number of checkpoints (1 or more), got '$AVERAGE_LAST'"
   check_external_teacher
   teacher_prefix_args
   resolve_devices
