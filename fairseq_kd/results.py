@@ -124,7 +124,8 @@ def markdown_table(results, baseline=None, teacher=None, significance=None, spee
 
     ``baseline`` adds "vs BASELINE" BLEU columns (each decoding against the
     baseline's same decoding), ``teacher`` "vs TEACHER beam" columns (each
-    decoding against the teacher's beam BLEU, the best it translates), and
+    decoding against the teacher's beam BLEU, the best it translates; with
+    ``speed``, also each decoding's speed over the teacher's beam speed), and
     ``significance`` (:func:`fairseq_kd.study.paired_significance` against
     ``baseline``) the p-value of each "vs BASELINE" difference and each BLEU's
     95% bootstrap interval.
@@ -140,6 +141,10 @@ def markdown_table(results, baseline=None, teacher=None, significance=None, spee
         top = find_system(results, teacher, "--teacher")
         for d in DECODINGS:
             columns.append((f"BLEU {d} vs {teacher} beam", lambda s, d=d: signed(s[d]["bleu"] - top["beam"]["bleu"])))
+        if speed:
+            for d in DECODINGS:
+                columns.append((f"sent/s {d} / {teacher} beam",
+                                lambda s, d=d: f"{s[d]['sentences_per_s'] / top['beam']['sentences_per_s']:.1f}x"))
     if significance is not None:
         for d in DECODINGS:
             columns.append((f"BLEU {d} 95% CI", lambda s, d=d: interval(significance[d][s["name"]])))
@@ -160,6 +165,9 @@ def markdown_table(results, baseline=None, teacher=None, significance=None, spee
     lines.append(f"chrF signature: `{results.get('chrf_signature', '')}`  ")
     if teacher is not None:
         lines.append(f"vs {teacher} beam: the row's BLEU minus {teacher}'s beam BLEU ({top['beam']['bleu']:.2f})  ")
+        if speed:
+            lines.append(f"/ {teacher} beam: the row's sentences/s over {teacher}'s beam sentences/s "
+                         f"({top['beam']['sentences_per_s']:.1f}, {top.get('backend', 'fairseq')})  ")
     if significance is not None:
         lines.append(f"p: sacreBLEU's paired bootstrap resampling test of the BLEU difference from {baseline} "
                      "(same decoding; * p < 0.05); 95% CI: the BLEU's interval over the same resamples "

@@ -524,6 +524,15 @@ def test_table_compares_with_the_baseline():
     assert "vs" not in markdown_table(results).splitlines()[0]  # unchanged without --baseline
     with pytest.raises(KDError, match="--baseline teacher: no such system"):
         markdown_table(results, "teacher")
+    # --teacher: BLEU against its beam score, and speed as a multiple of its beam speed
+    teacher = system("teacher", 38.0, 39.05)
+    teacher["beam"]["sentences_per_s"] = 20.0
+    rows = markdown_table({"systems": [teacher, *results["systems"]]}, teacher="teacher").splitlines()
+    assert rows[0].endswith("| BLEU greedy vs teacher beam | BLEU beam vs teacher beam | sent/s greedy / teacher beam "
+                            "| sent/s beam / teacher beam |")
+    assert rows[4].endswith("| +0.3 | +0.9 | 5.0x | 2.0x |") and rows[2].endswith("| 5.0x | 1.0x |")
+    assert "/ teacher beam: the row's sentences/s over teacher's beam sentences/s (20.0, fairseq)" in "\n".join(rows)
+    assert "sent/s" not in markdown_table({"systems": [teacher]}, teacher="teacher", speed=False)
     # a pruned row (a non-zero count well below its parameters) adds the non-zero column; a row
     # evaluated before counts were recorded shows none
     assert "non-zero" not in markdown_table(results).splitlines()[0]

@@ -95,12 +95,15 @@ def test_table_shows_the_gap_to_the_teacher_and_the_p_values(study, capsys):
     lines = capsys.readouterr().out.splitlines()
     header = [h.strip() for h in lines[0].strip("|").split("|")]
     assert header[8:] == ["BLEU greedy vs baseline", "BLEU beam vs baseline", "BLEU greedy vs teacher beam",
-                          "BLEU beam vs teacher beam", "BLEU greedy 95% CI", "BLEU beam 95% CI"]
+                          "BLEU beam vs teacher beam", "sent/s greedy / teacher beam", "sent/s beam / teacher beam",
+                          "BLEU greedy 95% CI", "BLEU beam 95% CI"]
     significance = paired_significance(results_path, results, ref, "baseline")
     teacher_beam = results["systems"][0]["beam"]["bleu"]
     for system, line in zip(results["systems"], lines[2:]):
         cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
         for d in ("greedy", "beam"):
+            ratio = system[d]["sentences_per_s"] / results["systems"][0]["beam"]["sentences_per_s"]
+            assert cells[f"sent/s {d} / teacher beam"] == f"{ratio:.1f}x"
             gap = float(cells[f"BLEU {d} vs teacher beam"])
             assert gap == pytest.approx(system[d]["bleu"] - teacher_beam, abs=0.05 + 1e-9)
             vs_base = re.fullmatch(r"([+-]\d+\.\d)(?: \(p (\d\.\d{4})\*?\))?", cells[f"BLEU {d} vs baseline"])
