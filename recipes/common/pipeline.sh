@@ -851,8 +851,8 @@ use_checkpoint() {
 
 # checkpoint (STUDENT_CHECKPOINT=choose): the baseline's best checkpoint and the mean of its
 # last AVERAGE_LAST translated (greedy and beam $BEAM) on the validation split; the one with
-# the higher greedy BLEU is used for every student, KD or not (the rule: decided on
-# the baseline, the same for all).  The best checkpoint was itself picked by greedy
+# the higher greedy BLEU is used for every student, KD or not (decided on the baseline, the
+# same for all).  The best checkpoint was itself picked by greedy
 # validation BLEU on these sentences, so the comparison leans its way, not the average's.
 step_checkpoint() {
   [ "$STUDENT_CHECKPOINT" = choose ] || return 0
