@@ -397,7 +397,7 @@ def test_unknown_method_or_step_is_one_line_error(tmp_path):
     assert proc.returncode != 0 and "unknown step 'train'" in proc.stderr
     proc = run_recipe("bible_es_en", {"DRY_RUN": "1", "GPUS": "cpu", "WORK": str(tmp_path),
                                       "STUDENT_CHECKPOINT": "final"}, "export", check=False)
-    assert proc.returncode != 0 and "STUDENT_CHECKPOINT must be best or last, got 'final'" in proc.stderr
+    assert proc.returncode != 0 and "STUDENT_CHECKPOINT must be best, last, average or choose, got 'final'" in proc.stderr
 
 
 # ---------------------------------------------------------------- end to end (slow)
@@ -702,7 +702,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
     assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| seq_kd | 14.50 | 200 (2) | 300 (3) | 1 | 0.60 |" in page
-    assert "| BLEU greedy vs teacher beam | BLEU beam vs teacher beam | BLEU greedy 95% CI |" in page
+    assert ("| BLEU greedy vs teacher beam | BLEU beam vs teacher beam | sent/s greedy / teacher beam "
+            "| sent/s beam / teacher beam | BLEU greedy 95% CI |") in page
     assert re.search(r"\| seq_kd \|.* \| [+-]\d+\.\d \(p \d\.\d{4}\*?\) \|", page)
     assert "the 7 sentences of `raw/valid.en`" in page
     assert "[`hypotheses/bible_es_en_cpu_converged/`](hypotheses/bible_es_en_cpu_converged/)" in page
