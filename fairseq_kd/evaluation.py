@@ -277,13 +277,20 @@ def unique_parameter_count(state_dict, model_cfg=None, nonzero=False):
                if canonical[key] == key and not key.endswith(BUFFER_SUFFIXES))
 
 
-def count_parameters(checkpoint, nonzero=False):
-    """Parameters of the model in a checkpoint (tied embeddings counted once; ``nonzero``:
-    those that are not zero)."""
+def parameter_counts(checkpoint):
+    """(parameters, non-zero parameters) of the model in a checkpoint, tied embeddings counted
+    once; the checkpoint is read once."""
     from fairseq_kd.checkpoint import checkpoint_model_cfg, load_checkpoint_state
 
     state = load_checkpoint_state(checkpoint)
-    return unique_parameter_count(state["model"], checkpoint_model_cfg(state), nonzero)
+    cfg = checkpoint_model_cfg(state)
+    return unique_parameter_count(state["model"], cfg), unique_parameter_count(state["model"], cfg, nonzero=True)
+
+
+def count_parameters(checkpoint, nonzero=False):
+    """Parameters of the model in a checkpoint (tied embeddings counted once; ``nonzero``:
+    those that are not zero)."""
+    return parameter_counts(checkpoint)[1 if nonzero else 0]
 
 
 def model_folder(spec):
@@ -325,9 +332,9 @@ def evaluate(spec, report=print):
                  "backend": "ctranslate2", "src_text": os.path.abspath(spec.src_text)}
     else:
         checkpoint = params_checkpoint(spec, folder)
-        entry = {"name": name, "checkpoint": checkpoint, "params": count_parameters(checkpoint),
-                 "nonzero_params": count_parameters(checkpoint, nonzero=True), "device": device,
-                 "sentences": len(refs)}
+        params, nonzero = parameter_counts(checkpoint)
+        entry = {"name": name, "checkpoint": checkpoint, "params": params, "nonzero_params": nonzero,
+                 "device": device, "sentences": len(refs)}
     decoder = None
     if spec.teacher_ct2:
         decoder = external_decoder(spec, entry, report)

@@ -397,10 +397,11 @@ def shard_count(args):
 def translate_given_shard(args, work):
     """Translate the chunks of shard --shard-id not saved yet, in this process; how many
     chunks the shard has."""
+    num_shards = shard_count(args)
     set_cpu_threads(args, 1)
     prepare_backend(args)
-    run_workers(args, [args.shard_id], shard_count(args), 1)
-    return len(shard_chunks(len(work.chunks), shard_count(args), args.shard_id))
+    run_workers(args, [args.shard_id], num_shards, 1)
+    return len(shard_chunks(len(work.chunks), num_shards, args.shard_id))
 
 
 def translate_pending(args, work):

@@ -865,13 +865,8 @@ step_checkpoint() {
   local kind results=$WORK/checkpoints.json
   STUDENT_CHECKPOINT=average use_checkpoint baseline
   for kind in best "avg$AVERAGE_LAST"; do
-    if RESULTS=$results has_result "baseline ($kind)"; then log "skip evaluate baseline ($kind) (in $results)"; continue; fi
-    log "checkpoint: evaluate baseline ($kind) on valid"
-    CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/checkpoint.log" fairseq-kd evaluate \
-      --data "$WORK/bin" --gen-subset valid --checkpoint "$WORK/student_baseline/checkpoint_$kind.pt" \
-      --name "baseline ($kind)" --ref "$WORK/raw/valid.$TGT" --results "$results" --beam "$BEAM" \
-      --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" --batch-size "$EVAL_BATCH_SIZE" \
-      "${FP16_ARGS[@]}" "${DEVICE_ARGS[@]}"
+    RESULTS=$results EVAL_SPLIT=valid evaluate "baseline ($kind)" "baseline ($kind)" \
+      "$WORK/student_baseline/checkpoint_$kind.pt" --batch-size "$EVAL_BATCH_SIZE" "${FP16_ARGS[@]}"
   done
   [ -z "$DRY_RUN" ] || return 0
   kind=$(python3 - "$results" "avg$AVERAGE_LAST" <<'PY'
@@ -913,13 +908,14 @@ PY
 }
 
 # evaluate ROW NAME CHECKPOINT [ARGS...]: one system at a time on one GPU (or the CPU), so speeds
-# compare; ROW is the name fairseq-kd evaluate records (NAME, or "NAME (ct2 Q)" with --backend ctranslate2).
+# compare; ROW is the name fairseq-kd evaluate records (NAME, or "NAME (ct2 Q)" with --backend
+# ctranslate2) in $RESULTS, translating the split EVAL_SPLIT (default test) against its reference.
 evaluate() {
-  local row=$1 name=$2 ckpt=$3; shift 3
+  local row=$1 name=$2 ckpt=$3 split=${EVAL_SPLIT:-test}; shift 3
   if has_result "$row"; then log "skip evaluate $row (in $RESULTS)"; return; fi
-  log "evaluate $row"
+  log "evaluate $row${EVAL_SPLIT:+ on $split}"
   CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/evaluate.log" fairseq-kd evaluate \
-    --data "$WORK/bin" --checkpoint "$ckpt" --name "$name" --ref "$WORK/raw/test.$TGT" \
+    --data "$WORK/bin" --gen-subset "$split" --checkpoint "$ckpt" --name "$name" --ref "$WORK/raw/$split.$TGT" \
     --results "$RESULTS" --beam "$BEAM" --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" \
     "${DEVICE_ARGS[@]}" "$@"
 }
@@ -1344,7 +1340,7 @@ student_provenance() {
   SHIP="$dir" CKPT="$ckpt" LOG="$WORK/logs/student_$name.log" NAME="$name" RECIPE="$RECIPE" \
   PROFILE="$PROFILE" PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
   CORPUS="$corpus" \
-  TEACHER="$teacher" VOCABULARY="$(vocabulary_setting)" MODEL_ARGS="$STUDENT_ARGS" CHOICE="$(checkpoint_kind)" AVERAGE_LAST="$AVERAGE_LAST" \
+  TEACHER="$teacher" VOCABULARY="$(vocabulary_setting)" MODEL_ARGS="$STUDENT_ARGS" CHOICE="$(checkpoint_kind)" \
   STALE="$(epochs_since_best "$WORK/student_$name")" \
   PATIENCE="$(option_value --patience "${TRAIN_ARGS[@]}")" \
   CPU="$(machine_setting)" JOBS="$STUDENT_JOBS" TRAIN_PAIRS="$(wc -l < "$WORK/raw/train.$SRC")" VOCAB="$(wc -l < "$dir/dict.txt")" \
