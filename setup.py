@@ -36,7 +36,7 @@ setup(
     extras_require={
         # transformers: the external-teacher tests build tiny Marian/M2M100 models to convert
         # (tests/ct2_teachers.py; verified with 5.25, the version the suite runs with)
-        "test": ["pytest", "transformers>=5.25"],
+        "test": ["pytest", "pytest-xdist", "transformers>=5.25"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fairseq-kd = fairseq_kd.cli:main"]},
