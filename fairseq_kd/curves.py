@@ -126,10 +126,14 @@ def summary_table(curves, metric="bleu"):
     lines = [f"| system | best valid {label} | at update (epoch) | last validation: update (epoch) | "
              "validations after the best | training h |",
              "|---|---:|---:|---:|---:|---:|"]
-    for c in (convergence(curve, metric) for curve in curves):
+    runs = [convergence(curve, metric) for curve in curves]
+    for c in runs:
         lines.append(f"| {c.name} | {c.best:.2f} | {c.best_update} ({c.best_epoch}) | "
                      f"{c.last_update} ({c.last_epoch}) | {c.validations_after_best} | {c.train_hours:.2f} |")
     lines.append("")
     lines.append("training h: fairseq's `train_wall` summed over the epochs, the time in training updates "
                  "(validation and checkpoint saving excluded; an epoch a resumed run repeated counted once).")
+    # what a whole study cost, the figure its budget is stated in
+    lines.append(f"In all: {sum(c.train_hours for c in runs):.2f} training h over {len(runs)} "
+                 f"run{'s' if len(runs) != 1 else ''}.")
     return "\n".join(lines) + "\n"

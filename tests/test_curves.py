@@ -76,6 +76,8 @@ def test_convergence_of_a_resumed_run(resumed_log):
     assert (lowest.best, lowest.best_update) == (6.0, 1068)
     table = summary_table([read_log(resumed_log, "baseline")]).splitlines()
     assert table[2] == f"| baseline | 12.50 | 1068 (4) | 1335 (5) | 1 | {630 / 3600:.2f} |"
+    twice = summary_table([read_log(resumed_log, "baseline"), read_log(resumed_log, "again")]).splitlines()
+    assert twice[-1] == f"In all: {2 * 630 / 3600:.2f} training h over 2 runs."
 
 
 def test_logs_without_the_metric_or_validations_are_one_line_errors(tmp_path):

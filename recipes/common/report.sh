@@ -227,7 +227,8 @@ epoch, from its training log (\`logs/student_NAME.log\`); a star marks its best 
 
 $summary
 
-Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: the hours include that.
+Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: each row's hours include that,
+and the study's training took about the total above divided by $STUDENT_JOBS in wall-clock hours.
 
 Test hypotheses of every row, greedy and beam, detokenized and xz-compressed, with the reference:
 [\`$hyps/\`]($hyps/); rescore one with \`xz -dc FILE | sacrebleu test.$TGT\` (its README.md).
