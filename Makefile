@@ -30,8 +30,9 @@ demo: $(STAMP)
 # The suite runs in TEST_JOBS processes (pytest-xdist), each test file on one of
 # them so that its fixtures are built once: its subprocesses run on one thread
 # (tests/helpers.py), so one process leaves a core idle (2 cores, 2026-12-06:
-# 11 min instead of 17).  TEST_JOBS=0 runs it in this process.
-TEST_JOBS ?= auto
+# 11 min instead of 17).  TEST_JOBS: logical (a process per logical CPU), a number,
+# or 0 for this process alone.
+TEST_JOBS ?= logical
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 test: $(STAMP)
