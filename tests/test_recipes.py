@@ -250,6 +250,57 @@ def test_several_prune_ratios_prune_the_trained_student_once_each(tmp_path):
         assert [p.rsplit("/", 2)[1] for p in exported if "pruned" in p] == [f"student_{n}" for n in names]
 
 
+# fairseq-kd and fairseq-train as the prune step calls them: each call is logged with its
+# start and end; average writes its --out, fairseq-train takes FAKE_SECONDS
+FAKE_TOOL = """#!/usr/bin/env python3
+import json, os, sys, time
+args = [os.path.basename(sys.argv[0])] + sys.argv[1:]
+def log(event):
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps([event, time.time()] + args) + "\\n")
+log("start")
+if args[:2] == ["fairseq-kd", "average"]:
+    open(args[args.index("--out") + 1], "w").write("averaged")
+if args[0] == "fairseq-train":
+    time.sleep(float(os.environ["FAKE_SECONDS"]))
+log("end")
+"""
+
+
+def test_pruned_students_retrain_side_by_side_from_one_average(tmp_path):
+    """Several PRUNE_RATIO values: the trained student's chosen average is written once, before
+    any pruning, and the pruned students retrain STUDENT_JOBS at a time, as the students do."""
+    work, stub = tmp_path / "work", tmp_path / "bin"
+    for folder in (work / "done", work / "student_seq_kd", stub):
+        folder.mkdir(parents=True)
+    for stamp in ("student_baseline", "student_seq_kd"):
+        (work / "done" / stamp).touch()
+    (work / "student_seq_kd" / "checkpoint_last.pt").touch()
+    (work / "checkpoint_choice").write_text("avg5\n")
+    for tool in ("fairseq-kd", "fairseq-train"):
+        (stub / tool).write_text(FAKE_TOOL)
+        (stub / tool).chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    run_recipe("bible_es_en", {"WORK": str(work), "GPUS": "cpu", "PROFILE": "cpu_converged", "STUDENT_JOBS": "2",
+                               "FAKE_CALLS": str(calls), "FAKE_SECONDS": "4",
+                               "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}, "prune")
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    started = [c[2:] for c in made if c[0] == "start"]
+    averaged = f"{work}/student_seq_kd/checkpoint_avg5.pt"
+    assert started[0] == ["fairseq-kd", "average", "--dir", f"{work}/student_seq_kd", "--last", "5", "--out", averaged]
+    assert sum(c[:2] == ["fairseq-kd", "average"] for c in started) == 1
+    prunes = sorted((c[c.index("--ratio") + 1], c[c.index("--path") + 1]) for c in started if c[1:2] == ["prune"])
+    assert prunes == [("0.5", averaged), ("0.8", averaged)]
+    spans = {}  # save dir: {"start": time, "end": time} of its fairseq-train
+    for event, when, *cmd in made:
+        if cmd[0] == "fairseq-train":
+            spans.setdefault(cmd[cmd.index("--save-dir") + 1].rsplit("/", 1)[1], {})[event] = when
+    assert sorted(spans) == ["student_pruned50_seq_kd", "student_pruned80_seq_kd"]
+    first, second = sorted(spans.values(), key=lambda span: span["start"])
+    assert second["start"] < first["end"]  # side by side, not one after the other
+    assert all((work / "done" / f"student_pruned{pct}_seq_kd").exists() for pct in (50, 80))
+
+
 # fairseq-kd as the checkpoint step calls it: each call is logged; average writes its --out,
 # evaluate records --name with the greedy BLEU FAKE_SCORES gives it
 FAKE_FAIRSEQ_KD = """#!/usr/bin/env python3

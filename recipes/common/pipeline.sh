@@ -17,7 +17,8 @@
 #   checkpoint (only STUDENT_CHECKPOINT=choose) the baseline's best checkpoint against the mean
 #             of its last $AVERAGE_LAST, on the validation split; the better one (greedy BLEU)
 #             is used for every student                       -> $WORK/checkpoint_choice
-#   prune     fairseq-kd prune $PRUNE_FROM, retrain on the distilled corpus with the mask held
+#   prune     fairseq-kd prune $PRUNE_FROM to each ratio of $PRUNE_RATIO, retrain on the distilled
+#             corpus with the mask held, $STUDENT_JOBS at a time
 #   finetune  (only with FINETUNE_FROM) fine-tune that student's checkpoint once per run of
 #             $FINETUNE_METHODS for $FINETUNE_MINUTES of wall clock each   -> $WORK/student_ft_<run>
 #   export    fairseq-kd export: every student's $STUDENT_CHECKPOINT checkpoint (best or last)
@@ -576,21 +577,26 @@ pruned_file() {
   echo "$WORK/pruned/$PRUNE_FROM${tag:+.$tag}.pt"
 }
 
+# The pruned students retrain STUDENT_JOBS at a time, like the students.
 step_prune() {
   [ -n "$PRUNE_FROM" ] || return 0
-  local name
-  for name in $(pruned_names); do prune_and_retrain "$name"; done
+  local name pending=
+  for name in $(pruned_names); do is_done "${name/pruned/prune}" || pending=1; done
+  if [ -n "$pending" ]; then
+    in_methods "$PRUNE_FROM" || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
+    # an average is written here, once, not by each job at the same time
+    use_checkpoint "$PRUNE_FROM"
+  fi
+  # shellcheck disable=SC2046
+  in_slots "" prune_and_retrain "pruning" $(pruned_names)
 }
 
-# prune_and_retrain NAME: the trained PRUNE_FROM pruned to NAME's ratio, then retrained with
-# the mask held until PRUNE_TRAIN stops it.
+# prune_and_retrain NAME GPUS: the trained PRUNE_FROM pruned to NAME's ratio, then retrained
+# with the mask held on GPUS until PRUNE_TRAIN stops it.
 prune_and_retrain() {
-  local name=$1 out ratio stamp=${1/pruned/prune}
+  local name=$1 gpus=$2 out ratio stamp=${1/pruned/prune}
   out=$(pruned_file "$name") ratio=$(pruned_ratio "$name")
-  if is_done "student_$name"; then skip "student_$name"; return; fi
-  in_methods "$PRUNE_FROM" || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
   if ! is_done "$stamp"; then
-    use_checkpoint "$PRUNE_FROM"
     log "prune $PRUNE_FROM: ratio $ratio -> $out"
     run_cmd mkdir -p "$WORK/pruned"
     run_logged "$WORK/logs/$stamp.log" fairseq-kd prune --path "$(student_checkpoint "$PRUNE_FROM")" \
@@ -604,9 +610,10 @@ prune_and_retrain() {
   # shellcheck disable=SC2086
   if ! early_stopped "$WORK/student_$name" $PRUNE_TRAIN; then
     pruned_train_args "$name" "${start[@]}"
-    run_logged "$WORK/logs/student_$name.log" "${TRAIN_ARGS[@]}"
+    CUDA_VISIBLE_DEVICES=${gpus/#cpu/} run_logged "$WORK/logs/student_$name.log" "${TRAIN_ARGS[@]}"
   fi
   mark_done "student_$name"
+  [ -n "$DRY_RUN" ] || log "student $name finished"
 }
 
 # pruned_train_args NAME [START...]: TRAIN_ARGS becomes the fairseq-train command line that
