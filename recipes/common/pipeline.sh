@@ -577,11 +577,14 @@ pruned_file() {
   echo "$WORK/pruned/$PRUNE_FROM${tag:+.$tag}.pt"
 }
 
+# prune_stamp NAME: the stamp of pruned student NAME's pruning (prune_FROM, prunePCT_FROM).
+prune_stamp() { echo "${1/pruned/prune}"; }
+
 # The pruned students retrain STUDENT_JOBS at a time, like the students.
 step_prune() {
   [ -n "$PRUNE_FROM" ] || return 0
   local name pending=
-  for name in $(pruned_names); do is_done "${name/pruned/prune}" || pending=1; done
+  for name in $(pruned_names); do is_done "$(prune_stamp "$name")" || pending=1; done
   if [ -n "$pending" ]; then
     in_methods "$PRUNE_FROM" || die "PRUNE_FROM=$PRUNE_FROM is not one of METHODS ($METHODS)"
     # an average is written here, once, not by each job at the same time
@@ -594,8 +597,8 @@ step_prune() {
 # prune_and_retrain NAME GPUS: the trained PRUNE_FROM pruned to NAME's ratio, then retrained
 # with the mask held on GPUS until PRUNE_TRAIN stops it.
 prune_and_retrain() {
-  local name=$1 gpus=$2 out ratio stamp=${1/pruned/prune}
-  out=$(pruned_file "$name") ratio=$(pruned_ratio "$name")
+  local name=$1 gpus=$2 out ratio stamp
+  out=$(pruned_file "$name") ratio=$(pruned_ratio "$name") stamp=$(prune_stamp "$name")
   if ! is_done "$stamp"; then
     log "prune $PRUNE_FROM: ratio $ratio -> $out"
     run_cmd mkdir -p "$WORK/pruned"

@@ -33,15 +33,21 @@ write_portable_spm_model(sys.argv[1])' "$dir/spm.model"
   run_cmd cp "$WORK/bin/dict.$SRC.txt" "$dir/dict.txt"
 }
 
+# ship_score FILE NAME DATA REF RESULTS: FILE scored by stock fairseq on DATA's test split
+# against REF, as the system NAME, into RESULTS (written anew).
+ship_score() {
+  local file=$1 name=$2 data=$3 ref=$4 results=$5
+  [ -n "$DRY_RUN" ] || rm -f "$results"
+  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
+    --data "$data" --checkpoint "$file" --name "$name" --ref "$ref" \
+    --results "$results" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
+    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+}
+
 # ship_evaluate DIR FILE NAME: DIR/FILE scored on the test split by stock fairseq, as the
 # system NAME, into DIR/evaluation.json.
 ship_evaluate() {
-  local dir=$1 file=$2 name=$3
-  [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.json"
-  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
-    --data "$WORK/bin" --checkpoint "$dir/$file" --name "$name" --ref "$WORK/raw/test.$TGT" \
-    --results "$dir/evaluation.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
-    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+  ship_score "$1/$2" "$3" "$WORK/bin" "$WORK/raw/test.$TGT" "$1/evaluation.json"
 }
 
 # ship_check DIR FILE NAME: the first SHIP_CHECK_LINES test pairs scored from DIR alone
@@ -60,11 +66,7 @@ ship_check() {
     --splits test --model "$dir/spm.model" --out "$check/pieces"
   run_logged "$WORK/logs/ship.log" fairseq-preprocess -s "$SRC" -t "$TGT" --testpref "$check/pieces/test.sp" \
     --destdir "$check/bin" --srcdict "$dir/dict.txt" --joined-dictionary --workers 1
-  [ -n "$DRY_RUN" ] || rm -f "$dir/evaluation.check.json"
-  CUDA_VISIBLE_DEVICES=${FIRST_GPU/#cpu/} run_logged "$WORK/logs/ship.log" fairseq-kd evaluate \
-    --data "$check/bin" --checkpoint "$dir/$file" --name "$name" --ref "$check/raw/test.$TGT" \
-    --results "$dir/evaluation.check.json" --beam "$BEAM" --batch-size "$EVAL_BATCH_SIZE" \
-    --max-len-a "$MAX_LEN_A" --max-len-b "$MAX_LEN_B" "${DEVICE_ARGS[@]}" --no-user-dir
+  ship_score "$dir/$file" "$name" "$check/bin" "$check/raw/test.$TGT" "$dir/evaluation.check.json"
 }
 
 # ship_results DIR: DIR's results files name the model by its file name (no path of this
