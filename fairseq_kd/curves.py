@@ -119,20 +119,54 @@ def convergence(curve, metric="bleu"):
         train_hours=sum(stats["train_wall"] for stats in curve.epochs.values()) / 3600)
 
 
-def summary_table(curves, metric="bleu"):
+def first_reaching(curve, metric, target):
+    """The first validation update whose ``metric`` reaches ``target`` (at least it for
+    BLEU, at most it for a loss), or None if none does."""
+    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    return next((update for update, value in curve.points(metric) if sign * value >= sign * target), None)
+
+
+def baseline_target(curves, metric, baseline, within):
+    """The score every run is timed to: ``baseline``'s best validation ``within`` short of it
+    (a threshold, not the best itself: a run's best is the maximum of noisy validations)."""
+    named = {c.name: c for c in curves}
+    require(baseline in named, f"--baseline {baseline}: not one of the runs ({', '.join(named)})")
+    require(within >= 0, f"--within must be 0 or more, got {within}")
+    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    return named[baseline], best_point(named[baseline], metric)[1] - sign * within
+
+
+def summary_table(curves, metric="bleu", baseline=None, within=1.0):
     """Markdown: per run, the best validation ``metric``, its update, where training
-    stopped and the hours in training updates (:func:`convergence`)."""
+    stopped and the hours in training updates (:func:`convergence`).  With ``baseline``
+    (one run's name), also the first update at which each run came within ``within`` of
+    the baseline's best (:func:`first_reaching`) and that over the baseline's own: how
+    much sooner (below 1) a method gets to the baseline's converged quality."""
     label = "BLEU" if metric == "bleu" else metric
-    lines = [f"| system | best valid {label} | at update (epoch) | last validation: update (epoch) | "
-             "validations after the best | training h |",
-             "|---|---:|---:|---:|---:|---:|"]
     runs = [convergence(curve, metric) for curve in curves]
-    for c in runs:
-        lines.append(f"| {c.name} | {c.best:.2f} | {c.best_update} ({c.best_epoch}) | "
-                     f"{c.last_update} ({c.last_epoch}) | {c.validations_after_best} | {c.train_hours:.2f} |")
+    header = (f"| system | best valid {label} | at update (epoch) | last validation: update (epoch) | "
+              "validations after the best | training h |")
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if baseline is not None:
+        reference, target = baseline_target(curves, metric, baseline, within)
+        reference_update = first_reaching(reference, metric, target)
+        header += f" first update at {target:.2f} (x {baseline}'s) |"
+        rule += "---:|"
+    lines = [header, rule]
+    for curve, c in zip(curves, runs):
+        row = (f"| {c.name} | {c.best:.2f} | {c.best_update} ({c.best_epoch}) | "
+               f"{c.last_update} ({c.last_epoch}) | {c.validations_after_best} | {c.train_hours:.2f} |")
+        if baseline is not None:
+            update = first_reaching(curve, metric, target)
+            row += " never |" if update is None else f" {update} ({update / reference_update:.2f}) |"
+        lines.append(row)
     lines.append("")
     lines.append("training h: fairseq's `train_wall` summed over the epochs, the time in training updates "
                  "(validation and checkpoint saving excluded; an epoch a resumed run repeated counted once).")
+    if baseline is not None:
+        lines.append(f"first update at {target:.2f}: the first validation within {within:g} of {baseline}'s "
+                     f"best {label}, and in brackets that update over {baseline}'s own ({reference_update}); "
+                     "a run that starts from a trained one (a pruned student) counts its own updates.")
     # what a whole study cost, the figure its budget is stated in
     lines.append(f"In all: {sum(c.train_hours for c in runs):.2f} training h over {len(runs)} "
                  f"run{'s' if len(runs) != 1 else ''}.")

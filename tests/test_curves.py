@@ -80,6 +80,34 @@ def test_convergence_of_a_resumed_run(resumed_log):
     assert twice[-1] == f"In all: {2 * 630 / 3600:.2f} training h over 2 runs."
 
 
+def write_run(tmp_path, name, epochs):
+    """A log of one uninterrupted run; epochs as RUN_1's (epoch, updates, bleu, loss, train_wall)."""
+    path = tmp_path / f"student_{name}.log"
+    path.write_text("\n".join(epochs_lines(epochs)) + "\n")
+    return read_log(path, name)
+
+
+def test_how_soon_each_run_gets_within_reach_of_the_baseline(resumed_log, tmp_path):
+    baseline = read_log(resumed_log, "baseline")  # BLEU 5.0, 9.5, 11.0, 12.5, 12.5 at 267 ... 1335
+    fast = write_run(tmp_path, "fast", [(1, 267, 8.0, 6.8, 90), (2, 534, 11.6, 6.1, 90), (3, 801, 12.0, 6.0, 90)])
+    slow = write_run(tmp_path, "slow", [(1, 267, 3.0, 7.5, 90), (2, 534, 11.4, 6.4, 90)])
+    rows = summary_table([baseline, fast, slow], baseline="baseline").splitlines()
+    # target 12.5 - 1 = 11.5: the baseline first reaches it at 1068 (11.0 at 801 does not)
+    assert rows[0].endswith("| first update at 11.50 (x baseline's) |")
+    assert rows[2].endswith("| 1068 (1.00) |")
+    assert rows[3].endswith(f"| 534 ({534 / 1068:.2f}) |")
+    assert rows[4].endswith("| never |")  # 11.4 falls short
+    assert any("within 1 of baseline's best BLEU" in row and "(1068)" in row for row in rows)
+    # a loss: lower is better, the target lies above the best (6.0 + 0.25)
+    rows = summary_table([baseline, fast], "loss", baseline="baseline", within=0.25).splitlines()
+    assert rows[0].endswith("| first update at 6.25 (x baseline's) |")
+    assert rows[2].endswith("| 1068 (1.00) |") and rows[3].endswith(f"| 534 ({534 / 1068:.2f}) |")
+    # without a baseline the table keeps its six columns
+    assert summary_table([baseline, fast]).splitlines()[0].count("|") == 7
+    with pytest.raises(KDError, match=r"--baseline teacher: not one of the runs \(baseline, fast\)"):
+        summary_table([baseline, fast], baseline="teacher")
+
+
 def test_logs_without_the_metric_or_validations_are_one_line_errors(tmp_path):
     log = tmp_path / "loss_only.log"
     log.write_text(valid_line(1, 10, 1.0, 6.0).replace(" | bleu 1.0", "") + "\n" + train_line(1, 10, 5, 6) + "\n")

@@ -710,7 +710,7 @@ def test_converged_report_adds_curves_significance_and_hypotheses(tmp_path):
                 "pruned80_seq_kd"]
     assert [curves[i + 1] for i, a in enumerate(curves) if a == "--log"] == [
         f"{name}={work}/logs/student_{name}.log" for name in students]
-    assert train_option(curves, "--metric") == "bleu"
+    assert train_option(curves, "--metric") == "bleu" and train_option(curves, "--baseline") == "baseline"
     assert train_option(curves, "--out") == str(docs / "bible_es_en_cpu_converged.curves.png")
     assert hypotheses[2] == str(work / "results.json") and train_option(hypotheses, "--ref") == str(work / "raw" / "test.en")
     assert train_option(hypotheses, "--out") == str(docs / "hypotheses" / "bible_es_en_cpu_converged")
@@ -752,7 +752,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     assert str(tmp_path) not in page and str(REPO) not in page
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
     assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| seq_kd | 14.50 | 200 (2) | 300 (3) | 1 | 0.60 |" in page
+    # within 1 BLEU of the baseline's best (12.0): the baseline at update 200, seq_kd at 100
+    assert "| seq_kd | 14.50 | 200 (2) | 300 (3) | 1 | 0.60 | 100 (0.50) |" in page
     assert ("| BLEU greedy vs teacher beam | BLEU beam vs teacher beam | sent/s greedy / teacher beam "
             "| sent/s beam / teacher beam | BLEU greedy 95% CI |") in page
     assert re.search(r"\| seq_kd \|.* \| [+-]\d+\.\d \(p \d\.\d{4}\*?\) \|", page)

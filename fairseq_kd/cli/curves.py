@@ -4,7 +4,8 @@ Reads logs of ``fairseq-train --log-format simple`` (a log several resumed runs
 appended to is read as one run, the last line of each update kept), writes one
 PNG with a curve per log, and prints a Markdown table: each run's best
 validation score, its update, the last validation and the hours spent in
-training updates (fairseq's ``train_wall``; see :mod:`fairseq_kd.curves`).
+training updates (fairseq's ``train_wall``; see :mod:`fairseq_kd.curves`), and with
+``--baseline NAME`` how soon each run came within ``--within`` of that run's best.
 """
 from fairseq_kd.curves import HIGHER_IS_BETTER, best_point, read_log, summary_table
 from fairseq_kd.errors import require
@@ -22,6 +23,13 @@ def add_arguments(p):
                         f"higher is better for {', '.join(sorted(HIGHER_IS_BETTER))}, lower for any other")
     p.add_argument("--subset", default="valid", help="the validation subset whose lines are read")
     p.add_argument("--title", default=None)
+    p.add_argument("--baseline", default=None, metavar="NAME",
+                   help="a run's name: the table adds each run's first update within --within of this "
+                        "run's best score, and that over the baseline's own (how much sooner a method "
+                        "gets to the baseline's converged quality)")
+    p.add_argument("--within", type=float, default=1.0,
+                   help="with --baseline: how far below its best score (above, for a loss) the target is "
+                        "(default 1.0: a run's best is the maximum of noisy validations)")
 
 
 def named_logs(specs):
@@ -39,7 +47,7 @@ def named_logs(specs):
 def run(args):
     curves = [read_log(path, name, args.subset) for name, path in named_logs(args.log)]
     label = f"{args.subset} {'BLEU' if args.metric == 'bleu' else args.metric}"
-    table = summary_table(curves, args.metric)  # checks every log has the metric before plotting
+    table = summary_table(curves, args.metric, args.baseline, args.within)  # checks every log has the metric before plotting
     plot_curves({c.name: c.points(args.metric) for c in curves}, args.out,
                 best={c.name: best_point(c, args.metric) for c in curves}, ylabel=label, title=args.title)
     print(table, end="")

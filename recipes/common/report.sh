@@ -52,6 +52,8 @@ learning_curves() {
   local name logs=()
   # the fine-tuned students do not validate (their own section of the page says how they trained)
   for name in $(student_names); do [[ $name == ft_* ]] || logs+=(--log "$name=$WORK/logs/student_$name.log"); done
+  # how soon each method gets within 1 BLEU of the baseline's best (KD's lead early in training)
+  if in_methods baseline; then logs+=(--baseline baseline); fi
   run_cmd fairseq-kd curves "${logs[@]}" --metric bleu --out "$PLOT_DIR/$(plot_name).curves.png" \
     --title "$RECIPE ($PROFILE): greedy validation BLEU by update"
 }
