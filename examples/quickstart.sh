@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quickstart (what `make demo` runs): distil the converged teacher shipped in
+# Quickstart (what `make demo` runs): distil the teacher shipped in
 # examples/teacher/ into a small student on CPU, and compare it with the same
 # student trained for the same time without KD, on the Bible es-en corpus
 # shipped in examples/data.
