@@ -84,11 +84,17 @@ class Convergence:
     train_hours: float
 
 
+def metric_sign(metric):
+    """1 for a metric where higher is better (HIGHER_IS_BETTER), -1 for a loss: ``sign * value``
+    is then larger for the better of two values."""
+    return 1 if metric in HIGHER_IS_BETTER else -1
+
+
 def best_point(curve, metric):
     """(update, value) of the best validation: the first to reach the best value, as
     fairseq's checkpoint_best.pt is replaced only by a strictly better one."""
     points = curve.points(metric)
-    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    sign = metric_sign(metric)
     best = max(sign * value for _, value in points)
     return next((update, value) for update, value in points if sign * value == best)
 
@@ -122,7 +128,7 @@ def convergence(curve, metric="bleu"):
 def first_reaching(curve, metric, target):
     """The first validation update whose ``metric`` reaches ``target`` (at least it for
     BLEU, at most it for a loss), or None if none does."""
-    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    sign = metric_sign(metric)
     return next((update for update, value in curve.points(metric) if sign * value >= sign * target), None)
 
 
@@ -132,7 +138,7 @@ def baseline_target(curves, metric, baseline, within):
     named = {c.name: c for c in curves}
     require(baseline in named, f"--baseline {baseline}: not one of the runs ({', '.join(named)})")
     require(within >= 0, f"--within must be 0 or more, got {within}")
-    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    sign = metric_sign(metric)
     return named[baseline], best_point(named[baseline], metric)[1] - sign * within
 
 

@@ -47,7 +47,8 @@ def named_logs(specs):
 def run(args):
     curves = [read_log(path, name, args.subset) for name, path in named_logs(args.log)]
     label = f"{args.subset} {'BLEU' if args.metric == 'bleu' else args.metric}"
-    table = summary_table(curves, args.metric, args.baseline, args.within)  # checks every log has the metric before plotting
+    # checks every log has the metric before plotting
+    table = summary_table(curves, args.metric, args.baseline, args.within)
     plot_curves({c.name: c.points(args.metric) for c in curves}, args.out,
                 best={c.name: best_point(c, args.metric) for c in curves}, ylabel=label, title=args.title)
     print(table, end="")
