@@ -262,6 +262,64 @@ def test_translate_bad_inputs_are_one_line_errors(model_folder, tmp_path):
     assert "needs --spm-model" in kd_error(proc, "export")
 
 
+def test_a_shipped_export_converts_without_its_data_folder(memorized, tiny_data, tmp_path):
+    """What examples/teacher and examples/students ship (an export with --half --portable: no
+    data folder recorded, the dictionaries embedded) converts with no --data, into the model
+    that the same file converts into with its data folder's dictionaries: the same vocabulary
+    and the same translations."""
+    data, model = memorized
+    shipped = tmp_path / "shipped" / "student.pt"
+    run([tool("fairseq-kd"), "export", "--path", model, "--half", "--portable", "--out", shipped])
+    convert = ["export", "--path", shipped, "--format", "ctranslate2", "--spm-model", tiny_data / "pieces" / "spm.model"]
+    # trained without --source-lang/--target-lang (fairseq read them from the data folder's file names)
+    proc = run([tool("fairseq-kd"), *convert, "--out", tmp_path / "nope"], check=False)
+    assert "does not name its languages: give -s and -t" in kd_error(proc, "export")
+    out, with_data = tmp_path / "from_shipped", tmp_path / "with_data"
+    proc = run([tool("fairseq-kd"), *convert, "-s", "es", "-t", "en", "--quantization", "float32", "--out", out])
+    assert "(dictionaries embedded in the checkpoint)" in proc.stdout
+    assert json.loads((out / "fairseq_kd.json").read_text())["made_from"]["dictionaries"] == "embedded in the checkpoint"
+    run([tool("fairseq-kd"), *convert, "--data", data, "--quantization", "float32", "--out", with_data])
+    vocabularies = sorted(p.name for p in with_data.glob("*vocabulary*"))
+    assert vocabularies and vocabularies == sorted(p.name for p in out.glob("*vocabulary*"))
+    for name in vocabularies:
+        assert (out / name).read_text() == (with_data / name).read_text(), name
+    raw = tmp_path / "in.es"
+    raw.write_text("\n".join(post(line) for line in read_lines(data / "raw" / "train.es")) + "\n", encoding="utf-8")
+    outputs = []
+    for folder in (with_data, out):
+        run([tool("fairseq-kd"), "translate", "--model", folder, "--input", raw, "--output", tmp_path / "out.en",
+             "--beam", "1", "--max-len-a", "1.2", "--max-len-b", "5", "--threads", "1"])
+        outputs.append(read_lines(tmp_path / "out.en"))
+    assert len(outputs[0]) == N_LINES and outputs[0] == outputs[1]
+    assert len(set(outputs[0])) >= N_LINES // 2  # varied sentences: a shuffled vocabulary would show
+    # int8 without a data folder: nothing to check the quantization on, said in one line
+    proc = run([tool("fairseq-kd"), *convert, "-s", "es", "-t", "en", "--quantization", "int8",
+                "--out", tmp_path / "int8", "--strict"], check=False)
+    assert "no data folder, the dictionaries are the checkpoint's own" in kd_error(proc, "export")
+    assert not (tmp_path / "int8").exists()
+
+
+def test_embedded_dictionaries_are_written_back_as_the_files_they_came_from(tiny_data, tmp_path):
+    """An export's symbols (fairseq's specials, the pieces, a symbol repeated with
+    #fairseq:overwrite) load back from the files written for the converter."""
+    from fairseq.data import Dictionary
+
+    from fairseq_kd.deploy.export import write_dictionary_files
+    from fairseq_kd.errors import KDError
+
+    dict_file = tiny_data / "bin" / "dict.en.txt"
+    symbols = Dictionary.load(str(dict_file)).symbols
+    repeated = symbols + [symbols[5]]
+    write_dictionary_files({"src": symbols, "tgt": repeated}, str(tmp_path), "es", "en")
+    assert Dictionary.load(str(tmp_path / "dict.es.txt")).symbols == symbols
+    assert Dictionary.load(str(tmp_path / "dict.en.txt")).symbols == repeated
+    # the pieces in the original file's order: the converter maps row i to symbol i
+    pieces = [line.rsplit(" ", 1)[0] for line in dict_file.read_text(encoding="utf-8").splitlines()]
+    assert [line.rsplit(" ", 1)[0] for line in (tmp_path / "dict.es.txt").read_text().splitlines()] == pieces
+    with pytest.raises(KDError, match="does not start with fairseq's specials"):
+        write_dictionary_files({"src": symbols[1:], "tgt": symbols}, str(tmp_path), "es", "en")
+
+
 def test_evaluate_records_the_ct2_row(memorized, tmp_path):
     data, model = memorized
     ref = tmp_path / "ref.en"

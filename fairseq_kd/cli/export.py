@@ -21,7 +21,10 @@ steps export what they ship with both.
 --format ctranslate2 writes a model folder to ship: the CTranslate2 model
 (--quantization), the SentencePiece model (--spm-model) and fairseq_kd.json
 (languages, how it was made).  ``fairseq-kd translate --model OUT`` then
-translates raw text with it, without fairseq or torch.
+translates raw text with it, without fairseq or torch.  The converter reads the
+model's dictionaries from --data, else from those the checkpoint embeds (a
+fairseq-kd export, like the teacher and students shipped in examples/, converts
+from its file alone), else from the data folder it was trained on.
 
   fairseq-kd export --path student/checkpoint_best.pt --format ctranslate2 --quantization int8 \\
       --data DATA --spm-model pieces/spm.model --out student_ct2
@@ -37,8 +40,10 @@ or repetitive outputs than float32: a warning, or with --strict a refusal
 (exit status 2, --out untouched).  fairseq_kd.json records the numbers
 under "quantization_check".  --no-check skips it.
 """
+import contextlib
 import logging
 import os
+import tempfile
 
 from fairseq_kd.cli.translate import MAX_LEN_WHY
 from fairseq_kd.deploy.ct2 import QUANTIZATIONS
@@ -63,8 +68,9 @@ def add_arguments(p):
                         "dictionaries stay embedded")
     p.add_argument("--data", help="folder with the model's dictionaries, dict.SRC.txt and dict.TGT.txt "
                                   "(--format fairseq also takes a joined dict.txt); embedded in a fairseq "
-                                  "export, converted into a ctranslate2 one (default: the data folder the "
-                                  "checkpoint was trained on)")
+                                  "export, converted into a ctranslate2 one (default: the dictionaries the "
+                                  "checkpoint embeds, as a fairseq-kd export does, else the data folder it "
+                                  "was trained on)")
     p.add_argument("-s", "--source-lang", help="of --data's dictionaries (default: the checkpoint's, else "
                                                "from --data's file names)")
     p.add_argument("-t", "--target-lang")
@@ -111,23 +117,48 @@ def languages_and_data(args):
     return data, src, tgt
 
 
+@contextlib.contextmanager
+def dictionary_folder(args):
+    """(folder, source, target, data folder) for the CTranslate2 converter, which reads
+    dict.SRC.txt and dict.TGT.txt from a folder: --data when given; else the dictionaries
+    a fairseq-kd export embeds (the teacher and students shipped in examples/ are such
+    exports, without their data folder), written to a temporary folder, with no data
+    folder (None); else the data folder the checkpoint was trained on."""
+    from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
+    from fairseq_kd.deploy.export import embedded_dictionaries, write_dictionary_files
+
+    state = load_checkpoint_state(args.path)
+    symbols = None if args.data else embedded_dictionaries(state)
+    if symbols is None:
+        data, src, tgt = languages_and_data(args)
+        yield data, src, tgt, data
+        return
+    task = checkpoint_cfg(state).task
+    src, tgt = args.source_lang or task.source_lang, args.target_lang or task.target_lang
+    require(src and tgt, f"{args.path} does not name its languages: give -s and -t")
+    with tempfile.TemporaryDirectory(prefix="fairseq-kd-dictionaries-") as folder:
+        yield write_dictionary_files(symbols, folder, src, tgt), src, tgt, None
+
+
 def export_ct2(args):
     from fairseq_kd.deploy.ct2 import write_model_folder
     from fairseq_kd.deploy.quantization_check import check_plan, checker, skipped_check
 
     require(args.spm_model, "--format ctranslate2 needs --spm-model (the model folder translates raw text)")
-    data, src, tgt = languages_and_data(args)
-    settings, reason = check_plan(args, data, src, tgt)
-    if settings is None:
-        print(f"quantization check skipped: {reason}")
-        check = skipped_check(reason)
-    else:
-        check = checker(args.path, data, src, tgt, args.quantization, settings, args.out,
-                        warn=logger.warning)
-    info = write_model_folder(args.path, data, src, tgt, args.spm_model, args.out, args.quantization, check)
+    with dictionary_folder(args) as (folder, src, tgt, data):
+        origin = os.path.abspath(data) if data else "embedded in the checkpoint"
+        settings, reason = check_plan(args, data, src, tgt)
+        if settings is None:
+            print(f"quantization check skipped: {reason}")
+            check = skipped_check(reason)
+        else:
+            check = checker(args.path, data, src, tgt, args.quantization, settings, args.out,
+                            warn=logger.warning)
+        info = write_model_folder(args.path, folder, src, tgt, args.spm_model, args.out, args.quantization,
+                                  check, dictionaries_from=origin)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out}: CTranslate2 {args.quantization} model, {src}->{tgt}, {size / 1e6:.2f} MB "
-          f"in {info['seconds']}s")
+          f"in {info['seconds']}s (dictionaries {origin})")
 
 
 def export_fairseq(args):

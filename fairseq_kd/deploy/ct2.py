@@ -265,8 +265,11 @@ def write_info(folder, info):
         json.dump(info, f, indent=1)
 
 
-def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quantization, check=None):
-    """A folder to ship: the CTranslate2 model, the SentencePiece model and MODEL_INFO.
+def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quantization, check=None,
+                       dictionaries_from=None):
+    """A folder to ship: the CTranslate2 model, the SentencePiece model and MODEL_INFO
+    (``dictionaries_from``: where MODEL_INFO says the dictionaries came from, default
+    ``dict_dir``).
 
     The folder is made beside ``out_dir`` and moved into place (replacing an
     earlier model folder) only when complete.  ``check(folder)``, when given,
@@ -288,7 +291,7 @@ def write_model_folder(checkpoint, dict_dir, src, tgt, spm_model, out_dir, quant
         info = {"source_lang": src, "target_lang": tgt, "quantization": quantization,
                 "sentencepiece": SPM_MODEL, "max_source_tokens": max_source_positions(checkpoint),
                 "made_from": {"checkpoint": os.path.abspath(checkpoint), "sha256": file_sha256(checkpoint),
-                              "dictionaries": os.path.abspath(dict_dir)},
+                              "dictionaries": dictionaries_from or os.path.abspath(dict_dir)},
                 "made_by": f"fairseq-kd export --format ctranslate2 (ctranslate2 {ctranslate2_version()})",
                 "made_on": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 1)}
         write_info(folder, info)  # the check translates with the folder as fairseq-kd translate would

@@ -196,6 +196,37 @@ def checkpoint_dictionaries(state, cfg, data=None, langs=(None, None)):
     return origin, symbols
 
 
+def write_dictionary_files(symbols, folder, src, tgt):
+    """Write ``{"src": symbols, "tgt": symbols}`` (an export's embedded dictionaries) back
+    as fairseq dictionary files ``folder``/dict.SRC.txt and dict.TGT.txt, which the
+    CTranslate2 converter reads; returns ``folder``.
+
+    Each file must load back to exactly its symbols, in order: fairseq's four specials
+    first, each later repeat of a symbol flagged ``#fairseq:overwrite`` as fairseq
+    itself writes it.  Counts are not embedded (every entry gets 1); nothing that
+    translates reads them.
+    """
+    from fairseq.data import Dictionary
+
+    specials = Dictionary().symbols
+    for side, lang in zip(SIDES, (src, tgt)):
+        entries = list(symbols[side])
+        require(entries[:len(specials)] == specials,
+                f"the embedded {SIDE_NAMES[side]} dictionary does not start with fairseq's specials "
+                f"{specials}: give --data with its dictionary files")
+        seen, lines = set(specials), []
+        for symbol in entries[len(specials):]:
+            lines.append(f"{symbol} 1" + (" #fairseq:overwrite" if symbol in seen else ""))
+            seen.add(symbol)
+        path = os.path.join(folder, f"dict.{lang}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+        require(Dictionary.load(path).symbols == entries,
+                f"the embedded {SIDE_NAMES[side]} dictionary cannot be written back as a fairseq "
+                f"dictionary file: give --data with its dictionary files")
+    return folder
+
+
 def with_dictionaries(exported, symbols):
     """``exported`` carrying ``{"src": symbols, "tgt": symbols}`` in its plugin entry."""
     src = list(symbols["src"])

@@ -74,7 +74,8 @@ def check_plan(args, data, src, tgt):
     """(settings, None) when the export's check runs, else (None, why it is skipped).
 
     It runs by default for every quantization but float32 (what it compares
-    against) when ``data`` holds the split; an explicit --check-split must be
+    against) when ``data`` holds the split (None: no data folder, the checkpoint's own
+    dictionaries); an explicit --check-split must be
     there, and --strict needs the check to run.
     """
     if args.quantization == REFERENCE:
@@ -83,11 +84,13 @@ def check_plan(args, data, src, tgt):
         require(not args.strict, "--strict refuses a model that fails the check: not with --no-check")
         return None, "--no-check"
     split = args.check_split or DEFAULT_SPLIT
-    if not has_split(data, split, src, tgt):
+    if data is None or not has_split(data, split, src, tgt):
+        missing = (f"no binarized '{split}' split for {src}-{tgt} in {data}" if data else
+                   f"no binarized '{split}' split: no data folder, the dictionaries are the checkpoint's own")
         require(not (args.check_split or args.strict),
-                f"--check-split: no binarized '{split}' split for {src}-{tgt} in {data}"
-                + (" (--strict needs the check; give --check-split or --data)" if args.strict else ""))
-        return None, f"{data} has no binarized '{split}' split (give --check-split, or --data with one)"
+                f"--check-split: {missing}" + (" (--strict needs the check; give --check-split or --data)"
+                                               if args.strict else ""))
+        return None, f"{missing} (give --check-split, or --data with one)" if data else f"{missing} (give --data)"
     require(args.check_lines >= 1, f"--check-lines must be >= 1, got {args.check_lines}")
     require(args.check_beam >= 1, f"--check-beam must be >= 1, got {args.check_beam}")
     return CheckSettings(split=split, lines=args.check_lines, beam=args.check_beam, lenpen=args.check_lenpen,
