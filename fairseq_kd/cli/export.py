@@ -100,19 +100,14 @@ def add_arguments(p):
                    help="where both models translate (default: %(default)s, as fairseq-kd translate)")
 
 
-def languages_and_data(args):
-    """(data folder, source, target) of a checkpoint's dictionaries, from the options or the checkpoint."""
-    from fairseq.data import data_utils
+def languages_and_data(args, task):
+    """(data folder, source, target) of a checkpoint's dictionaries, from the options or
+    ``task``, the checkpoint's task config."""
+    from fairseq_kd.deploy.export import checkpoint_languages
 
-    from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
-
-    task = checkpoint_cfg(load_checkpoint_state(args.path)).task
     data = args.data or (str(task.data).split(os.pathsep)[0] if task.data else None)
     require(data and os.path.isdir(data), f"--data: dictionary folder not found: {data} (give --data)")
-    src = args.source_lang or task.source_lang
-    tgt = args.target_lang or task.target_lang
-    if not (src and tgt):
-        src, tgt = data_utils.infer_language_pair(data)
+    src, tgt = checkpoint_languages(task, data, (args.source_lang, args.target_lang))
     require(src and tgt, f"cannot tell the languages from {data}: give -s and -t")
     return data, src, tgt
 
@@ -125,16 +120,16 @@ def dictionary_folder(args):
     exports, without their data folder), written to a temporary folder, with no data
     folder (None); else the data folder the checkpoint was trained on."""
     from fairseq_kd.checkpoint import checkpoint_cfg, load_checkpoint_state
-    from fairseq_kd.deploy.export import embedded_dictionaries, write_dictionary_files
+    from fairseq_kd.deploy.export import checkpoint_languages, embedded_dictionaries, write_dictionary_files
 
     state = load_checkpoint_state(args.path)
+    task = checkpoint_cfg(state).task
     symbols = None if args.data else embedded_dictionaries(state)
     if symbols is None:
-        data, src, tgt = languages_and_data(args)
+        data, src, tgt = languages_and_data(args, task)
         yield data, src, tgt, data
         return
-    task = checkpoint_cfg(state).task
-    src, tgt = args.source_lang or task.source_lang, args.target_lang or task.target_lang
+    src, tgt = checkpoint_languages(task, None, (args.source_lang, args.target_lang))
     require(src and tgt, f"{args.path} does not name its languages: give -s and -t")
     with tempfile.TemporaryDirectory(prefix="fairseq-kd-dictionaries-") as folder:
         yield write_dictionary_files(symbols, folder, src, tgt), src, tgt, None

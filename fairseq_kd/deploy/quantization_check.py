@@ -90,7 +90,8 @@ def check_plan(args, data, src, tgt):
         require(not (args.check_split or args.strict),
                 f"--check-split: {missing}" + (" (--strict needs the check; give --check-split or --data)"
                                                if args.strict else ""))
-        return None, f"{missing} (give --check-split, or --data with one)" if data else f"{missing} (give --data)"
+        hint = "give --check-split, or --data with one" if data else "give --data"
+        return None, f"{missing} ({hint})"
     require(args.check_lines >= 1, f"--check-lines must be >= 1, got {args.check_lines}")
     require(args.check_beam >= 1, f"--check-beam must be >= 1, got {args.check_beam}")
     return CheckSettings(split=split, lines=args.check_lines, beam=args.check_beam, lenpen=args.check_lenpen,
