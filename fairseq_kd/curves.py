@@ -13,12 +13,18 @@ repeats whatever came after that checkpoint, so the line read last wins: for eac
 validation's ``num_updates`` and for each training epoch.  ``fairseq-kd curves``
 plots the curves (:func:`fairseq_kd.plots.plot_curves`) and prints
 :func:`summary_table`.  Neither fairseq nor torch is imported here.
+
+A shipped student carries its curve as a *training record* (``training.json``,
+:func:`training_record`): the validations and the hours in training updates, what
+:func:`convergence` needs, so a study can compare a run whose work folder (and log)
+is gone with the runs it trains (:func:`read_curve` reads either).
 """
 import dataclasses
+import json
 import os
 import re
 
-from fairseq_kd.errors import require
+from fairseq_kd.errors import KDError, require
 
 VALID_LINE = re.compile(r"\| epoch (?P<epoch>\d+) \| valid on '(?P<subset>[^']*)' subset \|(?P<stats>.*)$")
 # the epoch summary (not train_inner's "epoch 003:  50 / 267 loss=..." progress lines)
@@ -34,6 +40,8 @@ class Curve:
     name: str
     validations: dict
     epochs: dict
+    # hours in training updates when no epoch summaries are kept (a training record)
+    train_hours: float = None
 
     def points(self, metric):
         """(update, value) of every validation, by update."""
@@ -112,9 +120,6 @@ def convergence(curve, metric="bleu"):
     missing = [u for u, stats in curve.validations.items() if metric not in stats]
     require(not missing, f"{curve.name}: validations without '{metric}' (at updates "
                          f"{', '.join(map(str, sorted(missing)[:3]))}); is it logged (--eval-bleu)?")
-    no_wall = sorted(e for e, stats in curve.epochs.items() if "train_wall" not in stats)
-    require(curve.epochs and not no_wall, f"{curve.name}: epoch summaries without train_wall "
-                                         f"({'epochs ' + ', '.join(map(str, no_wall)) if no_wall else 'none logged'})")
     best_update, best = best_point(curve, metric)
     last_update = max(curve.validations)
     return Convergence(
@@ -122,7 +127,63 @@ def convergence(curve, metric="bleu"):
         best_epoch=curve.validations[best_update]["epoch"], last_update=last_update,
         last_epoch=curve.validations[last_update]["epoch"],
         validations_after_best=sum(u > best_update for u in curve.validations),
-        train_hours=sum(stats["train_wall"] for stats in curve.epochs.values()) / 3600)
+        train_hours=training_hours(curve))
+
+
+def training_hours(curve):
+    """Hours in training updates: the record's own, else the epochs' ``train_wall`` summed."""
+    if curve.train_hours is not None:
+        return curve.train_hours
+    no_wall = sorted(e for e, stats in curve.epochs.items() if "train_wall" not in stats)
+    require(curve.epochs and not no_wall, f"{curve.name}: epoch summaries without train_wall "
+                                         f"({'epochs ' + ', '.join(map(str, no_wall)) if no_wall else 'none logged'})")
+    return sum(stats["train_wall"] for stats in curve.epochs.values()) / 3600
+
+
+RECORD_VERSION = 1
+
+
+def training_record(curve, metric, checkpoint, source):
+    """A run's curve as a JSON-ready dict (a shipped student's ``training.json``): every
+    validation's epoch, update and ``metric``, the hours in training updates
+    (:func:`training_hours`), the checkpoint kind shipped (``checkpoint_avg5.pt``) and, in
+    words, what the record was made from."""
+    points = dict(curve.points(metric))
+    return {"version": RECORD_VERSION, "name": curve.name, "metric": metric, "checkpoint": checkpoint,
+            "train_hours": round(training_hours(curve), 4), "source": source,
+            "validations": [{"epoch": curve.validations[u]["epoch"], "num_updates": u, metric: points[u]}
+                            for u in sorted(points)]}
+
+
+def record_text(record):
+    """A training record as JSON text: one line per field, one per validation (diffs stay readable)."""
+    fields = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items() if k != "validations"]
+    rows = ",\n".join(f"    {json.dumps(r)}" for r in record["validations"])
+    return "{\n" + ",\n".join(fields) + ',\n  "validations": [\n' + rows + "\n  ]\n}\n"
+
+
+def read_record(path, name=None):
+    """The :class:`Curve` of a training record (:func:`training_record`), named ``name``
+    (default: the record's own name)."""
+    require(os.path.isfile(path), f"training record not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        metric, rows = record["metric"], record["validations"]
+        validations = {int(r["num_updates"]): {metric: float(r[metric]), "epoch": int(r["epoch"])} for r in rows}
+        hours = float(record["train_hours"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise KDError(f"{path}: not a training record ({type(e).__name__}: {e})") from None
+    require(validations, f"{path}: a training record without validations")
+    return Curve(name or record.get("name", ""), validations, {}, train_hours=hours)
+
+
+def read_curve(path, name, subset="valid"):
+    """A run's :class:`Curve` from its fairseq-train log, or from its training record
+    (a ``.json`` file, :func:`read_record`; it holds its validation subset's scores only)."""
+    if path.endswith(".json"):
+        return read_record(path, name)
+    return read_log(path, name, subset)
 
 
 def first_reaching(curve, metric, target):

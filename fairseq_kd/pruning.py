@@ -187,6 +187,12 @@ def prune_checkpoint(path, ratio, per_layer=False, include_embeddings=False):
     # under --stop-time-hours would count the original training and stop at once.
     if state.get("extra_state"):
         state["extra_state"].pop("previous_training_time", None)
+    # An exported student (fairseq-kd export, a shipped student.pt) keeps no data iterator,
+    # which fairseq's --restore-file reads: the start of epoch 1, where --reset-dataloader
+    # starts a training checkpoint's retraining too.
+    if not (state.get("extra_state") or {}).get("train_iterator"):
+        state["extra_state"] = {**(state.get("extra_state") or {}),
+                                "train_iterator": {"epoch": 1, "iterations_in_epoch": 0}}
     state["cfg"] = state["cfg"] and plain_cfg(state["cfg"])
     return state, masks, weights
 

@@ -11,7 +11,10 @@ and ``ship_students`` step (``examples/students/NAME``) write one folder per mod
   fairseq (``fairseq-kd evaluate --no-user-dir``), and ``evaluation.check.json``:
   the first test pairs scored from the folder alone, which the repository's tests
   reproduce from a clean clone;
-* ``README.md``: how the model was made.
+* ``README.md``: how the model was made;
+* a student's ``training.json`` too: its validation curve and hours in training
+  updates (:func:`fairseq_kd.curves.training_record`), so that a study can put the
+  shipped student beside the ones it trains without its work folder.
 
 Here: :func:`portable_results` (a results file naming the model by its file name
 in the folder), :func:`folder_problems` (what keeps a folder from shipping),
@@ -32,6 +35,8 @@ from fairseq_kd.results import read_results
 
 # What a shipped folder holds besides its model file, and nothing else.
 FOLDER_FILES = ("spm.model", "dict.txt", "README.md", "evaluation.json", "evaluation.check.json")
+TRAINING_RECORD = "training.json"
+STUDENT_FILES = FOLDER_FILES + (TRAINING_RECORD,)
 RESULTS_FILES = ("evaluation.json", "evaluation.check.json")
 # Fields of a results entry that name files (fairseq_kd.evaluation.evaluate).
 PATH_FIELDS = ("checkpoint", "model_dir", "src_text", "teacher_ct2")
@@ -84,16 +89,17 @@ def model_problems(path):
     return problems
 
 
-def folder_problems(folder, model_file, max_bytes=None, machine_paths=()):
+def folder_problems(folder, model_file, max_bytes=None, machine_paths=(), files=FOLDER_FILES):
     """Why the folder ``folder`` cannot ship (an empty list: it can).
 
-    It must hold ``model_file`` and :data:`FOLDER_FILES`, nothing else; the model
+    It must hold ``model_file`` and ``files`` (a teacher's :data:`FOLDER_FILES`, a
+    student's :data:`STUDENT_FILES`), nothing else; the model
     file at most ``max_bytes``, float16, loadable weights-only, no absolute path in
     its config; results files that name ``model_file`` by that name and hold no
     absolute path; and no file may contain any of ``machine_paths`` (the work
     folder, the repository, the home folder of the machine that wrote it).
     """
-    expected = {model_file, *FOLDER_FILES}
+    expected = {model_file, *files}
     present = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     problems = [f"{name} is missing" for name in sorted(expected - present)]
     problems += [f"{name} should not be shipped (only {', '.join(sorted(expected))})"
@@ -385,21 +391,41 @@ BLEU signature `{results['bleu_signature']}`.
 `evaluation.check.json`: the first {checked['sentences']} test pairs scored the same way from this
 folder alone (greedy BLEU {checked['greedy']['bleu']}, beam BLEU {checked['beam']['bleu']}), which
 `tests/test_shipped_students.py` reproduces from a clean clone.
+`training.json`: the validations above and the hours in training updates, as data
+(`fairseq-kd curves --log {s.name}=training.json`; a study adopts this student with `STUDENTS_FROM`).
 """
+
+
+def write_text(path, text):
+    """``text`` into ``path``, replaced whole (never half-written)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_training_record(folder, train_log, s):
+    """``folder``/training.json: the student's curve read from its fairseq-train log
+    (:func:`fairseq_kd.curves.training_record`), validation BLEU when it was logged."""
+    from fairseq_kd.curves import read_log, record_text, training_record
+
+    curve = read_log(train_log, s.name)
+    metric = "bleu" if all("bleu" in v for v in curve.validations.values()) else "loss"
+    record = training_record(curve, metric, f"checkpoint_{s.checkpoint_choice}.pt",
+                             "its fairseq-train log: every validation, and train_wall summed over the epochs")
+    write_text(os.path.join(folder, TRAINING_RECORD), record_text(record))
 
 
 def finish_student_folder(folder, model_file, checkpoint, train_log, shipment, machine_paths=()):
     """Finish the folder of a student being shipped, once its model file, vocabulary and
     results files are in it: the results files made portable (:func:`portable_results`),
-    README.md written (:func:`student_readme`), then the folder checked
+    README.md (:func:`student_readme`) and training.json (:func:`write_training_record`)
+    written, then the folder checked
     (:func:`folder_problems`, every problem in one :class:`KDError`).  Returns the README."""
     for name in RESULTS_FILES:
         portable_results(os.path.join(folder, name))
     readme = student_readme(folder, model_file, checkpoint, train_log, shipment)
-    path = os.path.join(folder, "README.md")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(readme)
-    os.replace(path + ".tmp", path)
-    problems = folder_problems(folder, model_file, machine_paths=machine_paths)
+    write_text(os.path.join(folder, "README.md"), readme)
+    write_training_record(folder, train_log, shipment)
+    problems = folder_problems(folder, model_file, machine_paths=machine_paths, files=STUDENT_FILES)
     require(not problems, f"{folder} is not fit to ship:\n  " + "\n  ".join(problems))
     return readme

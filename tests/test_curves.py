@@ -1,11 +1,14 @@
 """fairseq_kd.curves: validation curves read from fairseq-train logs (a resumed run's log
 appended to, the last line of each update kept), checked against a real run's epoch
 checkpoints, and how each run converged."""
+import json
+
 import pytest
 import torch
 
 import helpers
-from fairseq_kd.curves import best_point, convergence, read_log, summary_table
+from fairseq_kd.curves import (best_point, convergence, read_curve, read_log, read_record, summary_table,
+                               training_record)
 from fairseq_kd.errors import KDError
 
 STAMP = "2026-12-01 10:00:00 | INFO"
@@ -118,6 +121,47 @@ def test_logs_without_the_metric_or_validations_are_one_line_errors(tmp_path):
         read_log(log, "x")
     with pytest.raises(KDError, match="training log not found"):
         read_log(tmp_path / "missing.log", "x")
+
+
+def test_a_training_record_converges_as_its_log(resumed_log, tmp_path):
+    """training.json (a shipped student's curve) read back gives the log's validations,
+    convergence and table row; fairseq-kd curves takes it in place of the log."""
+    log = read_log(resumed_log, "baseline")
+    record = training_record(log, "bleu", "checkpoint_avg5.pt", "its fairseq-train log")
+    assert record["validations"] == [{"epoch": 1, "num_updates": 267, "bleu": 5.0},
+                                      {"epoch": 2, "num_updates": 534, "bleu": 9.5},
+                                      {"epoch": 3, "num_updates": 801, "bleu": 11.0},
+                                      {"epoch": 4, "num_updates": 1068, "bleu": 12.5},
+                                      {"epoch": 5, "num_updates": 1335, "bleu": 12.5}]
+    assert record["train_hours"] == round(630 / 3600, 4) and record["checkpoint"] == "checkpoint_avg5.pt"
+    path = tmp_path / "training.json"
+    path.write_text(json.dumps(record))
+    curve = read_curve(str(path), "adopted")
+    assert curve.name == "adopted" and read_record(str(path)).name == "baseline"
+    assert curve.points("bleu") == log.points("bleu")
+    c = convergence(curve)
+    assert (c.best, c.best_update, c.best_epoch, c.last_update, c.last_epoch, c.validations_after_best) == (
+        12.5, 1068, 4, 1335, 5, 1)
+    assert c.train_hours == pytest.approx(630 / 3600, abs=1e-4)
+    rows = summary_table([log, read_curve(str(path), "baseline")]).splitlines()
+    assert rows[2] == rows[3]
+    out = tmp_path / "curves.png"
+    proc = helpers.run([helpers.tool("fairseq-kd"), "curves", "--log", f"logged={resumed_log}", "--log",
+                        f"recorded={path}", "--out", str(out), "--baseline", "recorded"])
+    assert out.stat().st_size > 0
+    assert "| recorded | 12.50 | 1068 (4) | 1335 (5) | 1 | 0.17 | 1068 (1.00) |" in proc.stdout
+
+
+def test_a_broken_training_record_is_a_one_line_error(tmp_path):
+    path = tmp_path / "training.json"
+    path.write_text(json.dumps({"metric": "bleu", "validations": [{"epoch": 1, "bleu": 3.0}], "train_hours": 1}))
+    with pytest.raises(KDError, match=r"training.json: not a training record \(KeyError: 'num_updates'\)"):
+        read_record(str(path))
+    path.write_text(json.dumps({"metric": "bleu", "validations": [], "train_hours": 1}))
+    with pytest.raises(KDError, match="a training record without validations"):
+        read_record(str(path))
+    with pytest.raises(KDError, match="training record not found"):
+        read_curve(str(tmp_path / "missing.json"), "x")
 
 
 # ------------------------------------------------------------- a real fairseq-train log

@@ -82,3 +82,29 @@ def test_prune_fp16_saved_checkpoint_with_embeddings_then_retrain(
     for key in TIED[1:]:
         assert torch.equal(after[key], after[TIED[0]]), key
     assert not torch.equal(after[TIED[0]], pruned[TIED[0]])  # it did train
+
+
+def test_a_shipped_student_is_pruned_and_retrained(tiny_teacher, tiny_data, tmp_path):
+    """A student as shipped (fairseq-kd export --half --portable: float16, no training state)
+    prunes to a checkpoint fairseq-train restores: the retraining starts at epoch 1 from the
+    pruned float16 weights (now float32) and keeps the mask."""
+    shipped = tmp_path / "student.pt"
+    kd_cli("export", "--path", tiny_teacher, "--out", shipped, "--half", "--portable")
+    out = tmp_path / "pruned.pt"
+    kd_cli("prune", "--path", shipped, "--ratio", "0.5", "--out", out)
+    pruned = torch.load(out, map_location="cpu", weights_only=False)
+    masks = torch.load(tmp_path / "pruned.mask.pt", weights_only=True)
+    save = tmp_path / "retrained"
+    proc = fairseq_train(tiny_data / "bin", save, *TEACHER_ARCH, "--task", "translation_kd",
+                         "--prune-mask", tmp_path / "pruned.mask.pt", "--restore-file", out,
+                         "--reset-optimizer", "--reset-dataloader", "--reset-lr-scheduler", "--reset-meters",
+                         "--criterion", "label_smoothed_cross_entropy", "--max-update", "2",
+                         "--no-epoch-checkpoints", "--no-save-optimizer-state")
+    assert "epoch 001" in proc.stdout + proc.stderr
+    after = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert after["optimizer_history"][-1]["num_updates"] == 2
+    for name, mask in masks.items():
+        assert torch.all(after["model"][name][~mask] == 0), name
+        kept = pruned["model"][name].float()[mask]
+        assert after["model"][name].dtype == torch.float32
+        assert 0 < (after["model"][name][mask] - kept).abs().max() < 0.1, name  # trained from the pruned weights

@@ -845,3 +845,67 @@ def test_a_study_reports_in_a_section_of_its_own(tmp_path, monkeypatch):
     assert "sent/s" not in page and "BLEU vs speed" not in page and "not reported (REPORT_SPEED=0" in page
     assert not (docs / "bible_es_en_cpu_techniques.speed.png").exists()
     assert "| corpora | Seq-KD beam 5; seq_kd_filtered: the beam corpus with `--filter all` |" in page
+
+
+def shipped_student(folder, name, dictionary, checkpoint="checkpoint_avg5.pt"):
+    """A folder as ship_students writes it, as far as adoption reads it: student.pt (bytes of
+    its own), dict.txt and training.json."""
+    folder = folder / name
+    folder.mkdir(parents=True)
+    (folder / "student.pt").write_bytes(f"weights of {name}".encode())
+    (folder / "dict.txt").write_text(dictionary)
+    (folder / "training.json").write_text(json.dumps({
+        "version": 1, "name": name, "metric": "bleu", "checkpoint": checkpoint, "train_hours": 1.5, "source": "test",
+        "validations": [{"epoch": 1, "num_updates": 100, "bleu": 10.0}, {"epoch": 2, "num_updates": 200, "bleu": 12.0}]}))
+    return folder
+
+
+def test_students_shipped_in_students_from_are_adopted_not_trained(tmp_path):
+    """STUDENTS_FROM: a method shipped there (student.pt, training.json) becomes the study's
+    trained student: its weights the checkpoint the study uses, its training.json the curve the
+    report reads, the prune step prunes it; the other methods train.  Another checkpoint kind
+    or another dictionary is a one-line error."""
+    work, stub, shipped = tmp_path / "work", tmp_path / "bin", tmp_path / "shipped"
+    for folder in (work / "bin", stub):
+        folder.mkdir(parents=True)
+    (work / "bin" / "dict.en.txt").write_text("the 5\n")
+    for name in ("baseline", "seq_kd"):
+        shipped_student(shipped, name, "the 5\n")
+    for tool in ("fairseq-kd", "fairseq-train"):
+        (stub / tool).write_text(FAKE_TOOL)
+        (stub / tool).chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    settings = {"WORK": str(work), "GPUS": "cpu", "PROFILE": "cpu_converged", "STUDENT_JOBS": "1",
+                "METHODS": "baseline seq_kd word_kd", "STUDENTS_FROM": str(shipped), "STUDENT_CHECKPOINT": "average",
+                "PRUNE_RATIO": "0.5", "FAKE_CALLS": str(calls), "FAKE_SECONDS": "0",
+                "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}
+    out = run_recipe("bible_es_en", settings, "students", "prune").stdout
+    started = [json.loads(line)[2:] for line in calls.read_text().splitlines() if json.loads(line)[0] == "start"]
+    trained = [c[c.index("--save-dir") + 1] for c in started if c[0] == "fairseq-train"]
+    assert trained == [f"{work}/student_word_kd", f"{work}/student_pruned_seq_kd"]
+    for name in ("baseline", "seq_kd"):
+        assert (work / f"student_{name}" / "checkpoint_avg5.pt").read_bytes() == f"weights of {name}".encode()
+        assert (work / "logs" / f"student_{name}.json").read_bytes() == (shipped / name / "training.json").read_bytes()
+        assert (work / "done" / f"student_{name}").exists()
+        assert f"student {name}: adopted from {shipped}/{name}" in out
+    prunes = [c for c in started if c[1:2] == ["prune"]]
+    assert [c[c.index("--path") + 1] for c in prunes] == [f"{work}/student_seq_kd/checkpoint_avg5.pt"]
+    assert not any(c[1:2] == ["average"] for c in started)  # the shipped file is the average
+    # the report's curves: the adopted students' training.json, the trained ones' logs
+    cmds = dry_run_commands("bible_es_en", tmp_path, "report", **{k: v for k, v in settings.items() if k != "PATH"})
+    curves = [c for c in cmds if c[1:2] == ["curves"]][0]
+    assert [curves[i + 1] for i, a in enumerate(curves) if a == "--log"] == [
+        f"baseline={work}/logs/student_baseline.json", f"seq_kd={work}/logs/student_seq_kd.json",
+        f"word_kd={work}/logs/student_word_kd.log", f"pruned_seq_kd={work}/logs/student_pruned_seq_kd.log"]
+    # a folder shipped from another kind of checkpoint, or with another dictionary: refused
+    for name, folder_args, message in (
+            ("best", ("the 5\n", "checkpoint_best.pt"),
+             "ships its checkpoint_best.pt, the study uses checkpoint_avg5.pt (STUDENT_CHECKPOINT=average)"),
+            ("dict", ("a 5\n",), "dict.txt is not the study's dictionary")):
+        other = tmp_path / f"shipped_{name}"
+        shipped_student(other, "baseline", *folder_args)
+        (tmp_path / f"work_{name}" / "bin").mkdir(parents=True)
+        (tmp_path / f"work_{name}" / "bin" / "dict.en.txt").write_text("the 5\n")
+        proc = run_recipe("bible_es_en", {**settings, "WORK": str(tmp_path / f"work_{name}"), "METHODS": "baseline",
+                                          "STUDENTS_FROM": str(other)}, "students", check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr

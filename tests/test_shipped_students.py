@@ -2,7 +2,7 @@
 
 The recipes' ``ship_students`` step ships each converged student of the Bible study in
 ``examples/students/NAME`` (student.pt, spm.model, dict.txt, evaluation.json,
-evaluation.check.json, README.md) and scores the first test pairs from that folder
+evaluation.check.json, README.md, training.json) and scores the first test pairs from that folder
 alone into ``evaluation.check.json``.  For every folder there,
 :func:`check_shipped_student` checks that the folder is complete and small, names no
 path of a machine, and that those scores come out again from the files a user gets
@@ -10,6 +10,7 @@ path of a machine, and that those scores come out again from the files a user ge
 ``fairseq-kd evaluate --no-user-dir``).  No student is shipped yet: that test then
 skips, and the same function runs here on a tiny student the recipe ships.
 """
+import dataclasses
 import json
 import os
 import re
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_kd.curves import read_log
-from fairseq_kd.shipping import folder_problems
+from fairseq_kd.curves import best_point, convergence, read_log, read_record
+from fairseq_kd.shipping import STUDENT_FILES, folder_problems
 from helpers import OWN_VOCABULARY, REPO, rescore_shipped_folder, run_bible_recipe, ship_tiny_students
 
 STUDENTS_DIR = REPO / "examples" / "students"
@@ -52,8 +53,9 @@ def check_shipped_student(folder, tmp, tolerance=TOLERANCE, machine_paths=(str(R
     test scores, and ``evaluation.check.json`` reproduced within ``tolerance`` from a clean
     clone.  Returns (documented, measured) check entries."""
     folder = Path(folder)
-    problems = folder_problems(folder, "student.pt", MAX_BYTES, machine_paths)
+    problems = folder_problems(folder, "student.pt", MAX_BYTES, machine_paths, STUDENT_FILES)
     assert not problems, f"{folder}:\n  " + "\n  ".join(problems)
+    check_training_record(folder)
     (full,), (documented,) = (json.loads((folder / name).read_text())["systems"]
                               for name in ("evaluation.json", "evaluation.check.json"))
     assert full["name"] == documented["name"] == folder.name
@@ -67,6 +69,25 @@ def check_shipped_student(folder, tmp, tolerance=TOLERANCE, machine_paths=(str(R
     mismatches = score_mismatches(documented, measured, tolerance)
     assert not mismatches, f"{folder}/evaluation.check.json not reproduced:\n  " + "\n  ".join(mismatches)
     return documented, measured
+
+
+def check_training_record(folder):
+    """The folder's training.json is the curve its README states: the same validation by
+    epoch, best and last validation, checkpoint kind and hours in training updates."""
+    rows = readme_rows((folder / "README.md").read_text())
+    curve = read_record(str(folder / "training.json"))
+    assert curve.name == folder.name
+    by_epoch = [f"{v:.2f}" for _, v in curve.points("bleu")]
+    assert ", ".join(by_epoch) == rows["valid BLEU by epoch"]
+    best_update, best = best_point(curve, "bleu")
+    last_update = max(curve.validations)
+    assert rows["valid BLEU"].startswith(
+        f"best {best:.2f}, first reached at update {best_update} (epoch {curve.validations[best_update]['epoch']}); "
+        f"last validation at update {last_update} (epoch {curve.validations[last_update]['epoch']})")
+    record = json.loads((folder / "training.json").read_text())
+    assert rows["checkpoint"].startswith(f"`{record['checkpoint']}`")
+    if record["checkpoint"] != "checkpoint_best.pt":  # a checkpoint of the last epoch: its hours are all of them
+        assert rows["training to it"].startswith(f"{curve.train_hours:.2f} h in training updates")
 
 
 SHIPPED = sorted(p for p in STUDENTS_DIR.iterdir() if p.is_dir()) if STUDENTS_DIR.is_dir() else []
@@ -135,9 +156,9 @@ def test_the_check_fails_a_folder_that_does_not_reproduce_or_leaks_a_path(tiny_s
     folder = copy()
     (folder / "evaluation.baseline.beam.txt").write_text("a hypothesis\n")
     (folder / "README.md").unlink()
-    assert folder_problems(folder, "student.pt") == [
+    assert folder_problems(folder, "student.pt", files=STUDENT_FILES) == [
         "README.md is missing", "evaluation.baseline.beam.txt should not be shipped (only README.md, dict.txt, "
-        "evaluation.check.json, evaluation.json, spm.model, student.pt)"]
+        "evaluation.check.json, evaluation.json, spm.model, student.pt, training.json)"]
     folder = copy()
     results = json.loads((folder / "evaluation.json").read_text())
     results["systems"][0]["checkpoint"] = str(folder / "student.pt")
@@ -187,6 +208,21 @@ def test_the_checkpoint_step_chooses_the_baselines_better_checkpoint_on_valid(ti
         assert system["sentences"] == len(valid) == 30
     greedy = {name: system["greedy"]["bleu"] for name, system in scores.items()}
     assert chosen(work) == ("avg5" if greedy["baseline (avg5)"] > greedy["baseline (best)"] else "best")
+
+
+@pytest.mark.slow  # the recipe trains and ships a tiny student (~100 s)
+def test_training_json_is_the_students_log(tiny_shipment):
+    """training.json holds every validation of the training log (epoch, update, BLEU) and the
+    log's train_wall summed; read back, it converges as the log does."""
+    work, _ = tiny_shipment
+    record = json.loads((work / "shipped_students" / "baseline" / "training.json").read_text())
+    log = read_log(work / "logs" / "student_baseline.log", "baseline")
+    assert record["metric"] == "bleu" and record["checkpoint"] == f"checkpoint_{chosen(work)}.pt"
+    assert [(r["epoch"], r["num_updates"], r["bleu"]) for r in record["validations"]] == [
+        (stats["epoch"], update, stats["bleu"]) for update, stats in sorted(log.validations.items())]
+    assert record["train_hours"] == pytest.approx(sum(s["train_wall"] for s in log.epochs.values()) / 3600, abs=1e-4)
+    assert convergence(read_record(str(work / "shipped_students" / "baseline" / "training.json")), "bleu") \
+        == dataclasses.replace(convergence(log, "bleu"), train_hours=pytest.approx(record["train_hours"]))
 
 
 def readme_rows(readme):

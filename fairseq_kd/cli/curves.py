@@ -6,8 +6,10 @@ PNG with a curve per log, and prints a Markdown table: each run's best
 validation score, its update, the last validation and the hours spent in
 training updates (fairseq's ``train_wall``; see :mod:`fairseq_kd.curves`), and with
 ``--baseline NAME`` how soon each run came within ``--within`` of that run's best.
+A run may be given by its training record instead (a shipped student's
+``training.json``, :func:`fairseq_kd.curves.training_record`).
 """
-from fairseq_kd.curves import HIGHER_IS_BETTER, best_point, read_log, summary_table
+from fairseq_kd.curves import HIGHER_IS_BETTER, best_point, read_curve, summary_table
 from fairseq_kd.errors import require
 from fairseq_kd.plots import plot_curves
 
@@ -16,7 +18,8 @@ USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fai
 
 def add_arguments(p):
     p.add_argument("--log", action="append", required=True, metavar="NAME=LOGFILE",
-                   help="a run's name and its fairseq-train log (repeat for each run; plotted in this order)")
+                   help="a run's name and its fairseq-train log, or its training record (a .json file: a shipped "
+                        "student's training.json); repeat for each run, plotted in this order")
     p.add_argument("--out", required=True, help="PNG to write (its folder is created if missing)")
     p.add_argument("--metric", default="bleu",
                    help="validation statistic to plot (bleu with --eval-bleu, or loss, nll_loss, ...); "
@@ -45,7 +48,7 @@ def named_logs(specs):
 
 
 def run(args):
-    curves = [read_log(path, name, args.subset) for name, path in named_logs(args.log)]
+    curves = [read_curve(path, name, args.subset) for name, path in named_logs(args.log)]
     label = f"{args.subset} {'BLEU' if args.metric == 'bleu' else args.metric}"
     # checks every log has the metric before plotting
     table = summary_table(curves, args.metric, args.baseline, args.within)

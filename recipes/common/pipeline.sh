@@ -516,9 +516,44 @@ train_student() {
   [ -n "$DRY_RUN" ] || log "student $name finished"
 }
 
-step_students() {
+# adopted_folder NAME: STUDENTS_FROM's folder of student NAME, when it ships one (else fails).
+adopted_folder() {
+  [ -n "$STUDENTS_FROM" ] && [ -f "$STUDENTS_FROM/$1/student.pt" ] || return 1
+  echo "$STUDENTS_FROM/$1"
+}
+
+# adopt_student NAME DIR: the shipped student in DIR becomes student NAME of the study, trained:
+# its weights the checkpoint the study uses (checkpoint_kind), its training.json the curve
+# the report reads.  Refused when DIR was shipped from another kind of checkpoint or encodes
+# with another dictionary than the study's data.
+adopt_student() {
+  local name=$1 dir=$2 kind shipped
+  kind=$(checkpoint_kind) || exit 1
+  [ -f "$dir/training.json" ] || die "adopt $name: $dir has no training.json (a student shipped by ship_students has)"
+  shipped=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$dir/training.json") \
+    || die "adopt $name: $dir/training.json names no checkpoint"
+  [ "$shipped" = "checkpoint_$kind.pt" ] || die "adopt $name: $dir ships its $shipped, the study uses checkpoint_$kind.pt (STUDENT_CHECKPOINT=$STUDENT_CHECKPOINT)"
+  [ -n "$DRY_RUN" ] || cmp -s "$dir/dict.txt" "$WORK/bin/dict.$TGT.txt" \
+    || die "adopt $name: $dir/dict.txt is not the study's dictionary ($WORK/bin/dict.$TGT.txt)"
+  log "student $name: adopted from $dir (STUDENTS_FROM; trained to its end elsewhere, not trained again)"
+  run_cmd mkdir -p "$WORK/student_$name" "$WORK/logs"
+  run_cmd cp "$dir/student.pt" "$WORK/student_$name/checkpoint_$kind.pt"
+  run_cmd cp "$dir/training.json" "$WORK/logs/student_$name.json"
+  mark_done "student_$name"
+}
+
+# adopted_names: the students of METHODS adopted from STUDENTS_FROM (their curve is a training.json).
+adopted_names() {
   local name
+  for name in $METHODS; do [ ! -e "$WORK/logs/student_$name.json" ] || echo "$name"; done
+}
+
+step_students() {
+  local name dir
   for name in $METHODS; do method_args "$name" >/dev/null; done  # unknown names fail early
+  for name in $METHODS; do
+    if ! is_done "student_$name" && dir=$(adopted_folder "$name"); then adopt_student "$name" "$dir"; fi
+  done
   # shellcheck disable=SC2086
   in_slots "" train_student "students" $METHODS
 }

@@ -51,11 +51,24 @@ hypotheses_dir() { echo "${HYPOTHESES_DIR:-$(dirname "$RESULTS_MD")/hypotheses/$
 learning_curves() {
   local name logs=()
   # the fine-tuned students do not validate (their own section of the page says how they trained)
-  for name in $(student_names); do [[ $name == ft_* ]] || logs+=(--log "$name=$WORK/logs/student_$name.log"); done
+  for name in $(student_names); do [[ $name == ft_* ]] || logs+=(--log "$name=$(training_curve "$name")"); done
   # how soon each method gets within 1 BLEU of the baseline's best (KD's lead early in training)
   if in_methods baseline; then logs+=(--baseline baseline); fi
   run_cmd fairseq-kd curves "${logs[@]}" --metric bleu --out "$PLOT_DIR/$(plot_name).curves.png" \
     --title "$RECIPE ($PROFILE): greedy validation BLEU by update"
+}
+
+# training_curve NAME: student NAME's fairseq-train log, or the training record of an adopted one.
+training_curve() {
+  if [ -e "$WORK/logs/student_$1.json" ]; then echo "$WORK/logs/student_$1.json"; else echo "$WORK/logs/student_$1.log"; fi
+}
+
+# adopted_md: the page's Settings row on the students adopted from STUDENTS_FROM (none: no row).
+adopted_md() {
+  local names; names=$(adopted_names | xargs)
+  [ -n "$names" ] || return 0
+  local from=${STUDENTS_FROM#"$REPO"/}
+  echo "| adopted students | $names: trained to the end by this recipe in an earlier work folder and shipped to \`$from\` (ship_students), adopted from there (STUDENTS_FROM), not trained again: evaluated (and pruned) from the shipped float16 weights; their curves are the shipped \`training.json\` |"
 }
 
 # The plots' file name: one pair per recipe, profile and STUDY.
@@ -124,6 +137,7 @@ MD
 | optimizer | \`$OPTIM_ARGS --max-tokens $MAX_TOKENS --label-smoothing $LABEL_SMOOTHING\` |
 | corpora | $(corpora_setting) |
 | pruning | $(if [ -n "$PRUNE_FROM" ]; then echo "\`$PRUNE_FROM\` pruned to $(echo $PRUNE_RATIO | sed 's/ / and /g') (class-blind, each from the trained student), retrained \`$PRUNE_TRAIN\`"; else echo "none (PRUNE_FROM empty)"; fi) |
+$(adopted_md)
 $(for m in $METHODS; do printf '| %s | `%s` |\n' "$m" "$(echo $(method_args "$m") | sed "s|$WORK/||g; s|$REPO/||g")"; done)
 $([ -z "$FINETUNE_FROM" ] || finetune_settings)
 

@@ -169,6 +169,13 @@ SHIP_CHECK_LINES=${SHIP_CHECK_LINES:-300}     # ship, ship_students: test pairs 
 # study's results page (any name of METHODS, or pruned_NAME).
 SHIP_STUDENTS=${SHIP_STUDENTS:-baseline seq_kd}
 
+# STUDENTS_FROM: a folder of students shipped by ship_students (NAME/student.pt and its
+# training.json, e.g. examples/students): a method of METHODS found there is adopted, not
+# trained (its shipped weights are its checkpoint, its training.json its curve), so a study
+# whose work folder was lost keeps the students it had finished.  Its checkpoint kind must be
+# the study's (STUDENT_CHECKPOINT=average for avg5, best; not choose: nothing to choose from).
+STUDENTS_FROM=${STUDENTS_FROM-}
+
 # --- fine-tuning a trained student (the finetune step; nothing while FINETUNE_FROM is empty)
 # FINETUNE_FROM: a student (e.g. seq_kd) whose evaluated checkpoint (STUDENT_CHECKPOINT: best
 # or last) every fine-tune run starts from.  GKD (onpolicy_kd) starts from a supervised student:
