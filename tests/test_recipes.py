@@ -360,6 +360,8 @@ def test_checkpoint_choice_needs_a_trained_baseline(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].endswith(
         "STUDENT_CHECKPOINT=choose compares the baseline's checkpoints: add baseline to METHODS, "
         "or set STUDENT_CHECKPOINT to best, last or average")
+    (tmp_path / "work" / "done").mkdir(parents=True)
+    (tmp_path / "work" / "done" / "student_baseline").touch()  # a finished student to export
     proc = run_recipe("bible_es_en", settings, "export", check=False)
     assert proc.returncode != 0 and "STUDENT_CHECKPOINT=choose: nothing chosen yet" in proc.stderr
 
@@ -735,10 +737,14 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     results, ref = make_study(str(work), rows, ref_path=work / "raw" / "test.en")
     for split, lang in (("valid", "en"), ("train", "es")):
         (work / "raw" / f"{split}.{lang}").write_text("a verse\n" * 7)
-    for name, bleus in (("baseline", (10.0, 12.0, 11.0)), ("seq_kd", (12.0, 14.5, 14.0))):
+    (work / "done").mkdir()
+    # word_kd is still training: a curve so far, no stamp, no results row
+    for name, bleus in (("baseline", (10.0, 12.0, 11.0)), ("seq_kd", (12.0, 14.5, 14.0)), ("word_kd", (9.0, 11.5))):
         lines = [line for k, b in enumerate(bleus, 1) for line in (valid_line(k, 100 * k, b, 6.0),
                                                                     train_line(k, 100 * k, 720, 800 * k))]
         (work / "logs" / f"student_{name}.log").write_text("\n".join(lines) + "\n")
+        if name != "word_kd":
+            (work / "done" / f"student_{name}").touch()
     # the checkpoint step's comparison on valid and its choice
     chosen = json.loads(open(results).read())
     chosen["systems"] = [{**system, "name": f"baseline ({kind})"} for system, kind in
@@ -746,9 +752,13 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     (work / "checkpoints.json").write_text(json.dumps(chosen))
     (work / "checkpoint_choice").write_text("avg5\n")
     run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu_converged", "GPUS": "cpu", "CT2_QUANT": "",
-                               "METHODS": "baseline seq_kd", "PRUNE_FROM": "", "RESULTS_MD": str(docs / "results.md"),
-                               "PLOT_DIR": str(docs)}, "report")
+                               "METHODS": "baseline seq_kd word_kd hybrid_kd", "PRUNE_FROM": "",
+                               "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}, "report")
     page = (docs / "results.md").read_text()
+    assert ("Not finished when this page was written (no row yet; a curve as far as it got): word_kd hybrid_kd."
+            in page)
+    assert "| word_kd (training) | 11.50 | 200 (2) | 200 (2) | 0 | 0.40 | 200 (1.00) |" in page
+    assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]  # not begun: no curve
     assert str(tmp_path) not in page and str(REPO) not in page
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
     assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -909,3 +919,27 @@ def test_students_shipped_in_students_from_are_adopted_not_trained(tmp_path):
         proc = run_recipe("bible_es_en", {**settings, "WORK": str(tmp_path / f"work_{name}"), "METHODS": "baseline",
                                           "STUDENTS_FROM": str(other)}, "students", check=False)
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_export_and_evaluate_take_only_the_students_that_finished(tmp_path):
+    """A study reports each student as it finishes: export and evaluate skip a student whose
+    training has not finished (no stamp) and say so; the finished ones and the teacher go on."""
+    work, stub = tmp_path / "work", tmp_path / "bin"
+    for folder in (work / "done", work / "student_baseline", work / "raw", stub):
+        folder.mkdir(parents=True)
+    (work / "done" / "student_baseline").touch()
+    (work / "student_baseline" / "checkpoint_last.pt").touch()
+    (work / "student_baseline" / "checkpoint_avg5.pt").touch()  # newer than last: not averaged again
+    (stub / "fairseq-kd").write_text(FAKE_FAIRSEQ_KD)
+    (stub / "fairseq-kd").chmod(0o755)
+    calls = tmp_path / "calls.jsonl"
+    out = run_recipe("bible_es_en", {"WORK": str(work), "GPUS": "cpu", "PROFILE": "cpu_converged", "CT2_QUANT": "",
+                                     "METHODS": "baseline word_kd", "PRUNE_FROM": "", "STUDENT_CHECKPOINT": "average",
+                                     "FAKE_CALLS": str(calls), "FAKE_SCORES": json.dumps({"teacher": 30, "baseline": 20}),
+                                     "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"},
+                     "export", "evaluate").stdout
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert [(c[0], c[c.index("--out") + 1]) for c in made if c[0] == "export"] == [
+        ("export", f"{work}/exported/baseline.pt")]
+    assert [c[c.index("--name") + 1] for c in made if c[0] == "evaluate"] == ["teacher", "baseline"]
+    assert "not yet for word_kd (training not finished)" in out

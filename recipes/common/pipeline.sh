@@ -757,9 +757,27 @@ student_names() {
   finetune_names
 }
 
-step_export() {
+# finished_students: student_names whose training has finished (their stamp); export and
+# evaluate take only these, so a study reports each student as it finishes.  A dry run
+# assumes all have.
+finished_students() {
   local name
   for name in $(student_names); do
+    if [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$name" ]; then echo "$name"; fi
+  done
+}
+
+# unfinished_students: the others, in one line (the log, the results page).
+unfinished_students() {
+  local name
+  for name in $(student_names); do [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$name" ] || echo "$name"; done | xargs
+}
+
+step_export() {
+  local name waiting
+  waiting=$(unfinished_students)
+  [ -z "$waiting" ] || log "export, evaluate: not yet for $waiting (training not finished)"
+  for name in $(finished_students); do
     if is_done "export_$name"; then skip "export_$name"; continue; fi
     use_checkpoint "$name"
     log "export $name -> $WORK/exported/$name.pt"
@@ -816,7 +834,7 @@ step_evaluate() {
   if [ -n "$TEACHER_CT2" ]; then evaluate_external_teacher; else evaluate_all teacher "$(teacher_checkpoint)"; fi
   # students are evaluated from their exported files with stock fairseq (no plugin); the
   # CTranslate2 rows convert the same files
-  for name in $(student_names); do evaluate_all "$name" "$WORK/exported/$name.pt" --no-user-dir; done
+  for name in $(finished_students); do evaluate_all "$name" "$WORK/exported/$name.pt" --no-user-dir; done
 }
 
 # The steps with files of their own (functions only, like the above)

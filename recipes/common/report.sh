@@ -49,9 +49,15 @@ hypotheses_dir() { echo "${HYPOTHESES_DIR:-$(dirname "$RESULTS_MD")/hypotheses/$
 # learning_curves: every student's validation BLEU by update -> $PLOT_DIR/NAME.curves.png;
 # prints the table of how each converged.
 learning_curves() {
-  local name logs=()
+  local name curve logs=()
   # the fine-tuned students do not validate (their own section of the page says how they trained)
-  for name in $(student_names); do [[ $name == ft_* ]] || logs+=(--log "$name=$(training_curve "$name")"); done
+  # a student still training is drawn as far as it got; one not begun has no curve yet
+  for name in $(student_names); do
+    [[ $name != ft_* ]] || continue
+    curve=$(training_curve "$name")
+    if [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$name" ]; then logs+=(--log "$name=$curve")
+    elif [ -e "$curve" ]; then logs+=(--log "$name (training)=$curve"); fi
+  done
   # how soon each method gets within 1 BLEU of the baseline's best (KD's lead early in training)
   if in_methods baseline; then logs+=(--baseline baseline); fi
   run_cmd fairseq-kd curves "${logs[@]}" --metric bleu --out "$PLOT_DIR/$(plot_name).curves.png" \
@@ -117,6 +123,7 @@ Produced by \`recipes/$RECIPE/run.sh\` on $(date -u +%Y-%m-%d) (git $(git -C "$R
 Test set: \`raw/test.$TGT\` of the work folder ($(wc -l < "$WORK/raw/test.$TGT") sentences), $SRC -> $TGT.
 $(speed_md)
 Students are evaluated from their \`fairseq-kd export\` files with stock fairseq.
+$(unfinished_md)
 
 $table
 
@@ -143,6 +150,12 @@ $([ -z "$FINETUNE_FROM" ] || finetune_settings)
 
 Training logs: \`logs/\` of the work folder.
 MD
+}
+
+# unfinished_md: the page's sentence on the students whose training has not finished (none: empty).
+unfinished_md() {
+  local waiting; waiting=$(unfinished_students)
+  [ -z "$waiting" ] || echo "Not finished when this page was written (no row yet; a curve as far as it got): $waiting."
 }
 
 # The page's sentence on translation speed.
