@@ -8,8 +8,11 @@ From them:
   (:class:`sacrebleu.significance.PairedTest`, as ``sacrebleu REF -i BASE SYS ...
   --paired-bs``) of every row against a baseline row, per decoding
   (``fairseq-kd table --significance``);
-* :func:`export_hypotheses` copies them xz-compressed, with the reference and a
-  README saying how to rescore them (``fairseq-kd hypotheses``);
+* :func:`export_hypotheses` copies them xz-compressed, with the reference, the
+  results rows (``results.json``), the students' training records
+  (``training.NAME.json``, :func:`fairseq_kd.curves.training_record`) and a README
+  saying how to rescore them (``fairseq-kd hypotheses``): what the study's page
+  shows, kept with it even when the work folder that made it is gone;
 * :func:`side_by_side` prints a few test sentences with every row's translation
   (``fairseq-kd side-by-side``, the demo's last step).
 
@@ -17,6 +20,7 @@ All first check that each file scores the BLEU the results file records, so
 neither reports on translations other than the ones in the table.
 """
 import glob
+import json
 import lzma
 import os
 
@@ -88,12 +92,52 @@ def write_xz(path, data):
     os.replace(path + ".tmp", path)
 
 
-def export_hypotheses(results_path, results, ref_path, out_dir, names=None):
-    """Write each row's hypotheses (greedy and beam) xz-compressed into ``out_dir``, with
-    the reference and a README.md on rescoring them; return the files written.
+def portable_rows(results_path, rows):
+    """The results rows with every file they name (:data:`fairseq_kd.shipping.PATH_FIELDS`)
+    relative to the results file's folder (the work folder), or by its name alone when it
+    lies outside: no path of the machine that made them."""
+    from fairseq_kd.shipping import PATH_FIELDS
 
-    ``names`` limits the rows (default: all).  Hypotheses files a previous export left
-    in ``out_dir`` are removed first, so the folder holds exactly the table's rows.
+    folder = os.path.dirname(os.path.abspath(results_path))
+    portable = json.loads(json.dumps(rows))
+    for system in portable:
+        for field in PATH_FIELDS:
+            if isinstance(system.get(field), str):
+                path = os.path.abspath(os.path.join(folder, system[field]))
+                inside = os.path.commonpath([path, folder]) == folder
+                system[field] = os.path.relpath(path, folder) if inside else os.path.basename(path)
+    return portable
+
+
+def write_training_records(out_dir, logs):
+    """``out_dir``/training.NAME.json for every (name, fairseq-train log or training record)
+    of ``logs``: validation BLEU when logged, else the loss; stale records removed first."""
+    from fairseq_kd.curves import read_curve, record_text, training_record
+
+    for stale in glob.glob(os.path.join(out_dir, "training.*.json")):
+        os.remove(stale)
+    written = []
+    for name, path in logs:
+        curve = read_curve(path, name)
+        metric = "bleu" if all("bleu" in v for v in curve.validations.values()) else "loss"
+        source = ("its training record" if path.endswith(".json")
+                  else "its fairseq-train log: every validation, and train_wall summed over the epochs")
+        record = training_record(curve, metric, None, source)
+        written.append(os.path.join(out_dir, f"training.{name}.json"))
+        with open(written[-1], "w", encoding="utf-8") as f:
+            f.write(record_text(record))
+    return written
+
+
+def export_hypotheses(results_path, results, ref_path, out_dir, names=None, logs=()):
+    """Write each row's hypotheses (greedy and beam) xz-compressed into ``out_dir``, with
+    the reference, the rows themselves (``results.json``, :func:`portable_rows`), each
+    (name, log) of ``logs`` as a training record (:func:`write_training_records`) and a
+    README.md on rescoring them; return the files written.
+
+    ``names`` limits the rows (default: all).  Hypotheses files and training records a
+    previous export left in ``out_dir`` are removed first, so the folder holds exactly
+    the table's rows.
     """
     from sacrebleu.metrics import BLEU
 
@@ -117,13 +161,19 @@ def export_hypotheses(results_path, results, ref_path, out_dir, names=None):
     ref_name = os.path.basename(ref_path)
     with open(ref_path, "rb") as f:
         write_xz(os.path.join(out_dir, ref_name + ".xz"), f.read())
+    rows_file = os.path.join(out_dir, "results.json")
+    with open(rows_file, "w", encoding="utf-8") as f:
+        json.dump({**{k: v for k, v in results.items() if k != "systems"},
+                   "systems": portable_rows(results_path, rows)}, f, indent=1)
+        f.write("\n")
+    records = write_training_records(out_dir, logs)
     readme = os.path.join(out_dir, "README.md")
     with open(readme, "w", encoding="utf-8") as f:
-        f.write(hypotheses_readme(ref_name, scores, str(bleu.get_signature())))
-    return written + [os.path.join(out_dir, ref_name + ".xz"), readme]
+        f.write(hypotheses_readme(ref_name, scores, str(bleu.get_signature()), [n for n, _ in logs]))
+    return written + [os.path.join(out_dir, ref_name + ".xz"), rows_file, *records, readme]
 
 
-def hypotheses_readme(ref_name, scores, signature):
+def hypotheses_readme(ref_name, scores, signature, trained=()):
     """The exported folder's README: what the files are, how to rescore them, the BLEU of each."""
     example = scores[0][0]
     lines = ["# Test hypotheses", "",
@@ -133,7 +183,12 @@ def hypotheses_readme(ref_name, scores, signature):
              f"    xz -dk {ref_name}.xz", f"    xz -dc {example} | sacrebleu {ref_name} -w 2", "",
              "| file | BLEU |", "|---|---:|"]
     lines += [f"| {name} | {score:.2f} |" for name, score in scores]
-    lines += ["", f"BLEU signature: `{signature}`"]
+    lines += ["", f"BLEU signature: `{signature}`", "",
+              "`results.json`: the rows these files were scored in (`fairseq-kd evaluate`'s results file;",
+              "`fairseq-kd table results.json` prints them)."]
+    if trained:
+        lines += [f"`training.NAME.json`: the validation curve and hours in training updates of {', '.join(trained)}",
+                  "(`fairseq-kd curves --log NAME=training.NAME.json` draws it)."]
     return "\n".join(lines) + "\n"
 
 

@@ -771,7 +771,11 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     assert "[`hypotheses/bible_es_en_cpu_converged/`](hypotheses/bible_es_en_cpu_converged/)" in page
     shipped = docs / "hypotheses" / "bible_es_en_cpu_converged"
     assert sorted(p.name for p in shipped.iterdir()) == sorted(
-        [f"results.{n}.{d}.txt.xz" for n in rows for d in ("greedy", "beam")] + ["test.en.xz", "README.md"])
+        [f"results.{n}.{d}.txt.xz" for n in rows for d in ("greedy", "beam")] + ["test.en.xz", "README.md"]
+        + ["results.json", "training.baseline.json", "training.seq_kd.json"])  # word_kd: not finished
+    assert [(r["num_updates"], r["bleu"]) for r in json.loads((shipped / "training.seq_kd.json").read_text())[
+        "validations"]] == [(100, 12.0), (200, 14.5), (300, 14.0)]
+    assert str(tmp_path) not in (shipped / "results.json").read_text()
     # which checkpoint: the comparison on valid, the choice every student is evaluated from
     assert "### Which checkpoint" in page and "| baseline (avg5) |" in page and "| baseline (best) |" in page
     assert "greedy BLEU, `checkpoint_avg5.pt`, is the kind every student above is evaluated" in page

@@ -15,7 +15,7 @@ from fairseq_kd import cli
 from fairseq_kd.errors import KDError
 from fairseq_kd.evaluation import hypotheses_file
 from fairseq_kd.results import markdown_table, read_results
-from fairseq_kd.study import export_hypotheses, paired_significance
+from fairseq_kd.study import export_hypotheses, paired_significance, portable_rows
 from helpers import BIN, env
 
 WORDS = "in the beginning god created heaven and earth was without form void darkness upon face of deep".split()
@@ -153,7 +153,10 @@ def test_shipped_hypotheses_rescore_to_the_tables_numbers_with_the_readmes_comma
     shipped = sorted(p.name for p in out.glob("*.txt.xz"))
     assert shipped == sorted(os.path.basename(hypotheses_file(results_path, s["name"], d)) + ".xz"
                              for s in results["systems"] for d in ("greedy", "beam"))
-    assert proc.stdout.strip() == f"wrote {len(shipped) + 2} files to {out}"
+    assert proc.stdout.strip() == f"wrote {len(shipped) + 3} files to {out}"  # + reference, rows, README
+    # the rows as the results file has them, no path of the machine
+    rows = json.loads((out / "results.json").read_text())
+    assert rows["systems"] == results["systems"] and rows["bleu_signature"] == results["bleu_signature"]
     readme = (out / "README.md").read_text()
     decompress, rescore = re.findall(r"^    (xz .*)$", readme, re.M)
     subprocess.run(decompress, shell=True, cwd=out, check=True)
@@ -193,3 +196,16 @@ def test_table_without_speed_drops_only_the_speed_columns(study):
     speed_cols = [i for i, h in enumerate(full[0]) if "sent/s" in h]
     assert len(speed_cols) == 2
     assert quality == [[c for i, c in enumerate(row) if i not in speed_cols] for row in full]
+
+
+def test_shipped_rows_name_no_path_of_the_machine(tmp_path):
+    """results.json beside the hypotheses: a file in the work folder by its path there, one
+    elsewhere (a teacher in the repository) by its name."""
+    work = tmp_path / "work"
+    rows = [{"name": "student", "checkpoint": str(work / "exported" / "student.pt")},
+            {"name": "teacher", "checkpoint": str(tmp_path / "repo" / "examples" / "teacher" / "teacher.pt")},
+            {"name": "ct2", "model_dir": "exported/ct2"}]
+    assert portable_rows(str(work / "results.json"), rows) == [
+        {"name": "student", "checkpoint": "exported/student.pt"}, {"name": "teacher", "checkpoint": "teacher.pt"},
+        {"name": "ct2", "model_dir": "exported/ct2"}]
+    assert rows[0]["checkpoint"] == str(work / "exported" / "student.pt")  # the rows given are not changed

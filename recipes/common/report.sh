@@ -11,8 +11,13 @@ step_report() {
     --title "$RECIPE ($PROFILE): BLEU (beam $BEAM) vs parameters"
   if [ "$PROFILE" = cpu_converged ]; then
     log "report: test hypotheses -> $(hypotheses_dir), learning curves -> $PLOT_DIR/$(plot_name).curves.png"
+    local name records=()
+    # the finished students' curves go with their hypotheses (the page's record of the study)
+    for name in $(finished_students); do
+      [[ $name == ft_* ]] || records+=(--log "$name=$(training_curve "$name")")
+    done
     run_logged "$WORK/logs/report.log" fairseq-kd hypotheses "$RESULTS" --ref "$WORK/raw/test.$TGT" \
-      --out "$(hypotheses_dir)"
+      --out "$(hypotheses_dir)" "${records[@]}"
   fi
   if [ -n "$DRY_RUN" ]; then
     table_args
