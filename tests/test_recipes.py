@@ -745,6 +745,12 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
         (work / "logs" / f"student_{name}.log").write_text("\n".join(lines) + "\n")
         if name != "word_kd":
             (work / "done" / f"student_{name}").touch()
+    # seq_kd was adopted from a shipped folder (STUDENTS_FROM): its curve is a training record
+    from fairseq_kd.curves import read_log, record_text, training_record
+    log = work / "logs" / "student_seq_kd.log"
+    (work / "logs" / "student_seq_kd.json").write_text(record_text(training_record(
+        read_log(str(log), "seq_kd"), "bleu", "checkpoint_avg5.pt", "test")))
+    log.unlink()
     # the checkpoint step's comparison on valid and its choice
     chosen = json.loads(open(results).read())
     chosen["systems"] = [{**system, "name": f"baseline ({kind})"} for system, kind in
@@ -759,6 +765,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
             in page)
     assert "| word_kd (training) | 11.50 | 200 (2) | 200 (2) | 0 | 0.40 | 200 (1.00) |" in page
     assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]  # not begun: no curve
+    assert "| adopted students | seq_kd: trained to the end by this recipe in an earlier work folder" in page
+    assert "The adopted students (seq_kd) trained as their shipped README says (`STUDENT_JOBS` there)." in page
     assert str(tmp_path) not in page and str(REPO) not in page
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
     assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -74,6 +74,13 @@ training_curve() {
   if [ -e "$WORK/logs/student_$1.json" ]; then echo "$WORK/logs/student_$1.json"; else echo "$WORK/logs/student_$1.log"; fi
 }
 
+# adopted_jobs_md: the convergence sentence's exception for the adopted students, whose hours are
+# those of the run that trained them (their shipped README says how many shared the machine).
+adopted_jobs_md() {
+  local names; names=$(adopted_names | xargs)
+  [ -z "$names" ] || echo " The adopted students ($names) trained as their shipped README says (\`STUDENT_JOBS\` there)."
+}
+
 # adopted_md: the page's Settings row on the students adopted from STUDENTS_FROM (none: no row).
 adopted_md() {
   local names; names=$(adopted_names | xargs)
@@ -262,7 +269,7 @@ epoch, from its training log (\`logs/student_NAME.log\`); a star marks its best 
 $summary
 
 Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: each row's hours include that,
-and the study's training took about the total above divided by $STUDENT_JOBS in wall-clock hours.
+and the study's training took about the total above divided by $STUDENT_JOBS in wall-clock hours.$(adopted_jobs_md)
 
 Test hypotheses of every row, greedy and beam, detokenized and xz-compressed, with the reference:
 [\`$hyps/\`]($hyps/); rescore one with \`xz -dc FILE | sacrebleu test.$TGT\` (its README.md).
