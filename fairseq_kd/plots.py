@@ -156,7 +156,7 @@ def draw_results(results, x="speed", decoding="greedy", title=None):
     if len(backends) > 1:
         ax.legend(handles=[Line2D([], [], ls="", marker=BACKEND_MARKERS.get(b, "s"), color="0.4",
                                   label=BACKEND_LABELS.get(b, b))
-                           for b in backends], loc="lower center", ncol=len(backends), fontsize=LABEL_FONT_SIZE)
+                           for b in backends], loc="best", ncol=len(backends), fontsize=LABEL_FONT_SIZE)
     left, right = ax.get_xlim()  # room on the right for the labels of the rightmost points
     ax.set_xlim(left, right * 1.6 if x == "speed" else right + 0.2 * (right - left))
     fig.tight_layout()

@@ -761,7 +761,7 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
                                "METHODS": "baseline seq_kd word_kd hybrid_kd", "PRUNE_FROM": "",
                                "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}, "report")
     page = (docs / "results.md").read_text()
-    assert ("Not finished when this page was written (no row yet; a curve as far as it got): word_kd hybrid_kd."
+    assert ("Not finished when this page was written (no row yet; a curve as far as it got): word_kd, hybrid_kd."
             in page)
     assert "| word_kd (training) | 11.50 | 200 (2) | 200 (2) | 0 | 0.40 | 200 (1.00) |" in page
     assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]  # not begun: no curve

@@ -78,13 +78,14 @@ training_curve() {
 # those of the run that trained them (their shipped README says how many shared the machine).
 adopted_jobs_md() {
   local names; names=$(adopted_names | xargs)
-  [ -z "$names" ] || echo " The adopted students ($names) trained as their shipped README says (\`STUDENT_JOBS\` there)."
+  [ -z "$names" ] || echo " The adopted students (${names// /, }) trained as their shipped README says (\`STUDENT_JOBS\` there)."
 }
 
 # adopted_md: the page's Settings row on the students adopted from STUDENTS_FROM (none: no row).
 adopted_md() {
   local names; names=$(adopted_names | xargs)
   [ -n "$names" ] || return 0
+  names=${names// /, }
   local from=${STUDENTS_FROM#"$REPO"/}
   echo "| adopted students | $names: trained to the end by this recipe in an earlier work folder and shipped to \`$from\` (ship_students), adopted from there (STUDENTS_FROM), not trained again: evaluated (and pruned) from the shipped float16 weights; their curves are the shipped \`training.json\` |"
 }
@@ -167,7 +168,7 @@ MD
 # unfinished_md: the page's sentence on the students whose training has not finished (none: empty).
 unfinished_md() {
   local waiting; waiting=$(unfinished_students)
-  [ -z "$waiting" ] || echo "Not finished when this page was written (no row yet; a curve as far as it got): $waiting."
+  [ -z "$waiting" ] || echo "Not finished when this page was written (no row yet; a curve as far as it got): ${waiting// /, }."
 }
 
 # The page's sentence on translation speed.
@@ -260,7 +261,7 @@ converged_md() {
 ### Convergence
 
 Validation BLEU (greedy, the $(wc -l < "$WORK/raw/valid.$TGT") sentences of \`raw/valid.$TGT\`) of every student after each
-epoch, from its training log (\`logs/student_NAME.log\`); a star marks its best validation
+epoch, from its training log (\`logs/student_NAME.log\`; an adopted student's from its \`training.json\`); a star marks its best validation
 (the star is the \`checkpoint_best.pt\`; the one evaluated above: \`checkpoint_$(checkpoint_kind).pt\`).  Training stops after
 \`--patience\` validations without a better one.
 
