@@ -757,20 +757,20 @@ student_names() {
   finetune_names
 }
 
-# finished_students: student_names whose training has finished (their stamp); export and
+# student_finished NAME: whether student NAME's training has finished (its stamp); export and
 # evaluate take only these, so a study reports each student as it finishes.  A dry run
 # assumes all have.
+student_finished() { [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$1" ]; }
+
 finished_students() {
   local name
-  for name in $(student_names); do
-    if [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$name" ]; then echo "$name"; fi
-  done
+  for name in $(student_names); do if student_finished "$name"; then echo "$name"; fi; done
 }
 
 # unfinished_students: the others, in one line (the log, the results page).
 unfinished_students() {
   local name
-  for name in $(student_names); do [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$name" ] || echo "$name"; done | xargs
+  for name in $(student_names); do student_finished "$name" || echo "$name"; done | xargs
 }
 
 step_export() {

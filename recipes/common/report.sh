@@ -60,7 +60,7 @@ learning_curves() {
   for name in $(student_names); do
     [[ $name != ft_* ]] || continue
     curve=$(training_curve "$name")
-    if [ -n "$DRY_RUN" ] || [ -e "$WORK/done/student_$name" ]; then logs+=(--log "$name=$curve")
+    if student_finished "$name"; then logs+=(--log "$name=$curve")
     elif [ -e "$curve" ]; then logs+=(--log "$name (training)=$curve"); fi
   done
   # how soon each method gets within 1 BLEU of the baseline's best (KD's lead early in training)
