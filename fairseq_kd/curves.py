@@ -141,6 +141,8 @@ def training_hours(curve):
 
 
 RECORD_VERSION = 1
+# what a record written from a fairseq-train log says it was made from
+LOG_SOURCE = "its fairseq-train log: every validation, and train_wall summed over the epochs"
 
 
 def training_record(curve, metric, checkpoint, source):
@@ -153,6 +155,20 @@ def training_record(curve, metric, checkpoint, source):
             "train_hours": round(training_hours(curve), 4), "source": source,
             "validations": [{"epoch": curve.validations[u]["epoch"], "num_updates": u, metric: points[u]}
                             for u in sorted(points)]}
+
+
+def logged_metric(curve):
+    """The metric a run was validated on: BLEU when every validation logged it, else the loss."""
+    return "bleu" if all("bleu" in v for v in curve.validations.values()) else "loss"
+
+
+def write_record(path, curve, checkpoint, source):
+    """``path``: the training record of ``curve`` on its :func:`logged_metric`, written whole."""
+    record = training_record(curve, logged_metric(curve), checkpoint, source)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(record_text(record))
+    os.replace(path + ".tmp", path)
+    return path
 
 
 def record_text(record):

@@ -325,10 +325,10 @@ def student_readme(folder, model_file, checkpoint, train_log, s):
     ``train_log`` its fairseq-train log (``--log-format simple``), ``s`` a
     :class:`StudentShipment`.  No path of the machine is written (``s.roots``).
     """
-    from fairseq_kd.curves import best_point, read_log
+    from fairseq_kd.curves import best_point, logged_metric, read_log
 
     curve = read_log(train_log, s.name)
-    metric = "bleu" if all("bleu" in v for v in curve.validations.values()) else "loss"
+    metric = logged_metric(curve)
     label = "BLEU" if metric == "bleu" else "loss"
     epoch, updates, wall_hours = checkpoint_facts(checkpoint, curve)
     update_hours = sum(stats.get("train_wall", 0.0) for e, stats in curve.epochs.items() if e <= epoch) / 3600
@@ -406,13 +406,10 @@ def write_text(path, text):
 def write_training_record(folder, train_log, s):
     """``folder``/training.json: the student's curve read from its fairseq-train log
     (:func:`fairseq_kd.curves.training_record`), validation BLEU when it was logged."""
-    from fairseq_kd.curves import read_log, record_text, training_record
+    from fairseq_kd.curves import LOG_SOURCE, read_log, write_record
 
-    curve = read_log(train_log, s.name)
-    metric = "bleu" if all("bleu" in v for v in curve.validations.values()) else "loss"
-    record = training_record(curve, metric, f"checkpoint_{s.checkpoint_choice}.pt",
-                             "its fairseq-train log: every validation, and train_wall summed over the epochs")
-    write_text(os.path.join(folder, TRAINING_RECORD), record_text(record))
+    write_record(os.path.join(folder, TRAINING_RECORD), read_log(train_log, s.name),
+                 f"checkpoint_{s.checkpoint_choice}.pt", LOG_SOURCE)
 
 
 def finish_student_folder(folder, model_file, checkpoint, train_log, shipment, machine_paths=()):

@@ -112,21 +112,13 @@ def portable_rows(results_path, rows):
 def write_training_records(out_dir, logs):
     """``out_dir``/training.NAME.json for every (name, fairseq-train log or training record)
     of ``logs``: validation BLEU when logged, else the loss; stale records removed first."""
-    from fairseq_kd.curves import read_curve, record_text, training_record
+    from fairseq_kd.curves import LOG_SOURCE, read_curve, write_record
 
     for stale in glob.glob(os.path.join(out_dir, "training.*.json")):
         os.remove(stale)
-    written = []
-    for name, path in logs:
-        curve = read_curve(path, name)
-        metric = "bleu" if all("bleu" in v for v in curve.validations.values()) else "loss"
-        source = ("its training record" if path.endswith(".json")
-                  else "its fairseq-train log: every validation, and train_wall summed over the epochs")
-        record = training_record(curve, metric, None, source)
-        written.append(os.path.join(out_dir, f"training.{name}.json"))
-        with open(written[-1], "w", encoding="utf-8") as f:
-            f.write(record_text(record))
-    return written
+    return [write_record(os.path.join(out_dir, f"training.{name}.json"), read_curve(path, name), None,
+                         "its training record" if path.endswith(".json") else LOG_SOURCE)
+            for name, path in logs]
 
 
 def export_hypotheses(results_path, results, ref_path, out_dir, names=None, logs=()):

@@ -368,7 +368,7 @@ SHIP_TINY = {
 # Instead of the shipped teacher's 8k vocabulary, which a tiny student does not learn to use in
 # a minute (it writes one word over and over): a 300-piece one of the recipe's, and a teacher
 # trained for one epoch on it (the translation_kd task of every student needs one; the baseline
-# never loads it).  Its baseline writes a different translation for every test sentence.
+# never loads it).  Its baseline writes different translations for different test sentences.
 OWN_VOCABULARY = {"TEACHER_PATH": "", "VOCAB": "300", "TEACHER_ARGS": TINY_ARCH, "TEACHER_TRAIN": "--max-epoch 1"}
 
 
