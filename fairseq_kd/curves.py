@@ -24,6 +24,7 @@ import json
 import os
 import re
 
+from fairseq_kd.atomic_io import write_atomic
 from fairseq_kd.errors import KDError, require
 
 VALID_LINE = re.compile(r"\| epoch (?P<epoch>\d+) \| valid on '(?P<subset>[^']*)' subset \|(?P<stats>.*)$")
@@ -164,10 +165,7 @@ def logged_metric(curve):
 
 def write_record(path, curve, checkpoint, source):
     """``path``: the training record of ``curve`` on its :func:`logged_metric`, written whole."""
-    record = training_record(curve, logged_metric(curve), checkpoint, source)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(record_text(record))
-    os.replace(path + ".tmp", path)
+    write_atomic(path, record_text(training_record(curve, logged_metric(curve), checkpoint, source)))
     return path
 
 

@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 
+from fairseq_kd.atomic_io import write_atomic
 from fairseq_kd.errors import KDError, require
 from fairseq_kd.results import read_results
 
@@ -396,13 +397,6 @@ folder alone (greedy BLEU {checked['greedy']['bleu']}, beam BLEU {checked['beam'
 """
 
 
-def write_text(path, text):
-    """``text`` into ``path``, replaced whole (never half-written)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_training_record(folder, train_log, s):
     """``folder``/training.json: the student's curve read from its fairseq-train log
     (:func:`fairseq_kd.curves.training_record`), validation BLEU when it was logged."""
@@ -421,7 +415,7 @@ def finish_student_folder(folder, model_file, checkpoint, train_log, shipment, m
     for name in RESULTS_FILES:
         portable_results(os.path.join(folder, name))
     readme = student_readme(folder, model_file, checkpoint, train_log, shipment)
-    write_text(os.path.join(folder, "README.md"), readme)
+    write_atomic(os.path.join(folder, "README.md"), readme)
     write_training_record(folder, train_log, shipment)
     problems = folder_problems(folder, model_file, machine_paths=machine_paths, files=STUDENT_FILES)
     require(not problems, f"{folder} is not fit to ship:\n  " + "\n  ".join(problems))

@@ -24,6 +24,7 @@ import json
 import lzma
 import os
 
+from fairseq_kd.atomic_io import write_atomic
 from fairseq_kd.errors import require
 from fairseq_kd.evaluation import hypotheses_file, read_lines
 from fairseq_kd.results import DECODINGS, find_system
@@ -154,10 +155,8 @@ def export_hypotheses(results_path, results, ref_path, out_dir, names=None, logs
     with open(ref_path, "rb") as f:
         write_xz(os.path.join(out_dir, ref_name + ".xz"), f.read())
     rows_file = os.path.join(out_dir, "results.json")
-    with open(rows_file, "w", encoding="utf-8") as f:
-        json.dump({**{k: v for k, v in results.items() if k != "systems"},
-                   "systems": portable_rows(results_path, rows)}, f, indent=1)
-        f.write("\n")
+    write_atomic(rows_file, json.dumps({**{k: v for k, v in results.items() if k != "systems"},
+                                        "systems": portable_rows(results_path, rows)}, indent=1) + "\n")
     records = write_training_records(out_dir, logs)
     readme = os.path.join(out_dir, "README.md")
     with open(readme, "w", encoding="utf-8") as f:
