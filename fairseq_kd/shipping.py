@@ -317,18 +317,18 @@ def scores_line(system, decoding):
     return f"sacreBLEU {d['bleu']}, chrF {d['chrf']}, {d['sentences_per_s']} sentences/s"
 
 
-def student_readme(folder, model_file, checkpoint, train_log, s):
+def student_readme(folder, model_file, checkpoint, train_log, curve, s):
     """The README.md of a shipped student: its method and fairseq-train options, the
     checkpoint shipped and the training to it, its validation curve, why training stopped,
     the machine, its test scores (from the folder's results files) and its teacher.
 
     ``checkpoint`` is the training checkpoint the model file was exported from,
-    ``train_log`` its fairseq-train log (``--log-format simple``), ``s`` a
-    :class:`StudentShipment`.  No path of the machine is written (``s.roots``).
+    ``train_log`` its fairseq-train log (``--log-format simple``) and ``curve`` that log
+    read (:func:`fairseq_kd.curves.read_log`), ``s`` a :class:`StudentShipment`.  No path
+    of the machine is written (``s.roots``).
     """
-    from fairseq_kd.curves import best_point, logged_metric, read_log
+    from fairseq_kd.curves import best_point, logged_metric
 
-    curve = read_log(train_log, s.name)
     metric = logged_metric(curve)
     label = "BLEU" if metric == "bleu" else "loss"
     epoch, updates, wall_hours = checkpoint_facts(checkpoint, curve)
@@ -397,13 +397,12 @@ folder alone (greedy BLEU {checked['greedy']['bleu']}, beam BLEU {checked['beam'
 """
 
 
-def write_training_record(folder, train_log, s):
-    """``folder``/training.json: the student's curve read from its fairseq-train log
+def write_training_record(folder, curve, s):
+    """``folder``/training.json: the student's curve, read from its fairseq-train log
     (:func:`fairseq_kd.curves.training_record`), validation BLEU when it was logged."""
-    from fairseq_kd.curves import LOG_SOURCE, read_log, write_record
+    from fairseq_kd.curves import LOG_SOURCE, write_record
 
-    write_record(os.path.join(folder, TRAINING_RECORD), read_log(train_log, s.name),
-                 f"checkpoint_{s.checkpoint_choice}.pt", LOG_SOURCE)
+    write_record(os.path.join(folder, TRAINING_RECORD), curve, f"checkpoint_{s.checkpoint_choice}.pt", LOG_SOURCE)
 
 
 def finish_student_folder(folder, model_file, checkpoint, train_log, shipment, machine_paths=()):
@@ -412,11 +411,14 @@ def finish_student_folder(folder, model_file, checkpoint, train_log, shipment, m
     README.md (:func:`student_readme`) and training.json (:func:`write_training_record`)
     written, then the folder checked
     (:func:`folder_problems`, every problem in one :class:`KDError`).  Returns the README."""
+    from fairseq_kd.curves import read_log
+
     for name in RESULTS_FILES:
         portable_results(os.path.join(folder, name))
-    readme = student_readme(folder, model_file, checkpoint, train_log, shipment)
+    curve = read_log(train_log, shipment.name)  # the README and training.json, from one reading
+    readme = student_readme(folder, model_file, checkpoint, train_log, curve, shipment)
     write_atomic(os.path.join(folder, "README.md"), readme)
-    write_training_record(folder, train_log, shipment)
+    write_training_record(folder, curve, shipment)
     problems = folder_problems(folder, model_file, machine_paths=machine_paths, files=STUDENT_FILES)
     require(not problems, f"{folder} is not fit to ship:\n  " + "\n  ".join(problems))
     return readme
