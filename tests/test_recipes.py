@@ -745,6 +745,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
         (work / "logs" / f"student_{name}.log").write_text("\n".join(lines) + "\n")
         if name != "word_kd":
             (work / "done" / f"student_{name}").touch()
+    # hybrid_kd has just begun: a log without a validation yet
+    (work / "logs" / "student_hybrid_kd.log").write_text(train_line(1, 50, 720, 400) + "\n")
     # seq_kd was adopted from a shipped folder (STUDENTS_FROM): its curve is a training record
     from fairseq_kd.curves import read_log, record_text, training_record
     log = work / "logs" / "student_seq_kd.log"
@@ -764,7 +766,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     assert ("Not finished when this page was written (no row yet; a curve as far as it got): word_kd, hybrid_kd."
             in page)
     assert "| word_kd (training) | 11.50 | 200 (2) | 200 (2) | 0 | 0.40 | 200 (1.00) |" in page
-    assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]  # not begun: no curve
+    # not validated yet: no curve
+    assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]
     assert "| adopted students | seq_kd: trained to the end by this recipe in an earlier work folder" in page
     assert "The adopted students (seq_kd) trained as their shipped README says (`STUDENT_JOBS` there)." in page
     assert str(tmp_path) not in page and str(REPO) not in page

@@ -56,12 +56,12 @@ hypotheses_dir() { echo "${HYPOTHESES_DIR:-$(dirname "$RESULTS_MD")/hypotheses/$
 learning_curves() {
   local name curve logs=()
   # the fine-tuned students do not validate (their own section of the page says how they trained)
-  # a student still training is drawn as far as it got; one not begun has no curve yet
+  # a student still training is drawn as far as it got; one not validated yet has no curve
   for name in $(student_names); do
     [[ $name != ft_* ]] || continue
     curve=$(training_curve "$name")
     if student_finished "$name"; then logs+=(--log "$name=$curve")
-    elif [ -e "$curve" ]; then logs+=(--log "$name (training)=$curve"); fi
+    elif grep -qs "| valid on '" "$curve"; then logs+=(--log "$name (training)=$curve"); fi
   done
   # how soon each method gets within 1 BLEU of the baseline's best (KD's lead early in training)
   if in_methods baseline; then logs+=(--baseline baseline); fi
