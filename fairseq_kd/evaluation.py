@@ -83,6 +83,23 @@ def fairseq_tool(name):
     return path if os.path.exists(path) else name
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The processor's name as the system reports it ("" where it does not): part of a CPU
+    row's device, so that one results file never mixes speeds of two kinds of machine (a
+    cloud VM may come back on another host between sessions)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor()
+
+
 def decoding_device(spec):
     """What fairseq-generate decodes on (a GPU whenever it sees one, unless --cpu)."""
     import torch
@@ -91,9 +108,9 @@ def decoding_device(spec):
         require(not spec.fp16, "--fp16 needs a GPU (no --cpu, and CUDA available)")
         from fairseq_kd.processes import usable_cores
 
-        cores = usable_cores()
         threads = os.environ.get("OMP_NUM_THREADS")
-        return f"CPU ({cores} cores" + (f", OMP_NUM_THREADS={threads})" if threads else ")")
+        details = [cpu_model(), f"{usable_cores()} cores", f"OMP_NUM_THREADS={threads}" if threads else ""]
+        return f"CPU ({', '.join(d for d in details if d)})"
     return torch.cuda.get_device_name() + (FP16_NOTE if spec.fp16 else "")
 
 

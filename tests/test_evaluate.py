@@ -105,6 +105,26 @@ def test_one_results_file_holds_one_device(capsys, tiny_data, tiny_teacher, tmp_
     assert json.loads(results.read_text())["systems"] == [other]
 
 
+def test_a_cpu_row_names_its_processor_and_refuses_another_processors_rows(capsys, tiny_data, tiny_teacher,
+                                                                          tmp_path):
+    from fairseq_kd.evaluation import cpu_model
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R)  Xeon(R) Processor\n"
+                       "processor\t: 1\nmodel name\t: Intel(R)  Xeon(R) Processor\n")
+    assert cpu_model(str(cpuinfo)) == "Intel(R) Xeon(R) Processor"
+    # same cores and threads, another processor: its speeds are not this machine's
+    other = {"name": "elsewhere", "params": 1, "device": "CPU (Made-up CPU 9000, 2 cores, OMP_NUM_THREADS=1)",
+             "greedy": {"beam": 1, "bleu": 1.0, "chrf": 1.0, "sentences_per_s": 90.0},
+             "beam": {"beam": 2, "bleu": 1.0, "chrf": 1.0, "sentences_per_s": 30.0}}
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"device": other["device"], "systems": [other]}))
+    lines = evaluate_error(capsys, tiny_data, tiny_teacher, tmp_path)
+    here = lines[0].split("this run decodes on ")[1]
+    assert here.startswith(f"CPU ({cpu_model()}, " if cpu_model() else "CPU (")
+    assert "holds systems timed on CPU (Made-up CPU 9000, 2 cores, OMP_NUM_THREADS=1)" in lines[0]
+
+
 def _record(path, name):
     from fairseq_kd.results import record_system
 
