@@ -29,9 +29,15 @@ KIM_RUSH_2016 = [
     PublishedRow("2x500 Seq-KD", 84, 18.9, 19.0, "seq_kd"),
     PublishedRow("2x500 Seq-KD + Seq-Inter + Word-KD", 84, 18.8, 19.2, "seq_word_kd", "Seq-KD + Word-KD, no Seq-Inter"),
     PublishedRow("Seq-KD + Seq-Inter, 80% of weights pruned", 17, None, 19.1, "pruned80_seq_kd",
-                 "Seq-KD, 80% pruned"),
+                 "80% pruned"),
 ]
 KIM_RUSH_TEACHER, KIM_RUSH_BASELINE = KIM_RUSH_2016[0], KIM_RUSH_2016[1]
+
+
+def kim_rush_rows(pruned="pruned80_seq_kd"):
+    """Kim & Rush's rows, their pruned one set beside our student PRUNED (the recipe's student
+    pruned to 80%: they pruned their Seq-KD student, a study may prune its best one instead)."""
+    return KIM_RUSH_2016[:-1] + [dataclasses.replace(KIM_RUSH_2016[-1], ours=pruned, ours_note="80% pruned")]
 
 
 def bleu(value):

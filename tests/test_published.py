@@ -35,7 +35,22 @@ def test_kim_rush_rows_sit_beside_ours_with_gaps_to_each_teacher_and_gains_over_
     # the pruned row: no greedy score published; ours counts its non-zero parameters
     pruned = rows["Seq-KD + Seq-Inter, 80% of weights pruned"]
     assert pruned[1:6] == ["17M", "-", "19.1", "- / -0.4", "- / +1.5"]
-    assert pruned[6:] == ["`pruned80_seq_kd` (Seq-KD, 80% pruned)", "0.9M", "35.0", "36.0", "-4.0 / -3.0",
+    assert pruned[6:] == ["`pruned80_seq_kd` (80% pruned)", "0.9M", "35.0", "36.0", "-4.0 / -3.0",
                           "+2.0 / +0.8"]
     # a system not run yet
     assert rows["2x500 Word-KD"][6:] == ["`word_kd`", "not run", "", "", "", ""]
+
+
+def test_the_pruned_row_is_the_student_the_study_pruned(tmp_path, capsys):
+    """--kim-rush-pruned NAME: Kim & Rush's pruned Seq-KD row sits beside our student NAME (the
+    recipe's student pruned to 80%), counted by its non-zero parameters."""
+    results = {"systems": [system("teacher", 36.1, 39.0, params=7.6e6), system("baseline", 33.0, 35.2),
+                           system("pruned80_seq_kd", 30.0, 31.0, nonzero_params=0.9e6),
+                           system("pruned80_word_kd", 34.5, 36.1, nonzero_params=1.1e6)]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert cli.main(["table", str(path), "--kim-rush", "--kim-rush-pruned", "pruned80_word_kd"]) == 0
+    pruned = cells(capsys.readouterr().out.splitlines()[-1])
+    assert pruned[0] == "Seq-KD + Seq-Inter, 80% of weights pruned"
+    assert pruned[6:] == ["`pruned80_word_kd` (80% pruned)", "1.1M", "34.5", "36.1", "-4.5 / -2.9",
+                          "+1.5 / +0.9"]

@@ -201,7 +201,7 @@ def test_ship_students_step_ships_each_students_evaluated_checkpoint_in_half_pre
                                       "SHIP_STUDENTS": "seq_kd word-kd"}, "ship_students", check=False)
     assert proc.returncode != 0 and "RUN:" not in proc.stdout
     assert proc.stderr.strip().endswith("ship_students: word-kd is not a student of this study (baseline seq_kd "
-                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned50_seq_kd pruned80_seq_kd); set SHIP_STUDENTS")
+                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned50_word_kd pruned80_word_kd); set SHIP_STUDENTS")
 
 
 def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
@@ -243,8 +243,9 @@ def test_several_prune_ratios_prune_the_trained_student_once_each(tmp_path):
     exported = [c[c.index("--path") + 1] for c in cmds if c[1:2] == ["export"]]
     assert [p for p in exported if "pruned" in p] == [
         f"{work}/student_pruned{pct}_seq_kd/checkpoint_last.pt" for pct in (50, 80)]
-    # cpu_converged prunes to Kim & Rush's 80% beside 50% by default; cpu keeps its single student
-    for profile, names in (("cpu_converged", ["pruned50_seq_kd", "pruned80_seq_kd"]), ("cpu", ["pruned_seq_kd"])):
+    # cpu_converged prunes its best student (word_kd) to Kim & Rush's 80% beside 50% by default;
+    # cpu keeps its single pruned Seq-KD student
+    for profile, names in (("cpu_converged", ["pruned50_word_kd", "pruned80_word_kd"]), ("cpu", ["pruned_seq_kd"])):
         exported = [c[c.index("--path") + 1] for c in dry_run_commands("bible_es_en", tmp_path, "export", PROFILE=profile)
                     if c[1:2] == ["export"]]
         assert [p.rsplit("/", 2)[1] for p in exported if "pruned" in p] == [f"student_{n}" for n in names]
@@ -271,11 +272,11 @@ def test_pruned_students_retrain_side_by_side_from_one_average(tmp_path):
     """Several PRUNE_RATIO values: the trained student's chosen average is written once, before
     any pruning, and the pruned students retrain STUDENT_JOBS at a time, as the students do."""
     work, stub = tmp_path / "work", tmp_path / "bin"
-    for folder in (work / "done", work / "student_seq_kd", stub):
+    for folder in (work / "done", work / "student_word_kd", stub):
         folder.mkdir(parents=True)
-    for stamp in ("student_baseline", "student_seq_kd"):
+    for stamp in ("student_baseline", "student_word_kd"):
         (work / "done" / stamp).touch()
-    (work / "student_seq_kd" / "checkpoint_last.pt").touch()
+    (work / "student_word_kd" / "checkpoint_last.pt").touch()
     (work / "checkpoint_choice").write_text("avg5\n")
     for tool in ("fairseq-kd", "fairseq-train"):
         (stub / tool).write_text(FAKE_TOOL)
@@ -286,8 +287,8 @@ def test_pruned_students_retrain_side_by_side_from_one_average(tmp_path):
                                "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}, "prune")
     made = [json.loads(line) for line in calls.read_text().splitlines()]
     started = [c[2:] for c in made if c[0] == "start"]
-    averaged = f"{work}/student_seq_kd/checkpoint_avg5.pt"
-    assert started[0] == ["fairseq-kd", "average", "--dir", f"{work}/student_seq_kd", "--last", "5", "--out", averaged]
+    averaged = f"{work}/student_word_kd/checkpoint_avg5.pt"
+    assert started[0] == ["fairseq-kd", "average", "--dir", f"{work}/student_word_kd", "--last", "5", "--out", averaged]
     assert sum(c[:2] == ["fairseq-kd", "average"] for c in started) == 1
     prunes = sorted((c[c.index("--ratio") + 1], c[c.index("--path") + 1]) for c in started if c[1:2] == ["prune"])
     assert prunes == [("0.5", averaged), ("0.8", averaged)]
@@ -295,10 +296,10 @@ def test_pruned_students_retrain_side_by_side_from_one_average(tmp_path):
     for event, when, *cmd in made:
         if cmd[0] == "fairseq-train":
             spans.setdefault(cmd[cmd.index("--save-dir") + 1].rsplit("/", 1)[1], {})[event] = when
-    assert sorted(spans) == ["student_pruned50_seq_kd", "student_pruned80_seq_kd"]
+    assert sorted(spans) == ["student_pruned50_word_kd", "student_pruned80_word_kd"]
     first, second = sorted(spans.values(), key=lambda span: span["start"])
     assert second["start"] < first["end"]  # side by side, not one after the other
-    assert all((work / "done" / f"student_pruned{pct}_seq_kd").exists() for pct in (50, 80))
+    assert all((work / "done" / f"student_pruned{pct}_word_kd").exists() for pct in (50, 80))
 
 
 # fairseq-kd as the checkpoint step calls it: each call is logged; average writes its --out,
@@ -611,13 +612,15 @@ def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_p
     trained = [c for c in cmds if c[0] == "fairseq-train"]
     names = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in trained]
     assert names == ["student_" + m for m in ("baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd",
-                                               "ckd", "a2d", "seq_inter", "pruned50_seq_kd", "pruned80_seq_kd")]
+                                               "ckd", "a2d", "seq_inter", "pruned50_word_kd", "pruned80_word_kd")]
     # word-level terms read the teacher's top-8 from caches built once over the folder each trains on
     caches = {train_option(c, "--out").rsplit("/", 1)[1]: c[2].rsplit("/", 1)[1]
               for c in cmds if c[1:2] == ["cache-teacher"]}
     assert caches == {"teacher_cache": "bin", "teacher_cache_distilled": "distilled"}
+    # (the pruned word_kd students retrain as word_kd did, from the same cache)
     cached = {"student_word_kd": "teacher_cache", "student_hybrid_kd": "teacher_cache",
-              "student_seq_word_kd": "teacher_cache_distilled"}
+              "student_seq_word_kd": "teacher_cache_distilled", "student_pruned50_word_kd": "teacher_cache",
+              "student_pruned80_word_kd": "teacher_cache"}
     for name, cmd in zip(names, trained):
         if name in cached:
             assert train_option(cmd, "--teacher-cache").rsplit("/", 1)[1] == cached[name]
@@ -708,8 +711,8 @@ def test_converged_report_adds_curves_significance_and_hypotheses(tmp_path):
     table, curves, hypotheses = kd["table"], kd["curves"], kd["hypotheses"]
     assert train_option(table, "--baseline") == "baseline" and train_option(table, "--teacher") == "teacher"
     assert train_option(table, "--significance") == str(work / "raw" / "test.en")
-    students = ["baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd", "ckd", "a2d", "seq_inter", "pruned50_seq_kd",
-                "pruned80_seq_kd"]
+    students = ["baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd", "ckd", "a2d", "seq_inter", "pruned50_word_kd",
+                "pruned80_word_kd"]
     assert [curves[i + 1] for i, a in enumerate(curves) if a == "--log"] == [
         f"{name}={work}/logs/student_{name}.log" for name in students]
     assert train_option(curves, "--metric") == "bleu" and train_option(curves, "--baseline") == "baseline"
@@ -760,11 +763,12 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     (work / "checkpoints.json").write_text(json.dumps(chosen))
     (work / "checkpoint_choice").write_text("avg5\n")
     run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu_converged", "GPUS": "cpu", "CT2_QUANT": "",
-                               "METHODS": "baseline seq_kd word_kd hybrid_kd", "PRUNE_FROM": "",
-                               "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)}, "report")
+                               "METHODS": "baseline seq_kd word_kd hybrid_kd", "PRUNE_FROM": "word_kd",
+                               "PRUNE_RATIO": "0.8", "RESULTS_MD": str(docs / "results.md"), "PLOT_DIR": str(docs)},
+               "report")
     page = (docs / "results.md").read_text()
-    assert ("Not finished when this page was written (no row yet; a curve as far as it got): word_kd, hybrid_kd."
-            in page)
+    assert ("Not finished when this page was written (no row yet; a curve as far as it got): word_kd, hybrid_kd, "
+            "pruned_word_kd." in page)
     assert "| word_kd (training) | 11.50 | 200 (2) | 200 (2) | 0 | 0.40 | 200 (1.00) |" in page
     # not validated yet: no curve
     assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]
@@ -794,6 +798,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     # Kim & Rush's rows beside ours; what was not run says so
     assert "### Beside Kim & Rush (2016)" in page and "| 2x500 Seq-KD | 84M | 18.9 | 19.0 | -0.6 / -0.5 |" in page
     assert "| `word_kd` | not run |" in page
+    # the pruned row beside theirs is this study's student pruned to 80% (PRUNE_FROM, PRUNE_RATIO)
+    assert "| `pruned_word_kd` (80% pruned) | not run |" in page
     # the repository's paths, not this machine's
     assert "--teacher-path examples/teacher/teacher.pt --criterion seq_kd" in page
     assert "| teacher | `examples/teacher/teacher.pt` (TEACHER_PATH: not trained by the recipe) |" in page
@@ -902,7 +908,7 @@ def test_students_shipped_in_students_from_are_adopted_not_trained(tmp_path):
     calls = tmp_path / "calls.jsonl"
     settings = {"WORK": str(work), "GPUS": "cpu", "PROFILE": "cpu_converged", "STUDENT_JOBS": "1",
                 "METHODS": "baseline seq_kd word_kd", "STUDENTS_FROM": str(shipped), "STUDENT_CHECKPOINT": "average",
-                "PRUNE_RATIO": "0.5", "FAKE_CALLS": str(calls), "FAKE_SECONDS": "0",
+                "PRUNE_FROM": "seq_kd", "PRUNE_RATIO": "0.5", "FAKE_CALLS": str(calls), "FAKE_SECONDS": "0",
                 "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}
     out = run_recipe("bible_es_en", settings, "students", "prune").stdout
     started = [json.loads(line)[2:] for line in calls.read_text().splitlines() if json.loads(line)[0] == "start"]

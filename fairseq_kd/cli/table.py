@@ -25,9 +25,12 @@ def add_arguments(p):
                    help="resamples of the paired bootstrap test")
     p.add_argument("--kim-rush", action="store_true",
                    help="print instead Kim & Rush (2016)'s WMT14 En-De rows beside this study's systems that "
-                        "do the same (teacher, baseline, word_kd, seq_kd, seq_word_kd, pruned80_seq_kd): BLEU "
+                        "do the same (teacher, baseline, word_kd, seq_kd, seq_word_kd, --kim-rush-pruned): BLEU "
                         "against each one's teacher beam score and no-KD student (--teacher, --baseline: "
                         "ours, default teacher and baseline)")
+    p.add_argument("--kim-rush-pruned", default="pruned80_seq_kd", metavar="NAME",
+                   help="with --kim-rush: our student pruned to 80%% of its weights, set beside Kim & Rush's "
+                        "pruned Seq-KD student")
     p.add_argument("--no-speed", action="store_true",
                    help="leave out the sentences/s columns (for systems scored while other jobs ran, "
                         "whose speeds mean nothing)")
@@ -36,9 +39,10 @@ def add_arguments(p):
 def run(args):
     results = read_results(args.results)
     if args.kim_rush:
-        from fairseq_kd.published import kim_rush_table
+        from fairseq_kd.published import kim_rush_rows, kim_rush_table
 
-        print(kim_rush_table(results, args.teacher or "teacher", args.baseline or "baseline"), end="")
+        print(kim_rush_table(results, args.teacher or "teacher", args.baseline or "baseline",
+                             kim_rush_rows(args.kim_rush_pruned)), end="")
         return
     if args.systems is not None:
         for option, name in (("--baseline", args.baseline), ("--teacher", args.teacher)):

@@ -583,7 +583,7 @@ in_slots() {
 
 # pruned_names: the pruned students, one per ratio of PRUNE_RATIO, each pruned from the
 # trained PRUNE_FROM: pruned_FROM for a single ratio, prunedPCT_FROM for several
-# (PRUNE_RATIO="0.5 0.8": pruned50_seq_kd, pruned80_seq_kd).
+# (PRUNE_FROM=word_kd PRUNE_RATIO="0.5 0.8": pruned50_word_kd, pruned80_word_kd).
 pruned_names() {
   [ -n "$PRUNE_FROM" ] || return 0
   # shellcheck disable=SC2086

@@ -203,9 +203,20 @@ page_relative() {
   python3 -c 'import os,sys; print(os.path.relpath(sys.argv[1], os.path.dirname(sys.argv[2])))' "$1" "$RESULTS_MD"
 }
 
+# pruned_to RATIO: the pruned student pruned to RATIO of its weights (none: nothing).
+pruned_to() {
+  local name
+  for name in $(pruned_names); do
+    awk -v a="$(pruned_ratio "$name")" -v b="$1" 'BEGIN { exit !(a + 0 == b + 0) }' && echo "$name"
+  done
+  return 0
+}
+
 # kim_rush_md: Kim & Rush (2016)'s table beside this study's rows that do the same (the page).
 kim_rush_md() {
-  local table sizes; table=$(fairseq-kd table "$RESULTS" --kim-rush) || return 1
+  local table sizes pruned
+  pruned=$(pruned_to 0.8)
+  table=$(fairseq-kd table "$RESULTS" --kim-rush ${pruned:+--kim-rush-pruned "$pruned"}) || return 1
   sizes=$(python3 - "$RESULTS" <<'PY'
 import json, sys
 systems = {s["name"]: s for s in json.load(open(sys.argv[1]))["systems"]}
