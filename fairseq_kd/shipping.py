@@ -243,8 +243,9 @@ def stop_reason(log, stale=None, patience=None):
     The last run in the log decides (a resumed run appends to it): the reason it
     logged, else (it finished without one) --max-epoch.  ``stale`` (epochs from the
     best checkpoint to the last) reaching ``patience`` is early stopping whatever the
-    log says: fairseq counts --patience afresh in every run, and the recipes do not
-    resume a run whose best checkpoint is that old.
+    log says: fairseq counts --patience afresh in every run (translation_kd's checkpoints
+    keep the count, older ones and other tasks do not), and the recipes do not resume a
+    run whose best checkpoint is that old.
     """
     reason, pending = None, None
     with open(log, encoding="utf-8", errors="replace") as f:

@@ -43,6 +43,7 @@ from fairseq_kd.contract import (
 from fairseq_kd.errors import require
 from fairseq_kd.pruning import MaskKeeper
 from fairseq_kd.tasks.distilled_data import DistilledPairDataset, check_aligned
+from fairseq_kd.tasks.early_stopping import patience_state, restore_patience_state
 from fairseq_kd.teacher import Teacher, TeacherSource, teacher_paths
 from fairseq_kd.teacher_cache import TeacherCache
 
@@ -191,12 +192,18 @@ class TranslationKDTask(TranslationTask, KDTask):
 
     def get_checkpoint_dict(self):
         """fairseq saves this with every checkpoint (``extra_state``): the criterion's
-        state that is not in its state dict (``fairseq_kd.contract``)."""
-        return criterion_checkpoint_dict(self, self._criterion)
+        state that is not in its state dict (``fairseq_kd.contract``) and the count of
+        ``--patience`` (``early_stopping``)."""
+        saved = criterion_checkpoint_dict(self, self._criterion)
+        patience = patience_state()
+        if patience:
+            saved.setdefault(type(self).__name__, {})["patience"] = patience
+        return saved
 
     def set_checkpoint_dict(self, state):
         """fairseq calls this on resume with what :meth:`get_checkpoint_dict` saved."""
         restore_criterion_state(self._criterion, state)
+        restore_patience_state(state.get("patience"))
 
     def begin_epoch(self, epoch, model):
         """fairseq's trainer calls this at the start of every training epoch,

@@ -272,7 +272,9 @@ option_value() {
 # early_stopped DIR TRAIN_ARGS...: true when DIR's best checkpoint is already
 # --patience epochs old.  fairseq counts --patience within one run (a resumed
 # run counts afresh from its first validation), so a run that has early-stopped
-# would otherwise train on when resumed.
+# would otherwise train on when resumed.  (The students' task, translation_kd,
+# keeps the count in its checkpoints, so their resumed runs also stop on time;
+# the teacher's task, fairseq's translation, does not.)
 early_stopped() {
   local dir=$1 patience stale; shift
   patience=$(option_value --patience "$@")
