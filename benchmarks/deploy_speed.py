@@ -8,7 +8,8 @@ the teacher converted to CTranslate2 (--teacher-quantization, int8 by
 default) and the student converted to CTranslate2 for each --quantization,
 all with the same decoding settings.  Every CTranslate2 row also gets its
 latency at batch size 1 (median and p90 ms per sentence over --latency
-sentences translated one at a time after a warm-up: the interactive case).
+sentences translated one at a time on --latency-threads threads after a
+warm-up: the interactive case).
 
 Each row's speed is printed as a multiple of the teacher's fairseq beam
 search and of the quantized teacher's greedy and beam search.  The fair
@@ -19,7 +20,7 @@ teacher": faster than and at least as good in BLEU as one of the quantized
 teacher's decodings, and neither slower nor worse than every one of them).
 
     python benchmarks/deploy_speed.py DATA --teacher TEACHER.pt --student STUDENT.pt \\
-        --ref RAW/test.TGT [--beam 5] [--cpu] [--quantization int8 float32] [--latency 200]
+        --ref RAW/test.TGT [--beam 5] [--cpu] [--quantization int8 float32] [--latency 200] [--latency-threads 1]
 
 Time only on an otherwise idle machine: another job on the cores distorts
 every ratio.
@@ -46,8 +47,9 @@ def evaluate(args, results, name, checkpoint, *extra):
     subprocess.run([str(c) for c in cmd], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def ct2_options(quantization, latency):
-    return ["--backend", "ctranslate2", "--quantization", quantization, "--latency", str(latency)]
+def ct2_options(quantization, latency, threads):
+    return ["--backend", "ctranslate2", "--quantization", quantization, "--latency", str(latency),
+            "--latency-threads", str(threads)]
 
 
 def beats(row, teacher_rows):
@@ -108,19 +110,20 @@ def main():
     p.add_argument("--teacher-quantization", default="int8", help="the teacher's CTranslate2 row")
     p.add_argument("--latency", type=int, default=200,
                    help="sentences translated one at a time for each CTranslate2 row's latency")
+    p.add_argument("--latency-threads", type=int, default=1, help="CPU threads on the one sentence latency times")
     args = p.parse_args()
     ct2_teacher = f"teacher (ct2 {args.teacher_quantization})"
     with tempfile.TemporaryDirectory() as tmp:
         results = os.path.join(tmp, "results.json")
         evaluate(args, results, "teacher", args.teacher)
         evaluate(args, results, "student", args.student)
-        evaluate(args, results, "teacher", args.teacher, *ct2_options(args.teacher_quantization, args.latency))
+        evaluate(args, results, "teacher", args.teacher, *ct2_options(args.teacher_quantization, args.latency, args.latency_threads))
         for q in args.quantization:
-            evaluate(args, results, "student", args.student, *ct2_options(q, args.latency))
+            evaluate(args, results, "student", args.student, *ct2_options(q, args.latency, args.latency_threads))
         device, table = rows(results, ct2_teacher=ct2_teacher)
     print(f"{device}; speed = sentences/s of translation alone (batched), x = against the teacher's fairseq "
           f"beam search and against {ct2_teacher} (the fair comparison); latency = ms per sentence "
-          f"translated one at a time over {args.latency} sentences\n")
+          f"translated one at a time over {args.latency} sentences on {args.latency_threads} thread(s)\n")
     print("\n".join(header(ct2_teacher) + table))
 
 

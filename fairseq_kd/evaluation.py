@@ -47,6 +47,7 @@ class Evaluation:
     model_dir: str  # a model folder of fairseq-kd export --format ctranslate2, scored from raw text
     src_text: str  # with model_dir: the raw source text it translates
     latency: int  # CTranslate2: sentences timed one at a time (batch size 1); 0 for none
+    latency_threads: int = 1  # CPU threads on the one sentence whose latency is timed
     teacher_ct2: str = None  # a CTranslate2 converter's folder (an external teacher), scored from raw text
     source_prefix: str = None  # with teacher_ct2: tokens every source starts with
     target_prefix: str = None  # with teacher_ct2: tokens every translation starts with
@@ -164,16 +165,17 @@ def ct2_translators(model_dir, spec):
     """(throughput translator, latency translator or None) of a CTranslate2 model, on the evaluation's cores.
 
     Throughput translates as many batches at once as there are cores, one
-    thread each; latency (one sentence at a time) gets every core for its one
-    sentence, as an interactive service would configure it.
+    thread each; latency (one sentence at a time) on ``spec.latency_threads``
+    threads (default 1, as ``fairseq-kd translate`` runs each batch: on the
+    2-core VM two threads on one sentence took 16x as long as one).
     """
-    from fairseq_kd.deploy.ct2 import cpu_threads, load_translator, throughput_translator
+    from fairseq_kd.deploy.ct2 import load_translator, throughput_translator
 
     device = ct2_device(spec)
     if not spec.latency:
         return throughput_translator(model_dir, device), None
     latency = (load_translator(model_dir, "cuda") if device == "cuda"
-               else load_translator(model_dir, "cpu", threads=cpu_threads(), parallel=1))
+               else load_translator(model_dir, "cpu", threads=spec.latency_threads, parallel=1))
     return throughput_translator(model_dir, device), latency
 
 
@@ -218,8 +220,9 @@ class Ct2Decoder:
         from fairseq_kd.deploy.ct2 import latency_ms, latency_summary
 
         sources = [s for s in self.sources if s][: spec.latency]
-        return latency_summary(latency_ms(self.latency_translator, sources, beam=beam,
-                                          max_len_a=spec.max_len_a, max_len_b=spec.max_len_b, **self.options))
+        summary = latency_summary(latency_ms(self.latency_translator, sources, beam=beam,
+                                             max_len_a=spec.max_len_a, max_len_b=spec.max_len_b, **self.options))
+        return {**summary, "threads": spec.latency_threads} if ct2_device(spec) == "cpu" else summary
 
 
 def binarized_decoder(spec):

@@ -362,6 +362,27 @@ def test_raw_text_scoring_equals_the_binarized_path(memorized, model_folder, tmp
         for row in (raw, binarized):
             latency = row[label]["latency_ms"]
             assert latency["sentences"] == 4 and 0 < latency["median_ms"] <= latency["p90_ms"]
+            assert latency["threads"] == 1  # --latency-threads' default, recorded
+
+
+def test_latency_gets_its_own_threads_and_throughput_every_core(monkeypatch):
+    """On CPU the throughput translator runs a batch per core (one thread each) and the latency
+    translator one sentence on --latency-threads threads, whatever OMP_NUM_THREADS says."""
+    from types import SimpleNamespace
+
+    from fairseq_kd import evaluation
+    from fairseq_kd.deploy import ct2
+
+    made = []
+
+    def load_translator(model_dir, device="cpu", device_index=0, threads=1, parallel=1):
+        made.append((device, threads, parallel))
+        return object()
+
+    monkeypatch.setattr(ct2, "load_translator", load_translator)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    evaluation.ct2_translators("model", SimpleNamespace(cpu=True, latency=4, latency_threads=3))
+    assert sorted(made) == [("cpu", 1, 2), ("cpu", 3, 1)]
 
 
 def test_model_dir_inputs_are_one_line_errors(model_folder, tiny_data, tmp_path, capsys):

@@ -773,6 +773,7 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     # not validated yet: no curve
     assert "hybrid_kd" not in page.split("### Convergence")[1].split("### Settings")[0]
     assert "| adopted students | seq_kd: trained to the end by this recipe in an earlier work folder" in page
+    assert "not trained again: evaluated from the shipped float16 weights" in page  # word_kd is the one pruned
     assert "The adopted students (seq_kd) trained as their shipped README says (`STUDENT_JOBS` there)." in page
     assert str(tmp_path) not in page and str(REPO) not in page
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page

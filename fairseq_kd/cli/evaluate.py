@@ -34,8 +34,9 @@ codes); no --data is read.  Its row is NAME, its parameters those stored in
 the folder's model.bin.
 
 --latency N (CTranslate2 rows) also times N sentences translated one at a
-time (batch size 1, the interactive case, every core on the one sentence,
-after a warm-up) and records the median and p90 milliseconds per sentence.
+time (batch size 1, the interactive case, --latency-threads on the one
+sentence, after a warm-up) and records the median and p90 milliseconds per
+sentence.
 """
 import glob
 import os
@@ -87,6 +88,9 @@ def add_arguments(p):
     p.add_argument("--latency", type=int, default=0, metavar="N",
                    help="CTranslate2 rows: also time N sentences translated one at a time (batch size 1) "
                    "and record the median and p90 ms per sentence (default: %(default)s = not measured)")
+    p.add_argument("--latency-threads", type=int, default=1, metavar="N",
+                   help="CPU threads on the one sentence --latency times (default: %(default)s, as fairseq-kd "
+                   "translate runs each batch; recorded with the latency)")
 
 
 def check_inputs(args):
@@ -96,6 +100,7 @@ def check_inputs(args):
         args.batch_size = default_batch_size(args)
     require(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     require(args.latency == 0 or args.latency >= 2, f"--latency must be 0 or >= 2 sentences, got {args.latency}")
+    require(args.latency_threads >= 1, f"--latency-threads must be >= 1, got {args.latency_threads}")
     require(os.path.isfile(args.ref), f"--ref: reference file not found: {args.ref}")
     if args.teacher_ct2:
         check_teacher_ct2_inputs(args)

@@ -86,8 +86,9 @@ adopted_md() {
   local names; names=$(adopted_names | xargs)
   [ -n "$names" ] || return 0
   names=${names// /, }
-  local from=${STUDENTS_FROM#"$REPO"/}
-  echo "| adopted students | $names: trained to the end by this recipe in an earlier work folder and shipped to \`$from\` (ship_students), adopted from there (STUDENTS_FROM), not trained again: evaluated (and pruned) from the shipped float16 weights; their curves are the shipped \`training.json\` |"
+  local from=${STUDENTS_FROM#"$REPO"/} pruned=
+  [[ " $(adopted_names | xargs) " != *" $PRUNE_FROM "* ]] || pruned=" (and pruned)"
+  echo "| adopted students | $names: trained to the end by this recipe in an earlier work folder and shipped to \`$from\` (ship_students), adopted from there (STUDENTS_FROM), not trained again: evaluated$pruned from the shipped float16 weights; their curves are the shipped \`training.json\` |"
 }
 
 # The plots' file name: one pair per recipe, profile and STUDY.
