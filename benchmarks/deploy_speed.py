@@ -117,9 +117,10 @@ def main():
         results = os.path.join(tmp, "results.json")
         evaluate(args, results, "teacher", args.teacher)
         evaluate(args, results, "student", args.student)
-        evaluate(args, results, "teacher", args.teacher, *ct2_options(args.teacher_quantization, args.latency, args.latency_threads))
+        latency = (args.latency, args.latency_threads)
+        evaluate(args, results, "teacher", args.teacher, *ct2_options(args.teacher_quantization, *latency))
         for q in args.quantization:
-            evaluate(args, results, "student", args.student, *ct2_options(q, args.latency, args.latency_threads))
+            evaluate(args, results, "student", args.student, *ct2_options(q, *latency))
         device, table = rows(results, ct2_teacher=ct2_teacher)
     print(f"{device}; speed = sentences/s of translation alone (batched), x = against the teacher's fairseq "
           f"beam search and against {ct2_teacher} (the fair comparison); latency = ms per sentence "
