@@ -201,7 +201,8 @@ def test_ship_students_step_ships_each_students_evaluated_checkpoint_in_half_pre
                                       "SHIP_STUDENTS": "seq_kd word-kd"}, "ship_students", check=False)
     assert proc.returncode != 0 and "RUN:" not in proc.stdout
     assert proc.stderr.strip().endswith("ship_students: word-kd is not a student of this study (baseline seq_kd "
-                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned50_word_kd pruned80_word_kd); set SHIP_STUDENTS")
+                                        "seq_word_kd word_kd hybrid_kd ckd a2d seq_inter pruned50_word_kd pruned0_word_kd "
+                                        "pruned80_word_kd); set SHIP_STUDENTS")
 
 
 def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
@@ -243,9 +244,10 @@ def test_several_prune_ratios_prune_the_trained_student_once_each(tmp_path):
     exported = [c[c.index("--path") + 1] for c in cmds if c[1:2] == ["export"]]
     assert [p for p in exported if "pruned" in p] == [
         f"{work}/student_pruned{pct}_seq_kd/checkpoint_last.pt" for pct in (50, 80)]
-    # cpu_converged prunes its best student (word_kd) to Kim & Rush's 80% beside 50% by default;
-    # cpu keeps its single pruned Seq-KD student
-    for profile, names in (("cpu_converged", ["pruned50_word_kd", "pruned80_word_kd"]), ("cpu", ["pruned_seq_kd"])):
+    # cpu_converged prunes its best student (word_kd) to 50% and Kim & Rush's 80%, beside the
+    # control retrained with nothing pruned (ratio 0); cpu keeps its single pruned Seq-KD student
+    for profile, names in (("cpu_converged", ["pruned50_word_kd", "pruned0_word_kd", "pruned80_word_kd"]),
+                           ("cpu", ["pruned_seq_kd"])):
         exported = [c[c.index("--path") + 1] for c in dry_run_commands("bible_es_en", tmp_path, "export", PROFILE=profile)
                     if c[1:2] == ["export"]]
         assert [p.rsplit("/", 2)[1] for p in exported if "pruned" in p] == [f"student_{n}" for n in names]
@@ -283,7 +285,7 @@ def test_pruned_students_retrain_side_by_side_from_one_average(tmp_path):
         (stub / tool).chmod(0o755)
     calls = tmp_path / "calls.jsonl"
     run_recipe("bible_es_en", {"WORK": str(work), "GPUS": "cpu", "PROFILE": "cpu_converged", "STUDENT_JOBS": "2",
-                               "FAKE_CALLS": str(calls), "FAKE_SECONDS": "4",
+                               "PRUNE_RATIO": "0.5 0.8", "FAKE_CALLS": str(calls), "FAKE_SECONDS": "4",
                                "PATH": f"{stub}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"}, "prune")
     made = [json.loads(line) for line in calls.read_text().splitlines()]
     started = [c[2:] for c in made if c[0] == "start"]
@@ -612,7 +614,8 @@ def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_p
     trained = [c for c in cmds if c[0] == "fairseq-train"]
     names = [train_option(c, "--save-dir").rsplit("/", 1)[1] for c in trained]
     assert names == ["student_" + m for m in ("baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd",
-                                               "ckd", "a2d", "seq_inter", "pruned50_word_kd", "pruned80_word_kd")]
+                                               "ckd", "a2d", "seq_inter", "pruned50_word_kd", "pruned0_word_kd",
+                                               "pruned80_word_kd")]
     # word-level terms read the teacher's top-8 from caches built once over the folder each trains on
     caches = {train_option(c, "--out").rsplit("/", 1)[1]: c[2].rsplit("/", 1)[1]
               for c in cmds if c[1:2] == ["cache-teacher"]}
@@ -620,7 +623,7 @@ def test_converged_profile_trains_students_to_early_stopping_on_valid_bleu(tmp_p
     # (the pruned word_kd students retrain as word_kd did, from the same cache)
     cached = {"student_word_kd": "teacher_cache", "student_hybrid_kd": "teacher_cache",
               "student_seq_word_kd": "teacher_cache_distilled", "student_pruned50_word_kd": "teacher_cache",
-              "student_pruned80_word_kd": "teacher_cache"}
+              "student_pruned0_word_kd": "teacher_cache", "student_pruned80_word_kd": "teacher_cache"}
     for name, cmd in zip(names, trained):
         if name in cached:
             assert train_option(cmd, "--teacher-cache").rsplit("/", 1)[1] == cached[name]
@@ -712,7 +715,7 @@ def test_converged_report_adds_curves_significance_and_hypotheses(tmp_path):
     assert train_option(table, "--baseline") == "baseline" and train_option(table, "--teacher") == "teacher"
     assert train_option(table, "--significance") == str(work / "raw" / "test.en")
     students = ["baseline", "seq_kd", "seq_word_kd", "word_kd", "hybrid_kd", "ckd", "a2d", "seq_inter", "pruned50_word_kd",
-                "pruned80_word_kd"]
+                "pruned0_word_kd", "pruned80_word_kd"]
     assert [curves[i + 1] for i, a in enumerate(curves) if a == "--log"] == [
         f"{name}={work}/logs/student_{name}.log" for name in students]
     assert train_option(curves, "--metric") == "bleu" and train_option(curves, "--baseline") == "baseline"
