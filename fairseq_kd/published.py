@@ -34,10 +34,10 @@ KIM_RUSH_2016 = [
 KIM_RUSH_TEACHER, KIM_RUSH_BASELINE = KIM_RUSH_2016[0], KIM_RUSH_2016[1]
 
 
-def kim_rush_rows(pruned="pruned80_seq_kd"):
+def kim_rush_rows(pruned):
     """Kim & Rush's rows, their pruned one set beside our student PRUNED (the recipe's student
     pruned to 80%: they pruned their Seq-KD student, a study may prune its best one instead)."""
-    return KIM_RUSH_2016[:-1] + [dataclasses.replace(KIM_RUSH_2016[-1], ours=pruned, ours_note="80% pruned")]
+    return KIM_RUSH_2016[:-1] + [dataclasses.replace(KIM_RUSH_2016[-1], ours=pruned)]
 
 
 def bleu(value):

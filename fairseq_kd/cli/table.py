@@ -6,6 +6,7 @@ USES_FAIRSEQ = False  # fairseq-kd does not import fairseq for this command (fai
 
 
 def add_arguments(p):
+    from fairseq_kd.published import KIM_RUSH_2016
     from fairseq_kd.study import BOOTSTRAP_SAMPLES
 
     p.add_argument("results", help="results JSON from fairseq-kd evaluate")
@@ -28,7 +29,7 @@ def add_arguments(p):
                         "do the same (teacher, baseline, word_kd, seq_kd, seq_word_kd, --kim-rush-pruned): BLEU "
                         "against each one's teacher beam score and no-KD student (--teacher, --baseline: "
                         "ours, default teacher and baseline)")
-    p.add_argument("--kim-rush-pruned", default="pruned80_seq_kd", metavar="NAME",
+    p.add_argument("--kim-rush-pruned", default=KIM_RUSH_2016[-1].ours, metavar="NAME",
                    help="with --kim-rush: our student pruned to 80%% of its weights, set beside Kim & Rush's "
                         "pruned Seq-KD student")
     p.add_argument("--no-speed", action="store_true",

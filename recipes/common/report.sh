@@ -83,12 +83,11 @@ adopted_jobs_md() {
 
 # adopted_md: the page's Settings row on the students adopted from STUDENTS_FROM (none: no row).
 adopted_md() {
-  local names; names=$(adopted_names | xargs)
-  [ -n "$names" ] || return 0
-  names=${names// /, }
+  local adopted; adopted=$(adopted_names | xargs)
+  [ -n "$adopted" ] || return 0
   local from=${STUDENTS_FROM#"$REPO"/} pruned=
-  [[ " $(adopted_names | xargs) " != *" $PRUNE_FROM "* ]] || pruned=" (and pruned)"
-  echo "| adopted students | $names: trained to the end by this recipe in an earlier work folder and shipped to \`$from\` (ship_students), adopted from there (STUDENTS_FROM), not trained again: evaluated$pruned from the shipped float16 weights; their curves are the shipped \`training.json\` |"
+  [[ " $adopted " != *" $PRUNE_FROM "* ]] || pruned=" (and pruned)"
+  echo "| adopted students | ${adopted// /, }: trained to the end by this recipe in an earlier work folder and shipped to \`$from\` (ship_students), adopted from there (STUDENTS_FROM), not trained again: evaluated$pruned from the shipped float16 weights; their curves are the shipped \`training.json\` |"
 }
 
 # The plots' file name: one pair per recipe, profile and STUDY.
