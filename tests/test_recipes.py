@@ -778,6 +778,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     assert "| adopted students | seq_kd: trained to the end by this recipe in an earlier work folder" in page
     assert "not trained again: evaluated from the shipped float16 weights" in page  # word_kd is the one pruned
     assert "The adopted students (seq_kd) trained as their shipped README says (`STUDENT_JOBS` there)." in page
+    assert ("Students trained 2 at a time (`STUDENT_JOBS`) sharing the machine: each row's hours include that,\n"
+            "and the study's training took about the total above divided by 2 in wall-clock hours.") in page
     assert str(tmp_path) not in page and str(REPO) not in page
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
     assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -807,6 +809,13 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     # the repository's paths, not this machine's
     assert "--teacher-path examples/teacher/teacher.pt --criterion seq_kd" in page
     assert "| teacher | `examples/teacher/teacher.pt` (TEACHER_PATH: not trained by the recipe) |" in page
+    # one student at a time: the hours are the wall-clock ones, nothing to divide
+    run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu_converged", "GPUS": "cpu", "CT2_QUANT": "",
+                               "STUDENT_JOBS": "1", "METHODS": "baseline seq_kd", "RESULTS_MD": str(docs / "results.md"),
+                               "PLOT_DIR": str(docs)}, "report")
+    page = (docs / "results.md").read_text()
+    assert ("Students trained one at a time (`STUDENT_JOBS=1`): the study's training took about the total above "
+            "in wall-clock hours.") in page and "divided by" not in page
 
 
 def test_custom_recipe_keeps_each_profiles_work_in_its_own_folder(tmp_path):

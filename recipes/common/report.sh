@@ -74,6 +74,16 @@ training_curve() {
   if [ -e "$WORK/logs/student_$1.json" ]; then echo "$WORK/logs/student_$1.json"; else echo "$WORK/logs/student_$1.log"; fi
 }
 
+# jobs_md: how the students shared the machine (STUDENT_JOBS), which the hours above include.
+jobs_md() {
+  if [ "$STUDENT_JOBS" = 1 ]; then
+    echo "Students trained one at a time (\`STUDENT_JOBS=1\`): the study's training took about the total above in wall-clock hours."
+  else
+    printf '%s\n%s' "Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: each row's hours include that," \
+      "and the study's training took about the total above divided by $STUDENT_JOBS in wall-clock hours."
+  fi
+}
+
 # adopted_jobs_md: the convergence sentence's exception for the adopted students, whose hours are
 # those of the run that trained them (their shipped README says how many shared the machine).
 adopted_jobs_md() {
@@ -280,8 +290,7 @@ epoch, from its training log (\`logs/student_NAME.log\`; an adopted student's fr
 
 $summary
 
-Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: each row's hours include that,
-and the study's training took about the total above divided by $STUDENT_JOBS in wall-clock hours.$(adopted_jobs_md)
+$(jobs_md)$(adopted_jobs_md)
 
 Test hypotheses of every row, greedy and beam, detokenized and xz-compressed, with the reference:
 [\`$hyps/\`]($hyps/); rescore one with \`xz -dc FILE | sacrebleu test.$TGT\` (its README.md).
