@@ -313,6 +313,26 @@ def checkpoint_facts(checkpoint, curve):
     return epoch, updates, extra.get("previous_training_time", 0.0) / 3600
 
 
+# A model counts as pruned when more than this share of its parameters is zero: any model
+# has a few exact zeros (float16 rounds the tiniest weights to 0), a pruned one has many.
+PRUNED_ZEROS = 0.01
+
+
+def is_pruned(system):
+    """Whether a results entry is a pruned model (see PRUNED_ZEROS)."""
+    return system.get("nonzero_params", system["params"]) < (1 - PRUNED_ZEROS) * system["params"]
+
+
+def parameters_words(system):
+    """A results entry's parameters, in words; a pruned model's non-zero ones too (its zeros
+    are stored: the file is as large as the dense model's)."""
+    words = f"{system['params'] / 1e6:.1f}M parameters"
+    if is_pruned(system):
+        nonzero = system["nonzero_params"]
+        words += f", {nonzero / 1e6:.2f}M of them non-zero (pruned)"
+    return words
+
+
 def scores_line(system, decoding):
     d = system[decoding]
     return f"sacreBLEU {d['bleu']}, chrF {d['chrf']}, {d['sentences_per_s']} sentences/s"
@@ -354,7 +374,7 @@ def student_readme(folder, model_file, checkpoint, train_log, curve, s):
         ("method", f"`{s.name}`: trained on {portable_text(s.corpus, s.roots)}"),
         ("teacher it learned from", teacher),
         ("fairseq-train", f"`{command}`"),
-        ("model", f"`{s.model_args}`, {system['params'] / 1e6:.1f}M parameters, stored as float16 "
+        ("model", f"`{s.model_args}`, {parameters_words(system)}, stored as float16 "
                   f"(`fairseq-kd export --half --portable`)"),
         ("data", f"{s.train_pairs} training pairs, encoded by `spm.model` and `dict.txt` ({s.vocab} "
                  f"entries): {portable_text(s.vocabulary, s.roots)}"),

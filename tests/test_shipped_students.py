@@ -64,6 +64,11 @@ def check_shipped_student(folder, tmp, tolerance=TOLERANCE, machine_paths=(str(R
     assert readme.startswith(f"# Student: {folder.name}, ")
     for decoding in ("greedy", "beam"):
         assert f"sacreBLEU {full[decoding]['bleu']}, chrF {full[decoding]['chrf']}" in readme
+    assert f"{full['params'] / 1e6:.1f}M parameters" in readme
+    pruned = f"{full['nonzero_params'] / 1e6:.2f}M of them non-zero (pruned)"
+    # pruned: more than 1% of its parameters zero; a dense student has a handful (float16 rounding)
+    zeros = full["params"] - full["nonzero_params"]
+    assert (pruned in readme) == (zeros > 0.01 * full["params"]), "README and evaluation.json disagree"
     measured = rescore_shipped_folder(folder, "student.pt", documented["name"], documented["sentences"],
                                       documented["beam"]["beam"], tmp)
     mismatches = score_mismatches(documented, measured, tolerance)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fairseq_kd.errors import KDError
-from fairseq_kd.shipping import (model_problems, portable_results, portable_spm_model, portable_text,
+from fairseq_kd.shipping import (model_problems, parameters_words, portable_results, portable_spm_model, portable_text,
                                  proto_fields, stop_reason)
 from helpers import BIBLE_ARCHIVE, REPO, run, tool
 
@@ -109,6 +109,15 @@ def test_portable_text_makes_work_and_repository_paths_relative_and_others_a_fil
 
 STAMP = "2026-12-01 10:00:00 | INFO | fairseq_cli.train |"
 DONE = f"{STAMP} done training in 812.3 seconds"
+
+
+@pytest.mark.parametrize("nonzero, words", [
+    (2413568, "2.4M parameters"),
+    (2413567, "2.4M parameters"),  # one weight float16 rounded to zero: not a pruned model
+    (1725440, "2.4M parameters, 1.73M of them non-zero (pruned)"),
+])
+def test_a_shipped_readme_states_a_pruned_students_non_zero_parameters(nonzero, words):
+    assert parameters_words({"params": 2413568, "nonzero_params": nonzero}) == words
 
 
 @pytest.mark.parametrize("lines, stale, patience, reason", [
