@@ -268,6 +268,7 @@ class StudentShipment:
     ``ship_students`` step fills it from its settings."""
     name: str  # the method (a name of the recipe's METHODS, or pruned_NAME)
     recipe: str
+    step: str  # the recipe's step that trained it (students; prune for a pruned student)
     profile: str
     pair: str  # "es -> en"
     commit: str
@@ -400,7 +401,7 @@ def student_readme(folder, model_file, checkpoint, train_log, curve, s):
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"""# Student: {s.name}, {s.recipe}, PROFILE={s.profile} ({s.pair})
 
-Trained by `PROFILE={s.profile} recipes/{s.recipe}/run.sh` (its `students` step) with the settings
+Trained by `PROFILE={s.profile} recipes/{s.recipe}/run.sh` (its `{s.step}` step) with the settings
 below; shipped on {datetime.date.today()} by `run.sh ship_students` at git {s.commit}.
 
 | | |

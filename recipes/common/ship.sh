@@ -132,6 +132,14 @@ method_corpus() {
   esac
 }
 
+# pruned_corpus NAME: how the pruned student NAME was made, in words (its README): the trained
+# student it was pruned from, the prune command and the retraining.
+pruned_corpus() {
+  local name=$1 ratio from
+  ratio=$(pruned_ratio "$name") from=$(student_checkpoint "$PRUNE_FROM")
+  echo "$(method_corpus "$PRUNE_FROM") from \`$PRUNE_FROM\`'s trained student, $(awk -v r="$ratio" 'BEGIN { printf "%g", r * 100 }')% of its linear weights set to zero (\`fairseq-kd prune --path $from --ratio $ratio --out $(pruned_file "$name")\`), then retrained with the mask held"
+}
+
 # The students' vocabulary, in words (a shipped student's README).
 vocabulary_setting() {
   if [ -n "$TEACHER_CT2" ]; then echo "trained by the recipe on the source and TEACHER_CT2's translations ($VOCAB pieces)"
@@ -149,18 +157,20 @@ machine_setting() {
 # its README.md says how it was trained, and nothing in it names a path of this machine
 # (the work folder, the repository, the home folder); the README is printed.
 student_provenance() {
-  local name=$1 dir=$2 method=$1 ckpt teacher= corpus
+  local name=$1 dir=$2 method=$1 ckpt teacher= corpus step=students
   ckpt=$(student_checkpoint "$name")
   if [[ $name == pruned* ]]; then
-    method=$PRUNE_FROM
-    corpus="$(method_corpus "$method"), pruned to $(pruned_ratio "$name") (fairseq-kd prune) and retrained with the mask held"
-    pruned_train_args "$name"
+    method=$PRUNE_FROM step=prune
+    corpus=$(pruned_corpus "$name")
+    # the first run's command: it starts from the pruned weights (a resumed run from its own)
+    pruned_train_args "$name" --restore-file "$(pruned_file "$name")" \
+      --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters
   else
     corpus=$(method_corpus "$method")
     student_train_args "$name"
   fi
   [ "$method" = baseline ] || teacher=$(teacher_setting)
-  SHIP="$dir" CKPT="$ckpt" LOG="$WORK/logs/student_$name.log" NAME="$name" RECIPE="$RECIPE" \
+  SHIP="$dir" CKPT="$ckpt" LOG="$WORK/logs/student_$name.log" NAME="$name" RECIPE="$RECIPE" STEP="$step" \
   PROFILE="$PROFILE" PAIR="$SRC -> $TGT" COMMIT="$(git -C "$REPO" describe --always --dirty 2>/dev/null || echo unknown)" \
   CORPUS="$corpus" \
   TEACHER="$teacher" VOCABULARY="$(vocabulary_setting)" MODEL_ARGS="$STUDENT_ARGS" CHOICE="$(checkpoint_kind)" \
@@ -174,7 +184,7 @@ from fairseq_kd.errors import KDError
 from fairseq_kd.shipping import StudentShipment, finish_student_folder
 e = os.environ
 shipment = StudentShipment(
-    name=e["NAME"], recipe=e["RECIPE"], profile=e["PROFILE"], pair=e["PAIR"], commit=e["COMMIT"],
+    name=e["NAME"], recipe=e["RECIPE"], step=e["STEP"], profile=e["PROFILE"], pair=e["PAIR"], commit=e["COMMIT"],
     train_command=sys.argv[1:], corpus=e["CORPUS"], teacher=e["TEACHER"], model_args=e["MODEL_ARGS"],
     checkpoint_choice=e["CHOICE"], stale=e["STALE"], patience=e["PATIENCE"], machine=e["CPU"], jobs=e["JOBS"],
     train_pairs=int(e["TRAIN_PAIRS"]), vocab=int(e["VOCAB"]), vocabulary=e["VOCABULARY"], test=e["TEST"], test_lines=int(e["TEST_LINES"]),
