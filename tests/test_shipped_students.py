@@ -298,6 +298,38 @@ def test_a_rerun_skips_a_shipped_student(tiny_shipment, tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted((work / "shipped_students" / "baseline").iterdir())] == mtimes
 
 
+@pytest.mark.slow  # the recipe prunes, retrains and ships the tiny student (~60 s more)
+def test_a_shipped_pruned_student_says_what_it_was_pruned_from(tiny_shipment, tmp_path):
+    """A pruned student is shipped like the others, and its README says how to make it again:
+    the trained student and prune command it came from, the first run's --restore-file and
+    --reset options, the prune step, and how many of its parameters are not zero."""
+    work, _ = tiny_shipment
+    pruning = {"METHODS": "baseline", "PRUNE_FROM": "baseline", "PRUNE_RATIO": "0.5", "PRUNE_TRAIN": "--max-epoch 1",
+               **OWN_VOCABULARY}
+    run_bible_recipe(work, "prune", **pruning)
+    run_bible_recipe(work, "ship_students", SHIP_STUDENTS="pruned_baseline", **pruning)
+    folder = work / "shipped_students" / "pruned_baseline"
+    check_shipped_student(folder, tmp_path, tolerance=0, machine_paths=(str(work), str(REPO), HOME))
+    readme = (folder / "README.md").read_text()
+    rows = readme_rows(readme)
+    assert "(its `prune` step)" in readme
+    assert rows["method"] == (
+        f"`pruned_baseline`: trained on the gold pairs (`bin/`) from `baseline`'s trained student, 50% of its "
+        f"linear weights set to zero (`fairseq-kd prune --path student_baseline/checkpoint_{chosen(work)}.pt "
+        f"--ratio 0.5 --out pruned/baseline.pt`), then retrained with the mask held")
+    assert ("--prune-mask pruned/baseline.mask.pt --restore-file pruned/baseline.pt --reset-optimizer "
+            "--reset-dataloader --reset-lr-scheduler --reset-meters") in rows["fairseq-train"]
+    system = json.loads((folder / "evaluation.json").read_text())["systems"][0]
+    # its non-zero parameters, counted here from the shipped weights: the embeddings are kept
+    weights = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)["model"]
+    linear = sum(int(torch.count_nonzero(v)) for k, v in weights.items() if k.endswith(".weight") and v.dim() == 2
+                 and "embed" not in k and "output_projection" not in k)
+    dense = sum(v.numel() for k, v in weights.items() if k.endswith(".weight") and v.dim() == 2
+                and "embed" not in k and "output_projection" not in k)
+    assert dense // 2 - 5 <= linear <= dense - dense // 2  # half pruned (float16 may zero a few more)
+    assert f"{system['nonzero_params'] / 1e6:.2f}M of them non-zero (pruned)" in rows["model"]
+
+
 def test_an_unfinished_or_unknown_student_is_refused(tmp_path):
     """A student still training (no stamp of the students step) is not shipped."""
     fresh = tmp_path / "work"
