@@ -215,17 +215,20 @@ def test_students_are_trained_with_the_command_their_readme_shows(tmp_path):
     trained = commands("students", "prune")
     script = (f'source "{REPO}/recipes/bible_es_en/config.sh"; source "{REPO}/recipes/common/pipeline.sh"; '
               'resolve_devices; for m in $METHODS; do student_train_args "$m"; printf "%q " "${TRAIN_ARGS[@]}"; '
-              'echo; done; pruned_train_args pruned_seq_kd; printf "%q " "${TRAIN_ARGS[@]}"; echo')
+              'echo; done; pruned_train_args pruned_seq_kd; printf "%q " "${TRAIN_ARGS[@]}"; echo; '
+              'pruned_train_args pruned_seq_kd $(pruned_start_args pruned_seq_kd); printf "%q " "${TRAIN_ARGS[@]}"')
     e = env()
     e.update(PROFILE="cpu", GPUS="cpu", WORK=str(tmp_path / "bible_es_en"))
     shown = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=e, check=True).stdout
-    shown = [shlex.split(line) for line in shown.splitlines()]
+    *shown, shipped_pruned = [shlex.split(line) for line in shown.splitlines()]
     assert len(shown) == len(trained) == 9
     assert shown[:-1] == trained[:-1]
-    # the retraining's first run also starts from the pruned weights (--restore-file ... --reset-*)
+    # the retraining's first run also starts from the pruned weights (--restore-file ... --reset-*),
+    # as a shipped pruned student's README shows it (pruned_start_args); a resumed run does not
     first_run = trained[-1]
     restore = first_run.index("--restore-file")
     assert first_run[:restore] + first_run[restore + 6:] == shown[-1]
+    assert shipped_pruned == first_run
 
 
 def test_several_prune_ratios_prune_the_trained_student_once_each(tmp_path):

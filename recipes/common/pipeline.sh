@@ -644,8 +644,8 @@ prune_and_retrain() {
     mark_done "$stamp"
   fi
   # Start from the pruned weights once; a resumed run continues from its own checkpoint_last.pt.
-  local start=(--restore-file "$out" --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters)
-  [ -e "$WORK/student_$name/checkpoint_last.pt" ] && start=()
+  local start=()
+  [ -e "$WORK/student_$name/checkpoint_last.pt" ] || read -ra start <<< "$(pruned_start_args "$name")"
   log "retrain $name with the mask held (log: $WORK/logs/student_$name.log)"
   # shellcheck disable=SC2086
   if ! early_stopped "$WORK/student_$name" $PRUNE_TRAIN; then
@@ -654,6 +654,12 @@ prune_and_retrain() {
   fi
   mark_done "student_$name"
   [ -n "$DRY_RUN" ] || log "student $name finished"
+}
+
+# pruned_start_args NAME: the options of the pruned student NAME's first run, which starts from
+# the pruned weights with a fresh optimizer, data order, learning-rate schedule and meters.
+pruned_start_args() {
+  echo "--restore-file $(pruned_file "$1") --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters"
 }
 
 # pruned_train_args NAME [START...]: TRAIN_ARGS becomes the fairseq-train command line that

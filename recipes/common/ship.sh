@@ -163,8 +163,8 @@ student_provenance() {
     method=$PRUNE_FROM step=prune
     corpus=$(pruned_corpus "$name")
     # the first run's command: it starts from the pruned weights (a resumed run from its own)
-    pruned_train_args "$name" --restore-file "$(pruned_file "$name")" \
-      --reset-optimizer --reset-dataloader --reset-lr-scheduler --reset-meters
+    # shellcheck disable=SC2046
+    pruned_train_args "$name" $(pruned_start_args "$name")
   else
     corpus=$(method_corpus "$method")
     student_train_args "$name"
