@@ -8,6 +8,7 @@ hypotheses are scored with sacreBLEU (BLEU, chrF) and the system is recorded
 in a results file (:mod:`fairseq_kd.results`) with the device it was timed on.
 """
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -79,11 +80,6 @@ def read_lines(path):
         return [line.rstrip("\n") for line in f]
 
 
-def fairseq_tool(name):
-    path = os.path.join(os.path.dirname(sys.executable), name)
-    return path if os.path.exists(path) else name
-
-
 def cpu_model(cpuinfo="/proc/cpuinfo"):
     """The processor's name as the system reports it ("" where it does not): part of a CPU
     row's device, so that one results file never mixes speeds of two kinds of machine (a
@@ -127,29 +123,67 @@ def failure_lines(stderr):
     return lines[first:first + FAILURE_LINES]
 
 
-def generate(spec, beam, hyp_path):
-    """Run fairseq-generate; write hypotheses in input order; return (sentences, sentences/s)."""
-    cmd = [fairseq_tool("fairseq-generate"), spec.data, "--path", spec.checkpoint,
-           "--gen-subset", spec.gen_subset, "--beam", str(beam), "--nbest", "1",
-           "--batch-size", str(spec.batch_size),
-           # otherwise fairseq-generate drops the last partial batch silently
-           "--required-batch-size-multiple", "1",
-           "--max-len-a", str(spec.max_len_a), "--max-len-b", str(spec.max_len_b),
-           "--post-process", spec.post_process]
+# One child runs fairseq-generate once per decoding (what the fairseq-generate script runs),
+# each run's output after a marker line: a child per decoding would pay Python's start and
+# fairseq's imports (about 4 s on 2 CPU cores) twice per system.  The child imports no
+# fairseq_kd unless the command line's --user-dir does: stock fairseq, as before.
+# fairseq's imports set up logging to stderr before fairseq-generate's own basicConfig would
+# (a no-op then), so the child sends it to stdout, in order with each run's hypotheses.
+GENERATE_RUNS = """
+import json, logging, sys
+runs, marker = json.loads(sys.argv[1]), sys.argv[2]
+from fairseq_cli.generate import cli_main
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, force=True,
+                    format="%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+for argv in runs:
+    print(marker, flush=True)
+    sys.argv = ["fairseq-generate", *argv]
+    cli_main()
+    sys.stdout.flush()
+"""
+RUN_MARKER = "=== fairseq_kd.evaluation: next fairseq-generate run"
+
+
+def generate_args(spec, beam):
+    """fairseq-generate's command line (without the program) for one decoding of ``spec``."""
+    args = [spec.data, "--path", spec.checkpoint,
+            "--gen-subset", spec.gen_subset, "--beam", str(beam), "--nbest", "1",
+            "--batch-size", str(spec.batch_size),
+            # otherwise fairseq-generate drops the last partial batch silently
+            "--required-batch-size-multiple", "1",
+            "--max-len-a", str(spec.max_len_a), "--max-len-b", str(spec.max_len_b),
+            "--post-process", spec.post_process]
     if not spec.no_user_dir:
-        cmd += ["--user-dir", PLUGIN_DIR]
-    cmd += ["--cpu"] if spec.cpu else []
-    cmd += ["--fp16"] if spec.fp16 else []
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        args += ["--user-dir", PLUGIN_DIR]
+    args += ["--cpu"] if spec.cpu else []
+    args += ["--fp16"] if spec.fp16 else []
+    return args
+
+
+def generate(spec, beams, hyp_paths):
+    """fairseq-generate with each beam of ``beams`` (one child process for all); write each
+    run's hypotheses in input order to its path of ``hyp_paths``; return a (sentences,
+    sentences/s) for each run."""
+    proc = subprocess.run([sys.executable, "-c", GENERATE_RUNS,
+                           json.dumps([generate_args(spec, beam) for beam in beams]), RUN_MARKER],
+                          capture_output=True, text=True)
     require(proc.returncode == 0,
             f"fairseq-generate failed on {spec.checkpoint} (exit status {proc.returncode}):\n  "
             + "\n  ".join(failure_lines(proc.stderr)))
+    outputs = proc.stdout.split(RUN_MARKER + "\n")[1:]
+    require(len(outputs) == len(beams), f"fairseq-generate ran {len(outputs)} times, not {len(beams)}")
+    return [generated(output, hyp_path) for output, hyp_path in zip(outputs, hyp_paths)]
+
+
+def generated(output, hyp_path):
+    """One fairseq-generate run's hypotheses, from its output, into ``hyp_path`` in input
+    order; returns (sentences, sentences/s)."""
     hyps = {}
-    for line in proc.stdout.splitlines():
+    for line in output.splitlines():
         if line.startswith("H-"):
             idx, _, text = (line[2:].split("\t") + [""])[:3]
             hyps[int(idx)] = text
-    speed = SPEED.search(proc.stdout + proc.stderr)
+    speed = SPEED.search(output)
     require(speed is not None, "fairseq-generate printed no speed line")
     with open(hyp_path, "w", encoding="utf-8") as f:
         f.write("".join(hyps[i] + "\n" for i in sorted(hyps)))
@@ -366,9 +400,11 @@ def evaluate(spec, report=print):
         entry.update(backend="ctranslate2", quantization=spec.quantization)
         decoder = binarized_decoder(spec)
     bleu, chrf = BLEU(), CHRF()
-    for label, beam in (("greedy", 1), ("beam", spec.beam)):
-        hyp_path = hypotheses_file(spec.results, name, label)
-        n, speed = decoder.translate(spec, beam, hyp_path) if decoder else generate(spec, beam, hyp_path)
+    decodings = (("greedy", 1), ("beam", spec.beam))
+    hyp_paths = [hypotheses_file(spec.results, name, label) for label, _ in decodings]
+    fairseq_runs = None if decoder else iter(generate(spec, [beam for _, beam in decodings], hyp_paths))
+    for (label, beam), hyp_path in zip(decodings, hyp_paths):
+        n, speed = decoder.translate(spec, beam, hyp_path) if decoder else next(fairseq_runs)
         require(n == len(refs), f"{name}: {n} hypotheses for {len(refs)} references")
         hyps = read_lines(hyp_path)
         entry[label] = {"beam": beam, "bleu": round(bleu.corpus_score(hyps, [refs]).score, 2),

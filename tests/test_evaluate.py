@@ -29,12 +29,14 @@ def test_evaluate_table_plot(tiny_data, tiny_teacher, tmp_path):
         assert entry["bleu"] == round(BLEU().corpus_score(hyps, [refs]).score, 2)
         assert entry["chrf"] == round(CHRF().corpus_score(hyps, [refs]).score, 2)
         assert entry["sentences_per_s"] > 0
-    # greedy hypotheses are those of a direct fairseq-generate run, in input order
-    direct = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", USER_DIR, "--path", tiny_teacher, "--gen-subset", "test",
-                  "--beam", "1", "--batch-size", "7", "--required-batch-size-multiple", "1",
-                  "--max-len-a", "1.5", "--max-len-b", "10", "--post-process", "sentencepiece", "--cpu"])
-    by_id = {int(l.split("\t")[0][2:]): l.split("\t")[2] for l in direct.stdout.splitlines() if l.startswith("H-")}
-    assert [by_id[i] for i in range(40)] == (tmp_path / "results.teacher.greedy.txt").read_text().splitlines()
+    # each decoding's hypotheses are those of a direct fairseq-generate run, in input order
+    # (evaluate runs both decodings in one child process, one after the other)
+    for label, beam in (("greedy", "1"), ("beam", "2")):
+        direct = run([tool("fairseq-generate"), tiny_data / "bin", "--user-dir", USER_DIR, "--path", tiny_teacher,
+                      "--gen-subset", "test", "--beam", beam, "--batch-size", "7", "--required-batch-size-multiple",
+                      "1", "--max-len-a", "1.5", "--max-len-b", "10", "--post-process", "sentencepiece", "--cpu"])
+        by_id = {int(l.split("\t")[0][2:]): l.split("\t")[2] for l in direct.stdout.splitlines() if l.startswith("H-")}
+        assert [by_id[i] for i in range(40)] == (tmp_path / f"results.teacher.{label}.txt").read_text().splitlines()
     # parameters: the teacher's unique tensors
     assert data["systems"][0]["params"] == 360_960
     table = run([tool("fairseq-kd"), "table", results]).stdout
