@@ -20,6 +20,7 @@ A shipped student carries its curve as a *training record* (``training.json``,
 is gone with the runs it trains (:func:`read_curve` reads either).
 """
 import dataclasses
+import datetime
 import json
 import os
 import re
@@ -30,6 +31,8 @@ from fairseq_kd.errors import KDError, require
 VALID_LINE = re.compile(r"\| epoch (?P<epoch>\d+) \| valid on '(?P<subset>[^']*)' subset \|(?P<stats>.*)$")
 # the epoch summary (not train_inner's "epoch 003:  50 / 267 loss=..." progress lines)
 TRAIN_EPOCH_LINE = re.compile(r"\| train \| epoch (?P<epoch>\d+) \|(?P<stats>.*)$")
+# fairseq's logging format: every line it logs starts with the machine's local time
+LINE_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \|")
 # Metrics for which higher is better (fairseq's --maximize-best-checkpoint-metric); any other is a loss.
 HIGHER_IS_BETTER = frozenset({"bleu"})
 
@@ -43,6 +46,8 @@ class Curve:
     epochs: dict
     # hours in training updates when no epoch summaries are kept (a training record)
     train_hours: float = None
+    # (first, last) datetime the log stamped; None for a training record, which keeps no clock
+    span: tuple = None
 
     def points(self, metric):
         """(update, value) of every validation, by update."""
@@ -65,9 +70,12 @@ def read_log(path, name, subset="valid"):
     """The :class:`Curve` of the fairseq-train log ``path``: the validations of ``subset``
     and the epoch summaries, the last line of each update or epoch kept (resumed runs)."""
     require(os.path.isfile(path), f"training log not found: {path}")
-    validations, epochs = {}, {}
+    validations, epochs, stamps = {}, {}, []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
+            stamp = LINE_STAMP.match(line)
+            if stamp:
+                stamps.append(stamp[1])
             valid, train = VALID_LINE.search(line), TRAIN_EPOCH_LINE.search(line)
             if valid and valid["subset"] == subset:
                 stats = line_stats(valid["stats"])
@@ -77,7 +85,31 @@ def read_log(path, name, subset="valid"):
                 epochs[int(train["epoch"])] = line_stats(train["stats"])
     require(validations, f"{path}: no validation on the '{subset}' subset (not a fairseq-train log "
                          f"with --log-format simple?)")
-    return Curve(name, validations, epochs)
+    span = (parse_stamp(min(stamps)), parse_stamp(max(stamps))) if stamps else None
+    return Curve(name, validations, epochs, span=span)
+
+
+def parse_stamp(text):
+    """The datetime of a log line's ``YYYY-MM-DD HH:MM:SS`` stamp (fixed width: the
+    earliest and latest stamps are also the smallest and largest strings)."""
+    return datetime.datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+
+
+def wall_clock_hours(curves):
+    """Hours on the machine's clock in which at least one of ``curves`` was running: the
+    union of their logs' spans (first to last stamped line), so runs that shared the
+    machine count once and a run's own pauses count.  Curves without a span (training
+    records) are left out."""
+    spans = sorted(c.span for c in curves if c.span is not None)
+    total, end = datetime.timedelta(0), None
+    for first, last in spans:
+        if end is None or first > end:
+            total += last - first
+            end = last
+        elif last > end:
+            total += last - end
+            end = last
+    return total.total_seconds() / 3600
 
 
 @dataclasses.dataclass
@@ -251,4 +283,22 @@ def summary_table(curves, metric="bleu", baseline=None, within=1.0):
     # what a whole study cost, the figure its budget is stated in
     lines.append(f"In all: {sum(c.train_hours for c in runs):.2f} training h over {len(runs)} "
                  f"run{'s' if len(runs) != 1 else ''}.")
+    lines += wall_clock_lines(curves)
     return "\n".join(lines) + "\n"
+
+
+def wall_clock_lines(curves):
+    """The summary's wall-clock sentence (:func:`wall_clock_hours`): what the runs with a log
+    took together on the machine's clock, which the training hours of runs sharing it overstate."""
+    logged = [c for c in curves if c.span is not None]
+    if not logged:
+        return []
+    unlogged = [c.name for c in curves if c.span is None]
+    first, last = min(c.span[0] for c in logged), max(c.span[1] for c in logged)
+    line = (f"Wall clock: {wall_clock_hours(logged):.2f} h in which at least one of the {len(logged)} "
+            f"run{'s' if len(logged) != 1 else ''} with a log was running ({first:%Y-%m-%d %H:%M} to "
+            f"{last:%Y-%m-%d %H:%M} on the machine's clock; each log's first to last line, runs side by side "
+            "counted once, a run's pauses in it)")
+    if unlogged:
+        line += f"; {', '.join(unlogged)}: a training record, no clock, not in it"
+    return [line + "."]

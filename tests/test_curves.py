@@ -1,6 +1,7 @@
 """fairseq_kd.curves: validation curves read from fairseq-train logs (a resumed run's log
 appended to, the last line of each update kept), checked against a real run's epoch
 checkpoints, and how each run converged."""
+import datetime
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import helpers
 from fairseq_kd.curves import (best_point, convergence, read_curve, read_log, read_record, summary_table,
-                               training_record)
+                               training_record, wall_clock_hours)
 from fairseq_kd.errors import KDError
 
 STAMP = "2026-12-01 10:00:00 | INFO"
@@ -80,7 +81,9 @@ def test_convergence_of_a_resumed_run(resumed_log):
     table = summary_table([read_log(resumed_log, "baseline")]).splitlines()
     assert table[2] == f"| baseline | 12.50 | 1068 (4) | 1335 (5) | 1 | {630 / 3600:.2f} |"
     twice = summary_table([read_log(resumed_log, "baseline"), read_log(resumed_log, "again")]).splitlines()
-    assert twice[-1] == f"In all: {2 * 630 / 3600:.2f} training h over 2 runs."
+    assert twice[-2] == f"In all: {2 * 630 / 3600:.2f} training h over 2 runs."
+    assert twice[-1].startswith("Wall clock: 0.00 h in which at least one of the 2 runs with a log was running "
+                                "(2026-12-01 10:00 to 2026-12-01 10:00")  # every test line has one STAMP
 
 
 def write_run(tmp_path, name, epochs):
@@ -150,6 +153,33 @@ def test_a_training_record_converges_as_its_log(resumed_log, tmp_path):
                         f"recorded={path}", "--out", str(out), "--baseline", "recorded"])
     assert out.stat().st_size > 0
     assert "| recorded | 12.50 | 1068 (4) | 1335 (5) | 1 | 0.17 | 1068 (1.00) |" in proc.stdout
+
+
+def stamped_run(tmp_path, name, first, last):
+    """A run's log whose lines are stamped from ``first`` to ``last`` ("HH:MM" on 2026-12-01)."""
+    lines = [valid_line(1, 100, 5.0, 7.0).replace(STAMP, f"2026-12-01 {first}:00 | INFO"),
+             train_line(1, 100, 60, 70).replace(STAMP, f"2026-12-01 {last}:00 | INFO")]
+    path = tmp_path / f"student_{name}.log"
+    path.write_text("\n".join(lines) + "\n")
+    return read_log(path, name)
+
+
+def test_the_wall_clock_counts_runs_side_by_side_once(resumed_log, tmp_path):
+    """The wall clock is the union of the logs' spans: against minutes counted one by one."""
+    spans = {"a": ("10:00", "12:00"), "b": ("11:00", "13:30"), "inside_a": ("10:30", "11:00"), "later": ("15:00", "15:30")}
+    runs = [stamped_run(tmp_path, name, *span) for name, span in spans.items()]
+    minute = lambda hhmm: int(hhmm[:2]) * 60 + int(hhmm[3:])
+    busy = set().union(*(range(minute(a), minute(b)) for a, b in spans.values()))
+    assert wall_clock_hours(runs) == pytest.approx(len(busy) / 60) == pytest.approx(4.0)
+    assert runs[0].span == (datetime.datetime(2026, 12, 1, 10), datetime.datetime(2026, 12, 1, 12))
+    record = tmp_path / "training.json"
+    record.write_text(json.dumps(training_record(read_log(resumed_log, "x"), "bleu", "checkpoint_best.pt", "t")))
+    table = summary_table([*runs, read_curve(str(record), "adopted")]).splitlines()
+    assert table[-1] == ("Wall clock: 4.00 h in which at least one of the 4 runs with a log was running "
+                         "(2026-12-01 10:00 to 2026-12-01 15:30 on the machine's clock; each log's first to last "
+                         "line, runs side by side counted once, a run's pauses in it); adopted: a training record, "
+                         "no clock, not in it.")
+    assert summary_table([read_curve(str(record), "adopted")]).splitlines()[-1].startswith("In all:")
 
 
 def test_a_broken_training_record_is_a_one_line_error(tmp_path):

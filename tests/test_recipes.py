@@ -782,7 +782,8 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     assert "not trained again: evaluated from the shipped float16 weights" in page  # word_kd is the one pruned
     assert "The adopted students (seq_kd) trained as their shipped README says (`STUDENT_JOBS` there)." in page
     assert ("Students trained 2 at a time (`STUDENT_JOBS`) sharing the machine: each row's hours include that,\n"
-            "and the study's training took about the total above divided by 2 in wall-clock hours.") in page
+            "and the wall clock above is what the runs with a log took together.") in page
+    assert re.search(r"^Wall clock: \d+\.\d\d h in which at least one of the 2 runs with a log was running .*; seq_kd: a training record", page, re.M)
     assert str(tmp_path) not in page and str(REPO) not in page
     assert "![validation BLEU by update](bible_es_en_cpu_converged.curves.png)" in page
     assert (docs / "bible_es_en_cpu_converged.curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -812,13 +813,14 @@ def test_converged_report_page_links_relative_files_and_rescores(tmp_path, monke
     # the repository's paths, not this machine's
     assert "--teacher-path examples/teacher/teacher.pt --criterion seq_kd" in page
     assert "| teacher | `examples/teacher/teacher.pt` (TEACHER_PATH: not trained by the recipe) |" in page
-    # one student at a time: the hours are the wall-clock ones, nothing to divide
+    # one student at a time: each row's hours its own, the wall clock what they took together
     run_recipe("bible_es_en", {"WORK": str(work), "PROFILE": "cpu_converged", "GPUS": "cpu", "CT2_QUANT": "",
                                "STUDENT_JOBS": "1", "METHODS": "baseline seq_kd", "RESULTS_MD": str(docs / "results.md"),
                                "PLOT_DIR": str(docs)}, "report")
     page = (docs / "results.md").read_text()
-    assert ("Students trained one at a time (`STUDENT_JOBS=1`): the study's training took about the total above "
-            "in wall-clock hours.") in page and "divided by" not in page
+    assert ("Students trained one at a time in the run of this recipe (`STUDENT_JOBS=1`): each row's hours are its "
+            "own run's,\nslower wherever something else shared the machine; the wall clock above is what the runs "
+            "with a log took together.") in page and "at a time (`STUDENT_JOBS`)" not in page
 
 
 def test_custom_recipe_keeps_each_profiles_work_in_its_own_folder(tmp_path):

@@ -74,13 +74,16 @@ training_curve() {
   if [ -e "$WORK/logs/student_$1.json" ]; then echo "$WORK/logs/student_$1.json"; else echo "$WORK/logs/student_$1.log"; fi
 }
 
-# jobs_md: how the students shared the machine (STUDENT_JOBS), which the hours above include.
+# jobs_md: how the students shared the machine (STUDENT_JOBS), which the hours above include;
+# the wall clock above, from the logs, says what they took together (another pipeline beside
+# this one, or a pause, shows there and nowhere else).
 jobs_md() {
   if [ "$STUDENT_JOBS" = 1 ]; then
-    echo "Students trained one at a time (\`STUDENT_JOBS=1\`): the study's training took about the total above in wall-clock hours."
+    printf '%s\n%s' "Students trained one at a time in the run of this recipe (\`STUDENT_JOBS=1\`): each row's hours are its own run's," \
+      "slower wherever something else shared the machine; the wall clock above is what the runs with a log took together."
   else
     printf '%s\n%s' "Students trained $STUDENT_JOBS at a time (\`STUDENT_JOBS\`) sharing the machine: each row's hours include that," \
-      "and the study's training took about the total above divided by $STUDENT_JOBS in wall-clock hours."
+      "and the wall clock above is what the runs with a log took together."
   fi
 }
 
